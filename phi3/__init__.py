@@ -7,6 +7,7 @@
 
 from .config import Phi3Config, preset
 from .generate import LLM, Chunk, Completion, Usage, load
+from .pipeline import pipeline
 from .sampling import SamplingParams
 
 
@@ -17,4 +18,4 @@ def load_tokenizer(path):
     return _load(path)
 
 
-__all__ = ["load", "load_tokenizer", "LLM", "Completion", "Chunk", "Usage", "SamplingParams", "Phi3Config", "preset"]
+__all__ = ["load", "load_tokenizer", "pipeline", "LLM", "Completion", "Chunk", "Usage", "SamplingParams", "Phi3Config", "preset"]

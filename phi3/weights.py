@@ -65,12 +65,27 @@ def resolve(model: str | os.PathLike) -> Path:
     return _snapshot(repo)
 
 
-def _snapshot(repo: str) -> Path:
+def read_config(model: str | os.PathLike) -> tuple[Phi3Config, str]:
+    """The config of `model` without loading (or, for a hub id, downloading) its weights."""
+    path = Path(model).expanduser()
+    if not path.exists() and str(model).lower() not in PYPI_ALIASES:
+        repo = HUB_ALIASES.get(str(model).lower().removeprefix("microsoft/"), str(model))
+        if repo.count("/") == 1:
+            path = _snapshot(repo, patterns=["config.json"])
+    path = resolve(path if path.exists() else model)
+    if path.suffix == ".gguf":
+        from .gguf import read_config_dict
+
+        return Phi3Config.from_dict(read_config_dict(path), source=str(path)), str(path)
+    return Phi3Config.from_file(path / "config.json"), str(path / "config.json")
+
+
+def _snapshot(repo: str, patterns: list[str] = HUB_PATTERNS) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo, allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(repo, allow_patterns=patterns))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
         from huggingface_hub.constants import HF_HUB_CACHE
 

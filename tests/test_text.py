@@ -1,0 +1,162 @@
+"""Text in, text out on a tiny random Phi-3 that carries the real Phi-3 vocabulary and template:
+pipeline against transformers' pipeline, stream == generate, stop strings, the CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import phi3
+from conftest import randomize, tiny_config
+from vocab_fixture import write_phi3_tokenizer_dir
+
+MESSAGES = [
+    {"role": "system", "content": "You are a helpful AI assistant."},
+    {"role": "user", "content": "Can you provide ways to eat combinations of bananas and dragonfruits?"},
+    {"role": "assistant", "content": "Sure! Try a smoothie: blend bananas and dragonfruits with some milk and honey."},
+    {"role": "user", "content": "What about solving an 2x + 3 = 7 equation?"},
+]
+
+
+@pytest.fixture(scope="session")
+def text_model(tmp_path_factory):
+    """(folder, transformers model): random weights, real vocabulary, tokenizer files and generation config."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    folder = tmp_path_factory.mktemp("phi3-real-vocab")
+    write_phi3_tokenizer_dir(folder)
+    cfg = {**tiny_config("longrope"), "vocab_size": 32064, "eos_token_id": 32000, "pad_token_id": 32000}
+    torch.manual_seed(0)
+    ref = Phi3ForCausalLM(Phi3Config(**cfg)).eval()
+    randomize(ref, seed=5)
+    ref.save_pretrained(folder)
+    write_phi3_tokenizer_dir(folder)  # save_pretrained wrote its own generation_config.json: restore the real one
+    return folder, ref
+
+
+@pytest.fixture(scope="session")
+def llm(text_model):
+    return phi3.load(text_model[0], device="cpu", dtype="float32")
+
+
+def test_stop_ids_come_from_generation_config(llm):
+    assert llm.stop_ids == {32000, 32001, 32007}
+
+
+@pytest.mark.parametrize("return_full_text", [False, True])
+@pytest.mark.parametrize("prompt", [MESSAGES, MESSAGES[1:2], "The history of the Roman Empire"])
+def test_pipeline_equals_transformers(text_model, llm, prompt, return_full_text):
+    import transformers
+
+    folder, ref = text_model
+    args = {"max_new_tokens": 40, "return_full_text": return_full_text, "temperature": 0.0, "do_sample": False}
+    theirs = transformers.pipeline("text-generation", model=ref, tokenizer=str(folder))(prompt, **args)
+    ours = phi3.pipeline("text-generation", model=llm)(prompt, **args)
+    assert ours == theirs
+
+
+def test_pipeline_loads_by_path(text_model):
+    out = phi3.pipeline("text-generation", model=text_model[0], dtype="float32")(MESSAGES[1:2], max_new_tokens=5)
+    assert isinstance(out[0]["generated_text"], list) and out[0]["generated_text"][-1]["role"] == "assistant"
+
+
+def test_generate_accepts_text_messages_and_ids(llm):
+    tok = llm.tokenizer
+    ids = tok.encode(tok.apply_chat_template(MESSAGES, add_generation_prompt=True), add_special_tokens=False)
+    by_messages = llm.generate(MESSAGES, max_new_tokens=12)
+    by_ids = llm.generate(ids, max_new_tokens=12)
+    assert by_messages.token_ids == by_ids.token_ids and by_messages.text == by_ids.text
+    assert by_messages.usage.prompt_tokens == len(ids)
+    raw = llm.generate("Hello there", max_new_tokens=5)
+    assert raw.usage.prompt_tokens == len(tok.encode("Hello there"))
+    assert by_messages.text == tok.decode(by_messages.token_ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_stream_equals_generate(llm, seed):
+    kw = dict(max_new_tokens=120, temperature=1.0, seed=seed)
+    chunks = list(llm.stream(MESSAGES, **kw))
+    done = llm.generate(MESSAGES, **kw)
+    assert "".join(c.text for c in chunks) == done.text
+    assert [i for c in chunks for i in c.token_ids] == done.token_ids
+    assert chunks[-1].finish_reason == done.finish_reason and chunks[-1].usage == done.usage
+    assert all(c.finish_reason is None for c in chunks[:-1])
+    # UTF-8 safety: no chunk holds a replacement character that the whole decode does not have.
+    assert sum(c.text.count("\ufffd") for c in chunks) == llm.tokenizer.decode(done.token_ids, skip_special_tokens=True).count("\ufffd")
+
+
+def test_stop_string_across_token_boundary(llm):
+    full = llm.generate(MESSAGES, max_new_tokens=60)
+    tok = llm.tokenizer
+    # Find a boundary between two tokens inside the text, and a stop string that spans it.
+    for k in range(5, len(full.token_ids)):
+        head = tok.decode(full.token_ids[:k], skip_special_tokens=True)
+        if 3 <= len(head) < len(full.text) - 3 and full.text.startswith(head) and full.text[len(head) - 2:len(head) + 2].strip():
+            break
+    stop = full.text[len(head) - 2:len(head) + 2]
+    expected = full.text[: full.text.find(stop)]
+    done = llm.generate(MESSAGES, max_new_tokens=60, stop=[stop, "never-appears-xyz"])
+    assert done.finish_reason == "stop" and done.text == expected
+    assert "".join(c.text for c in llm.stream(MESSAGES, max_new_tokens=60, stop=[stop])) == expected
+
+
+def test_stop_token_ends_generation(llm):
+    first = llm.generate(MESSAGES, max_new_tokens=30)
+    llm2 = phi3.LLM(llm.model, llm.tokenizer, stop_ids=[first.token_ids[4]])
+    done = llm2.generate(MESSAGES, max_new_tokens=30)
+    assert done.finish_reason == "stop"
+    assert done.token_ids == first.token_ids[: first.token_ids.index(first.token_ids[4])]
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+def _cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "phi3", *args], input=stdin, capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_cli_generate_prints_the_answer(text_model, llm):
+    folder = str(text_model[0])
+    out = _cli("generate", "--model", folder, "--dtype", "fp32", "--max-new-tokens", "15",
+               "--system", MESSAGES[0]["content"], MESSAGES[1]["content"])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == llm.generate(MESSAGES[:2], max_new_tokens=15).text + "\n"
+    raw = _cli("generate", "--model", folder, "--dtype", "fp32", "--max-new-tokens", "10", "--raw", "Once upon")
+    assert raw.stdout == llm.generate("Once upon", max_new_tokens=10).text + "\n"
+
+
+def test_cli_chat_keeps_history_and_resets(text_model, llm):
+    folder = str(text_model[0])
+    out = _cli("chat", "--model", folder, "--dtype", "fp32", "--max-new-tokens", "8",
+               stdin="Hello\nTell me more\n/reset\nTell me more\n/exit\n")
+    assert out.returncode == 0, out.stderr
+    a1 = llm.generate([{"role": "user", "content": "Hello"}], max_new_tokens=8).text
+    a2 = llm.generate([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": a1},
+                       {"role": "user", "content": "Tell me more"}], max_new_tokens=8).text
+    a3 = llm.generate([{"role": "user", "content": "Tell me more"}], max_new_tokens=8).text
+    assert out.stdout.replace(">>> ", "") == f"{a1}\n{a2}\n{a3}\n"
+    assert "conversation cleared" in out.stderr
+
+
+def test_cli_info_and_errors(text_model, llm):
+    out = _cli("info", "--model", str(text_model[0]), "--context", "100")
+    assert out.returncode == 0, out.stderr
+    assert f"{llm.config.num_parameters():,}" in out.stdout
+    preset = _cli("info", "--model", "phi-3-mini-128k-instruct", "--context", "131072")
+    assert "3,821,079,552" in preset.stdout and "48.00 GiB" in preset.stdout  # 384 KiB/token KV in bf16
+    bad = _cli("generate", "--model", str(text_model[0]), "--temperature", "-1", "hi")
+    assert bad.returncode == 2 and "temperature" in bad.stderr
+    missing = _cli("generate", "--model", "/no/such/model", "hi")
+    assert missing.returncode == 2 and "error" in missing.stderr
+
+
+def test_phi3_is_on_path():
+    exe = shutil.which("phi3", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    assert exe, "the phi3 console script is not installed"
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "generate" in out.stdout and "chat" in out.stdout
