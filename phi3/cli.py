@@ -99,16 +99,15 @@ def cmd_chat(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .config import ConfigError, preset
+    from .config import PRESETS, preset
     from .weights import ModelNotFoundError, read_config
 
     try:
         config, where = read_config(args.model)
     except ModelNotFoundError:
-        try:
-            config, where = preset(args.model), "built-in preset (weights not downloaded)"
-        except ConfigError:
+        if args.model.lower().removeprefix("microsoft/") not in PRESETS:
             raise
+        config, where = preset(args.model), "built-in preset (weights not downloaded)"
     gib = 1024 ** 3
     n = config.num_parameters()
     print(f"model            {args.model}\nconfig from      {where}")

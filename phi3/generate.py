@@ -225,9 +225,9 @@ def load(model, *, device=None, dtype=None, attn_implementation: str = "sdpa") -
         from .gguf import load_gguf
         from .tokenizer import tokenizer_from_gguf_metadata
 
-        config_dict, state, metadata = load_gguf(path)
-        config = Phi3Config.from_dict(config_dict, source=str(path))
         dtype = pick_dtype(dtype, device, None)
+        config_dict, state, metadata = load_gguf(path, dtype=dtype)
+        config = Phi3Config.from_dict(config_dict, source=str(path))
         net = build_model(config, state, device=device, dtype=dtype, attn_implementation=attn_implementation,
                           source=str(path))
         return LLM(net, tokenizer_from_gguf_metadata(metadata), name=path.name)

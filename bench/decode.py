@@ -1,0 +1,136 @@
+"""Decode speed, ours against the peers on the same weights, in one run; prints ratios.
+
+    python bench/decode.py                       # SmolLM2-135M-Instruct (Q4_1 GGUF) on this machine
+    python bench/decode.py --model DIR_OR_GGUF --device cuda --peers transformers
+
+Peers: transformers (`generate`, greedy, same dequantized weights), llama.cpp through
+llama-cpp-python when it is installed (on the GGUF file itself), and the memory-bandwidth floor:
+bytes of weights read per token / measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+import phi3
+from phi3.weights import resolve
+
+PROMPT = "The history of the Roman Empire"
+
+
+def bandwidth_gbs(device: torch.device) -> float:
+    """Read + write bandwidth of a large device-to-device copy, GB/s."""
+    n = 256 * 2**20 if device.type == "cuda" else 64 * 2**20
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        _sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n / best / 1e9
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_ours(model, device, dtype, new_tokens) -> tuple[float, int]:
+    llm = phi3.load(model, device=device, dtype=dtype)
+    llm.stop_ids = frozenset()  # measure exactly new_tokens steps
+    ids = llm.encode_prompt(PROMPT)
+    llm.generate(ids, max_new_tokens=8)  # warm-up
+    _sync(llm.device)
+    t = time.perf_counter()
+    llm.generate(ids, max_new_tokens=new_tokens)
+    _sync(llm.device)
+    weight_bytes = sum(p.numel() * p.element_size() for p in llm.model.parameters())
+    return new_tokens / (time.perf_counter() - t), weight_bytes
+
+
+def bench_transformers(model, device, dtype, new_tokens) -> float:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve(model)
+    kw = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+    folder = path.parent if path.suffix == ".gguf" else path
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kw).to(device).eval()
+    ids = AutoTokenizer.from_pretrained(folder, **kw)(PROMPT, return_tensors="pt").input_ids.to(device)
+    gen = dict(do_sample=False, eos_token_id=None, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        ref.generate(ids, max_new_tokens=8, min_new_tokens=8, **gen)
+        _sync(device)
+        t = time.perf_counter()
+        ref.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **gen)
+        _sync(device)
+    return new_tokens / (time.perf_counter() - t)
+
+
+def bench_llama_cpp(model, new_tokens, threads) -> float | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    path = resolve(model)
+    if path.suffix != ".gguf":
+        return None
+    # n_batch=1: llama-cpp-python 0.3.36 built here crashes on batched prompt evaluation.
+    llm = Llama(str(path), n_threads=threads, n_batch=1, verbose=False)
+    llm(PROMPT, max_tokens=8, temperature=0.0)
+    t = time.perf_counter()
+    out = llm(PROMPT, max_tokens=new_tokens, temperature=0.0, ignore_eos=True) if _accepts_ignore_eos(llm) else \
+        llm(PROMPT, max_tokens=new_tokens, temperature=0.0)
+    n = out["usage"]["completion_tokens"]
+    return n / (time.perf_counter() - t)
+
+
+def _accepts_ignore_eos(llm) -> bool:
+    import inspect
+
+    return "ignore_eos" in inspect.signature(llm.create_completion).parameters
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtypes", default="bfloat16,float32")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--peers", default="transformers,llama.cpp")
+    args = ap.parse_args()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    threads = torch.get_num_threads()
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"# {args.model}, greedy, {args.new_tokens} new tokens after {PROMPT!r}")
+    print(f"# device {device} ({card}), torch {torch.__version__}, {threads} threads, {time.strftime('%Y-%m-%d')}")
+    bw = bandwidth_gbs(device)
+    rows = []
+    for name in args.dtypes.split(","):
+        dtype = getattr(torch, name)
+        tps, weight_bytes = bench_ours(args.model, device, dtype, args.new_tokens)
+        rows.append((f"phi3 {name}", tps))
+        rows.append((f"floor {name} (weights {weight_bytes / 1e6:.0f} MB at {bw:.0f} GB/s copy)", bw * 1e9 / weight_bytes))
+    peers = args.peers.split(",")
+    if "transformers" in peers:
+        rows.append(("transformers float32", bench_transformers(args.model, device, torch.float32, args.new_tokens)))
+    if "llama.cpp" in peers and device.type == "cpu":
+        tps = bench_llama_cpp(args.model, args.new_tokens, threads)
+        rows.append(("llama.cpp (llama-cpp-python)", tps))
+    ours = rows[0][1]
+    print(f"{'engine':<60} {'tok/s':>8} {'vs ' + rows[0][0]:>18}")
+    for name, tps in rows:
+        if tps is None:
+            print(f"{name:<60} {'n/a':>8}   (not installed)")
+        else:
+            print(f"{name:<60} {tps:8.1f} {tps / ours:17.2f}x")
+
+
+if __name__ == "__main__":
+    main()
