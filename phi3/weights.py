@@ -153,8 +153,13 @@ def fuse_projections(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def build_model(config: Phi3Config, state: dict[str, torch.Tensor], *, device, dtype,
-                attn_implementation: str = "sdpa", source: str = "checkpoint") -> Phi3:
-    """A Phi3 with exactly `state`'s weights: built on the meta device, checked, then assigned."""
+                attn_implementation: str = "sdpa", source: str = "checkpoint",
+                origins: dict[str, Path] | None = None) -> Phi3:
+    """A Phi3 with exactly `state`'s weights: built on the meta device, checked, then assigned.
+
+    `origins` (tensor name -> file) lets errors name the shard a bad tensor came from.
+    """
+    where = (lambda k: f" ({origins[k].name})" if k in origins else "") if origins else (lambda k: "")
     with torch.device("meta"):
         model = Phi3(config, attn_implementation)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -163,7 +168,7 @@ def build_model(config: Phi3Config, state: dict[str, torch.Tensor], *, device, d
         state.pop("lm_head.weight", None)  # some tied checkpoints still carry a copy
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: {tuple(state[k].shape)} in the file, {expected[k]} from the config"
+    wrong = [f"{k}{where(k)}: {tuple(state[k].shape)} in the file, {expected[k]} from the config"
              for k in sorted(set(expected) & set(state)) if tuple(state[k].shape) != expected[k]]
     problems = ([f"missing tensors: {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}"] if missing else []) + \
                ([f"unexpected tensors: {', '.join(unexpected[:8])}{' …' if len(unexpected) > 8 else ''}"] if unexpected else []) + \
@@ -173,7 +178,7 @@ def build_model(config: Phi3Config, state: dict[str, torch.Tensor], *, device, d
         raise WeightsError(f"{source} does not match its config: " + " | ".join(problems))
     for k, t in state.items():
         if not t.is_floating_point():
-            raise WeightsError(f"{source}: tensor {k} has dtype {t.dtype}; expected floating point weights")
+            raise WeightsError(f"{source}: tensor {k}{where(k)} has dtype {t.dtype}; expected floating point weights")
     loaded = {k: t.to(device=device, dtype=dtype) for k, t in tqdm(state.items(), desc="loading weights",
                                                                    unit="tensor", disable=None, leave=False)}
     model.load_state_dict(loaded, strict=not config.tie_word_embeddings, assign=True)
@@ -188,6 +193,7 @@ def load_safetensors_model(folder: Path, *, device, dtype, attn_implementation="
     files = safetensors_files(folder)
     tensors = read_safetensors(files)
     state = fuse_projections({k: t for k, (t, _) in tensors.items()})
+    origins = {k: f for k, (_, f) in tensors.items()}
     source = str(files[0]) if len(files) == 1 else f"{folder} ({len(files)} shards)"
     return build_model(config, state, device=device, dtype=dtype, attn_implementation=attn_implementation,
-                       source=source), config
+                       source=source, origins=origins), config

@@ -166,3 +166,29 @@ def test_config_accepts_old_and_new_rope_fields():
     assert old.rope_scaling == new.rope_scaling and old.rope_theta == new.rope_theta == 10000.0
     plain = Phi3Config.from_dict({**new_fields, "rope_parameters": {"rope_type": "default", "rope_theta": 500.0}})
     assert plain.rope_scaling is None and plain.rope_theta == 500.0
+
+
+def test_misshaped_tensor_in_a_shard_names_the_shard(tmp_path):
+    folder = tmp_path / "sharded"
+    write_checkpoint(folder, "window", max_shard_size="50KB")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    key = "model.layers.1.self_attn.o_proj.weight"
+    shard = folder / index["weight_map"][key]
+    state = load_file(shard)
+    state[key] = state[key][:-1].contiguous()
+    save_file(state, shard)
+    with pytest.raises(WeightsError, match=rf"{key} \({shard.name}\)"):
+        phi3.load(folder)
+
+
+def test_hub_cache_is_used_when_the_hub_is_unreachable(ckpt, tmp_path, monkeypatch):
+    """Not offline mode: the hub is tried (a closed local port stands in for it), then the cache serves."""
+    folder, _ = ckpt
+    cache = tmp_path / "hub"
+    _fake_hub_cache(cache, "microsoft/Phi-3-mini-4k-instruct", folder)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr("huggingface_hub.constants.HUGGINGFACE_CO_URL_TEMPLATE",
+                        "http://127.0.0.1:9/{repo_id}/resolve/{revision}/{filename}")
+    assert resolve("phi-3-mini-4k-instruct").parent.parent.name == "models--microsoft--Phi-3-mini-4k-instruct"

@@ -160,3 +160,31 @@ def test_phi3_is_on_path():
     assert exe, "the phi3 console script is not installed"
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "generate" in out.stdout and "chat" in out.stdout
+
+
+def test_cli_chat_ctrl_c_stops_the_answer_and_keeps_the_conversation(text_model, llm, monkeypatch, capsys):
+    """Ctrl-C during the first answer: the partial answer stays in the history for the next turn."""
+    from phi3 import cli
+
+    class Interrupted:
+        """The real model, with a Ctrl-C arriving after the first two chunks of the first answer."""
+
+        def __init__(self):
+            self.calls, self.prompts = 0, []
+
+        def stream(self, prompt, **kw):
+            self.calls += 1
+            self.prompts.append([dict(m) for m in prompt])
+            for n, chunk in enumerate(llm.stream(prompt, **kw)):
+                if self.calls == 1 and n == 2:
+                    raise KeyboardInterrupt
+                yield chunk
+
+    fake = Interrupted()
+    monkeypatch.setattr(cli, "_load", lambda args: fake)
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("Hello\nGo on\n/exit\n"))
+    assert cli.main(["chat", "--model", str(text_model[0]), "--max-new-tokens", "30"]) == 0
+    partial = "".join(c.text for c in list(llm.stream([{"role": "user", "content": "Hello"}], max_new_tokens=30))[:2])
+    assert fake.prompts[1] == [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": partial},
+                               {"role": "user", "content": "Go on"}]
+    assert "(stopped)" in capsys.readouterr().err
