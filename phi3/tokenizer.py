@@ -307,6 +307,8 @@ def tokenizer_from_gguf_metadata(metadata: dict[str, Any]) -> Tokenizer:
     stops = [i for i in (ids["eos"], metadata.get("tokenizer.ggml.eot_token_id"),
                          metadata.get("tokenizer.ggml.eom_token_id")) if i is not None]
     stops += [vocab[t] for t in _EOG_TEXTS if t in vocab]
+    if phi3:  # Phi-3's generation_config also stops on <|assistant|> (32001): a new turn has begun
+        stops.append(vocab["<|assistant|>"])
     return Tokenizer(backend, special, metadata.get("tokenizer.chat_template"), stops)
 
 

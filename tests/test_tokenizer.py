@@ -150,8 +150,9 @@ def test_phi3_gguf_matches_transformers_gguf(phi3_gguf):
             assert mine.decode(ids, skip) == ref.decode(ids, skip_special_tokens=skip)
     assert (mine.vocab_size, mine.bos_id, mine.eos_id, mine.pad_id, mine.add_bos) == (
         len(ref), ref.bos_token_id, ref.eos_token_id, ref.pad_token_id, True)
-    # eos plus what llama.cpp ends generation on by token text: <|end|> closes a Phi-3 turn, </s> too
-    assert mine.stop_ids == {ref.eos_token_id, ref.convert_tokens_to_ids("<|end|>"), ref.convert_tokens_to_ids("</s>")}
+    # eos plus what llama.cpp ends generation on by token text (<|end|> closes a Phi-3 turn, </s> too),
+    # plus <|assistant|>, which Phi-3's generation_config.json also stops on
+    assert mine.stop_ids == {ref.eos_token_id, *ref.convert_tokens_to_ids(["<|end|>", "</s>", "<|assistant|>"])}
 
 
 def test_phi3_gguf_matches_the_hf_checkpoint(phi3_gguf, phi3_dirs):
