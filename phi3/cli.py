@@ -27,13 +27,13 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="a system message")
 
 
-def _sampling(args) -> dict:
+def _sampling(args):
     from .sampling import SamplingParams
 
-    return {"params": SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                      top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                                      repetition_penalty=args.repetition_penalty, seed=args.seed,
-                                     stop=tuple(args.stop))}
+                                     stop=tuple(args.stop))
 
 
 def _load(args):
@@ -56,7 +56,7 @@ def cmd_generate(args) -> int:
     else:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + \
                  [{"role": "user", "content": args.prompt}]
-    _print_stream(llm.stream(prompt, **params))
+    _print_stream(llm.stream(prompt, params))
     sys.stdout.write("\n")
     return 0
 
@@ -88,7 +88,7 @@ def cmd_chat(args) -> int:
         history.append({"role": "user", "content": line})
         answer = []
         try:
-            for chunk in llm.stream(system + history, **params):
+            for chunk in llm.stream(system + history, params):
                 answer.append(chunk.text)
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()

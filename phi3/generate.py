@@ -79,17 +79,22 @@ class LLM:
         return self.model(tokens)[0].float()
 
     # -- generation ------------------------------------------------------------------------------
-    def generate(self, prompt: Prompt, **sampling) -> Completion:
-        """Complete `prompt` (text, chat messages or token ids). See `SamplingParams` for the options."""
+    def generate(self, prompt: Prompt, params: SamplingParams | None = None, **sampling) -> Completion:
+        """Complete `prompt` (text, chat messages or token ids).
+
+        Options as keywords (`max_new_tokens=64, temperature=0.7, …`) or one `SamplingParams`.
+        """
         texts, ids, last = [], [], None
-        for last in self.stream(prompt, **sampling):
+        for last in self.stream(prompt, params, **sampling):
             texts.append(last.text)
             ids.extend(last.token_ids)
         return Completion("".join(texts), ids, last.finish_reason, last.usage)
 
-    def stream(self, prompt: Prompt, **sampling) -> Iterator[Chunk]:
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None, **sampling) -> Iterator[Chunk]:
         """Yield text chunks as tokens arrive; their concatenation is `generate(...).text`."""
-        params = sampling.pop("params", None) or SamplingParams(**sampling)
+        if params is not None and sampling:
+            raise TypeError("pass either a SamplingParams or keyword options, not both")
+        params = params or SamplingParams(**sampling)
         prompt_ids = self.encode_prompt(prompt)
         # Without a tokenizer (a bare checkpoint) the chunks carry ids and no text.
         decoder = self.tokenizer.decoder(skip_special_tokens=True) if self.tokenizer is not None else None

@@ -172,10 +172,10 @@ def test_cli_chat_ctrl_c_stops_the_answer_and_keeps_the_conversation(text_model,
         def __init__(self):
             self.calls, self.prompts = 0, []
 
-        def stream(self, prompt, **kw):
+        def stream(self, prompt, params):
             self.calls += 1
             self.prompts.append([dict(m) for m in prompt])
-            for n, chunk in enumerate(llm.stream(prompt, **kw)):
+            for n, chunk in enumerate(llm.stream(prompt, params)):
                 if self.calls == 1 and n == 2:
                     raise KeyboardInterrupt
                 yield chunk
