@@ -35,6 +35,10 @@ def tiny_config(kind: str) -> dict:
         base.update(original_max_position_embeddings=32, sliding_window=262144,
                     rope_scaling={"type": "longrope", "short_factor": _factors(head_half, 1.0, 3.0, 0),
                                   "long_factor": _factors(head_half, 1.0, 60.0, 1)})
+    elif kind == "partial":  # Phi-4-mini-style partial rotary (half of each head), tied embeddings
+        base.update(original_max_position_embeddings=32, tie_word_embeddings=True, partial_rotary_factor=0.5,
+                    rope_scaling={"type": "longrope", "short_factor": _factors(head_half // 2, 1.0, 3.0, 2),
+                                  "long_factor": _factors(head_half // 2, 1.0, 60.0, 3)})
     elif kind == "window":
         base.update(sliding_window=8, max_position_embeddings=128, original_max_position_embeddings=128)
     elif kind == "gqa":
@@ -69,9 +73,9 @@ def write_checkpoint(folder, kind: str, seed: int = 0, **save_kwargs):
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
-    """kind -> (folder, transformers model) for longrope, window, gqa, and a sharded longrope copy."""
+    """kind -> (folder, transformers model) for longrope, window, gqa, partial and a sharded longrope copy."""
     out = {}
-    for kind in ("longrope", "window", "gqa"):
+    for kind in ("longrope", "window", "gqa", "partial"):
         folder = tmp_path_factory.mktemp(kind)
         out[kind] = (folder, write_checkpoint(folder, kind))
     folder = tmp_path_factory.mktemp("sharded")

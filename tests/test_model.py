@@ -29,6 +29,7 @@ def _reference_logits(ref, ids: list[int]) -> torch.Tensor:
     ("window", [8, 9, 40]),
     ("gqa", [16, 17, 50]),
     ("sharded", [20, 60]),
+    ("partial", [10, 40]),
 ])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_logits_match_transformers(checkpoints, kind, lengths, attn):
