@@ -12,6 +12,7 @@ step, the same tokens as the reference.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -158,9 +159,9 @@ class LLM:
             if token in self.stop_ids:
                 return "stop"
             yield token
-            if len(sequence) + 1 - n == max_new:
-                return "length"
             sequence.append(token)
+            if len(sequence) - n == max_new:
+                return "length"
             if cache.long_rope is False and model.uses_long_rope(len(sequence)):
                 logits = self._prefill(sequence, cache)  # the crossing: re-run with the long factors
             else:
@@ -183,13 +184,19 @@ class LLM:
         return torch.tensor(ids, dtype=torch.long, device=self.device)
 
     def _check_ids(self, ids) -> list[int]:
-        ids = list(ids)
+        """Token ids as python ints (numpy and 0-d tensor integers accepted), each inside the vocabulary."""
+        ids, out = list(ids), []
         if not ids:
             raise ValueError("the prompt is empty")
-        bad = [i for i in ids if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.config.vocab_size]
-        if bad:
-            raise ValueError(f"token ids must be integers in [0, {self.config.vocab_size}); got {bad[:5]}")
-        return ids
+        for i in ids:
+            try:
+                value = operator.index(i) if not isinstance(i, bool) else None
+            except TypeError:
+                value = None
+            if value is None or not 0 <= value < self.config.vocab_size:
+                raise ValueError(f"token ids must be integers in [0, {self.config.vocab_size}); got {i!r}")
+            out.append(value)
+        return out
 
     def _require_tokenizer(self, what: str):
         if self.tokenizer is None:

@@ -145,3 +145,24 @@ def test_preset_parameter_counts():
     medium = phi3.preset("phi-3-medium-4k-instruct")
     assert (medium.num_key_value_heads, medium.head_dim, medium.q_size + 2 * medium.kv_size) == (10, 128, 7680)
     assert phi3.preset("phi-3-mini-4k-instruct").sliding_window == 2047
+
+
+def test_prompt_ids_are_validated(checkpoints):
+    import numpy as np
+
+    llm = phi3.load(checkpoints["window"][0], dtype="float32")
+    same = llm.generate(np.array([5, 6, 7]), max_new_tokens=3).token_ids
+    assert same == llm.generate([5, 6, 7], max_new_tokens=3).token_ids == llm.generate(torch.tensor([5, 6, 7]), max_new_tokens=3).token_ids
+    for bad in ([], [5, 512], [-1], [1.5], [True], ["a"]):
+        with pytest.raises(ValueError, match="prompt is empty|token ids must be integers"):
+            llm.generate(bad, max_new_tokens=2)
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        llm.generate("text without a tokenizer", max_new_tokens=2)
+    with pytest.raises(ValueError, match="context"):
+        llm.generate([1] * 200, max_new_tokens=2)  # the window model's context is 128
+
+
+def test_generation_stops_at_the_context_limit(checkpoints):
+    llm = phi3.load(checkpoints["window"][0], dtype="float32")
+    done = llm.generate([3] * 120, max_new_tokens=50)
+    assert len(done.token_ids) == 8 and done.finish_reason == "length"  # 128 positions in all
