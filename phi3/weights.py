@@ -47,8 +47,11 @@ class WeightsError(ValueError):
 
 
 # -- finding a model -----------------------------------------------------------------------------
-def resolve(model: str | os.PathLike) -> Path:
-    """A local directory or .gguf file for `model`, downloading it (with a progress bar) if needed."""
+def resolve(model: str | os.PathLike, patterns: list[str] = HUB_PATTERNS) -> Path:
+    """A local directory or .gguf file for `model`, downloading it (with a progress bar) if needed.
+
+    `patterns`: the files a hub download fetches (all a model needs, by default).
+    """
     path = Path(model).expanduser()
     if path.exists():
         if path.is_dir() or path.suffix == ".gguf":
@@ -62,17 +65,12 @@ def resolve(model: str | os.PathLike) -> Path:
         raise ModelNotFoundError(
             f"{name!r} is not a local path, a hub id (org/name) or a known alias "
             f"({', '.join([*HUB_ALIASES, *PYPI_ALIASES])})")
-    return _snapshot(repo)
+    return _snapshot(repo, patterns)
 
 
 def read_config(model: str | os.PathLike) -> tuple[Phi3Config, str]:
     """The config of `model` without loading (or, for a hub id, downloading) its weights."""
-    path = Path(model).expanduser()
-    if not path.exists() and str(model).lower() not in PYPI_ALIASES:
-        repo = HUB_ALIASES.get(str(model).lower().removeprefix("microsoft/"), str(model))
-        if repo.count("/") == 1:
-            path = _snapshot(repo, patterns=["config.json"])
-    path = resolve(path if path.exists() else model)
+    path = resolve(model, patterns=["config.json"])
     if path.suffix == ".gguf":
         from .gguf import read_config_dict
 
@@ -80,7 +78,7 @@ def read_config(model: str | os.PathLike) -> tuple[Phi3Config, str]:
     return Phi3Config.from_file(path / "config.json"), str(path / "config.json")
 
 
-def _snapshot(repo: str, patterns: list[str] = HUB_PATTERNS) -> Path:
+def _snapshot(repo: str, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
