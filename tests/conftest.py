@@ -59,15 +59,18 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * (1.0 if "embed" in name else 1 / math.sqrt(p.shape[1])))
 
 
-def write_checkpoint(folder, kind: str, seed: int = 0, **save_kwargs):
-    """Write a random transformers Phi3ForCausalLM to `folder`; return it (fp32, eval)."""
+def write_checkpoint(folder, kind: str, seed: int = 0, max_shard_size=None, **overrides):
+    """Write a random transformers Phi3ForCausalLM to `folder`; return it (fp32, eval).
+
+    `overrides` replace fields of `tiny_config(kind)`.
+    """
     from transformers import Phi3Config, Phi3ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = tiny_config(kind)
+    cfg = {**tiny_config(kind), **overrides}
     model = Phi3ForCausalLM(Phi3Config(**cfg)).eval()
     randomize(model, seed)
-    model.save_pretrained(folder, **save_kwargs)
+    model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     return model
 
 

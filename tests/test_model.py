@@ -166,3 +166,19 @@ def test_generation_stops_at_the_context_limit(checkpoints):
     llm = phi3.load(checkpoints["window"][0], dtype="float32")
     done = llm.generate([3] * 120, max_new_tokens=50)
     assert len(done.token_ids) == 8 and done.finish_reason == "length"  # 128 positions in all
+
+
+def test_real_size_crossing_with_chunked_prefill(tmp_path):
+    """Phi-3's own numbers: a 4090-token prompt (prefilled in chunks) crossing 4096 during generation."""
+    from conftest import write_checkpoint
+    from phi3.generate import PREFILL_CHUNK
+
+    ref = write_checkpoint(tmp_path, "longrope", seed=4, original_max_position_embeddings=4096,
+                           max_position_embeddings=8192)
+    llm = phi3.load(tmp_path, dtype="float32")
+    prompt = _ids(4090, seed=4)
+    assert len(prompt) > PREFILL_CHUNK
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                           attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    assert llm.generate(prompt, max_new_tokens=12).token_ids == out[0, len(prompt):].tolist()
