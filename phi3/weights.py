@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -120,25 +124,49 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def read_safetensors(files: list[Path]) -> dict[str, tuple[torch.Tensor, Path]]:
-    """name -> (tensor, file it came from). Each tensor is read from a memory map."""
-    tensors: dict[str, tuple[torch.Tensor, Path]] = {}
+@dataclass
+class LazyTensor:
+    """A checkpoint tensor known by its header; `load()` reads it. Lets loading check every shape
+    first, then stream one tensor at a time (peak memory: the model plus one tensor)."""
+
+    shape: tuple[int, ...]
+    floating: bool
+    load: Callable[[], torch.Tensor]
+    origin: Path | None = None  # the file it lives in, for error messages
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> "LazyTensor":
+        return cls(tuple(t.shape), t.is_floating_point(), lambda: t)
+
+
+def read_safetensors(files: list[Path], stack: ExitStack) -> dict[str, LazyTensor]:
+    """name -> LazyTensor from each file's header; the files stay open (memory-mapped) in `stack`."""
+    tensors: dict[str, LazyTensor] = {}
     for f in files:
         try:
-            with safe_open(f, framework="pt") as st:
-                for name in st.keys():
-                    if name in tensors:
-                        raise WeightsError(f"{f}: tensor {name} is also in {tensors[name][1]}")
-                    tensors[name] = (st.get_tensor(name), f)
+            st = stack.enter_context(safe_open(f, framework="pt"))
+            for name in st.keys():
+                if name in tensors:
+                    raise WeightsError(f"{f}: tensor {name} is also in {tensors[name].origin}")
+                info = st.get_slice(name)
+                floating = info.get_dtype().startswith(("F", "BF"))
+                tensors[name] = LazyTensor(tuple(info.get_shape()), floating, partial(_read, st, f, name), f)
         except SafetensorError as e:
             raise WeightsError(f"{f}: cannot read safetensors file ({e})") from None
     return tensors
 
 
-def fuse_projections(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Llama layout (q/k/v, gate/up apart) -> Phi-3's fused `qkv_proj` and `gate_up_proj`."""
-    out = dict(state)
-    for key in list(state):
+def _read(st, file: Path, name: str) -> torch.Tensor:
+    try:
+        return st.get_tensor(name)
+    except SafetensorError as e:
+        raise WeightsError(f"{file}: cannot read tensor {name} ({e})") from None
+
+
+def fuse_projections(tensors: dict[str, LazyTensor]) -> dict[str, LazyTensor]:
+    """Llama layout (q/k/v, gate/up apart) -> Phi-3's fused `qkv_proj` and `gate_up_proj` (rows concatenated)."""
+    out = dict(tensors)
+    for key in list(tensors):
         for fused, parts in FUSED_PROJECTIONS.items():
             if key.endswith(parts[0]):
                 prefix = key[: -len(parts[0])]
@@ -146,52 +174,66 @@ def fuse_projections(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 missing = [n for n in names if n not in out]
                 if missing:
                     raise WeightsError(f"cannot fuse {prefix + fused}: missing {', '.join(missing)}")
-                out[prefix + fused] = torch.cat([out.pop(n) for n in names], dim=0)
+                pieces = [out.pop(n) for n in names]
+                if len({p.shape[1:] for p in pieces}) != 1:
+                    raise WeightsError(f"cannot fuse {prefix + fused}: {', '.join(names)} have shapes "
+                                       f"{[p.shape for p in pieces]}")
+                out[prefix + fused] = LazyTensor(
+                    (sum(p.shape[0] for p in pieces), *pieces[0].shape[1:]), all(p.floating for p in pieces),
+                    lambda pieces=pieces: torch.cat([p.load() for p in pieces]), pieces[0].origin)
     return out
 
 
-def build_model(config: Phi3Config, state: dict[str, torch.Tensor], *, device, dtype,
-                attn_implementation: str = "sdpa", source: str = "checkpoint",
-                origins: dict[str, Path] | None = None) -> Phi3:
-    """A Phi3 with exactly `state`'s weights: built on the meta device, checked, then assigned.
-
-    `origins` (tensor name -> file) lets errors name the shard a bad tensor came from.
-    """
-    where = (lambda k: f" ({origins[k].name})" if k in origins else "") if origins else (lambda k: "")
+def build_model(config: Phi3Config, tensors: dict[str, LazyTensor | torch.Tensor], *, device, dtype,
+                attn_implementation: str = "sdpa", source: str = "checkpoint") -> Phi3:
+    """A Phi3 with exactly these weights: built on the meta device, every shape checked, then the
+    tensors read one at a time, cast, and assigned."""
+    tensors = {k: t if isinstance(t, LazyTensor) else LazyTensor.of(t) for k, t in tensors.items()}
     with torch.device("meta"):
         model = Phi3(config, attn_implementation)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
-        state.pop("lm_head.weight", None)  # some tied checkpoints still carry a copy
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}{where(k)}: {tuple(state[k].shape)} in the file, {expected[k]} from the config"
-             for k in sorted(set(expected) & set(state)) if tuple(state[k].shape) != expected[k]]
-    problems = ([f"missing tensors: {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}"] if missing else []) + \
-               ([f"unexpected tensors: {', '.join(unexpected[:8])}{' …' if len(unexpected) > 8 else ''}"] if unexpected else []) + \
-               ([f"mis-shaped tensors (check {config.source}'s hidden_size, intermediate_size, "
-                 f"num_attention_heads, num_key_value_heads, vocab_size): " + "; ".join(wrong[:8])] if wrong else [])
-    if problems:
-        raise WeightsError(f"{source} does not match its config: " + " | ".join(problems))
-    for k, t in state.items():
-        if not t.is_floating_point():
-            raise WeightsError(f"{source}: tensor {k}{where(k)} has dtype {t.dtype}; expected floating point weights")
-    loaded = {k: t.to(device=device, dtype=dtype) for k, t in tqdm(state.items(), desc="loading weights",
-                                                                   unit="tensor", disable=None, leave=False)}
-    model.load_state_dict(loaded, strict=not config.tie_word_embeddings, assign=True)
+        tensors.pop("lm_head.weight", None)  # some tied checkpoints still carry a copy
+    _check(config, expected, tensors, source)
+    state = {}
+    for k in tqdm(list(tensors), desc="loading weights", unit="tensor", disable=None, leave=False):
+        state[k] = tensors.pop(k).load().to(device=device, dtype=dtype)  # pop: the source copy can go
+    model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_rope(device)
     return model.eval().requires_grad_(False)
 
 
+def _check(config: Phi3Config, expected: dict[str, tuple], tensors: dict[str, LazyTensor], source: str) -> None:
+    def where(k: str) -> str:
+        return f" ({tensors[k].origin.name})" if tensors[k].origin is not None else ""
+
+    def listed(names: list[str]) -> str:
+        return ", ".join(names[:8]) + (" …" if len(names) > 8 else "")
+
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [f"{k}{where(k)}: {tensors[k].shape} in the file, {expected[k]} from the config"
+             for k in sorted(set(expected) & set(tensors)) if tensors[k].shape != expected[k]]
+    problems = [f"missing tensors: {listed(missing)}"] * bool(missing) + \
+               [f"unexpected tensors: {listed(unexpected)}"] * bool(unexpected) + \
+               [f"mis-shaped tensors (check {config.source}'s hidden_size, intermediate_size, num_attention_heads, "
+                f"num_key_value_heads, vocab_size): " + "; ".join(wrong[:8])] * bool(wrong)
+    if problems:
+        raise WeightsError(f"{source} does not match its config: " + " | ".join(problems))
+    for k, t in tensors.items():
+        if not t.floating:
+            raise WeightsError(f"{source}: tensor {k}{where(k)} is not floating point; expected float weights")
+
+
 def load_safetensors_model(folder: Path, *, device, dtype, attn_implementation="sdpa") -> tuple[Phi3, Phi3Config]:
     config = Phi3Config.from_file(folder / "config.json")
     files = safetensors_files(folder)
-    tensors = read_safetensors(files)
-    state = fuse_projections({k: t for k, (t, _) in tensors.items()})
-    origins = {k: f for k, (_, f) in tensors.items()}
     source = str(files[0]) if len(files) == 1 else f"{folder} ({len(files)} shards)"
-    return build_model(config, state, device=device, dtype=dtype, attn_implementation=attn_implementation,
-                       source=source, origins=origins), config
+    with ExitStack() as stack:
+        tensors = fuse_projections(read_safetensors(files, stack))
+        model = build_model(config, tensors, device=device, dtype=dtype,
+                            attn_implementation=attn_implementation, source=source)
+    return model, config

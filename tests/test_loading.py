@@ -192,3 +192,27 @@ def test_hub_cache_is_used_when_the_hub_is_unreachable(ckpt, tmp_path, monkeypat
     monkeypatch.setattr("huggingface_hub.constants.HUGGINGFACE_CO_URL_TEMPLATE",
                         "http://127.0.0.1:9/{repo_id}/resolve/{revision}/{filename}")
     assert resolve("phi-3-mini-4k-instruct").parent.parent.name == "models--microsoft--Phi-3-mini-4k-instruct"
+
+
+def test_llama_layout_checkpoint_is_fused_on_load(tmp_path):
+    """A Hugging Face Llama checkpoint (separate q/k/v and gate/up, GQA) runs as the same model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import randomize
+
+    torch.manual_seed(0)
+    ref = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, rope_theta=1e5,
+                                       max_position_embeddings=128, tie_word_embeddings=True)).eval()
+    randomize(ref, seed=2)
+    ref.save_pretrained(tmp_path)
+    llm = phi3.load(tmp_path, dtype="float32")
+    assert llm.config.model_type == "llama" and llm.config.tie_word_embeddings
+    ids = list(range(7, 60))
+    with torch.no_grad():
+        assert torch.allclose(llm.logits(ids), ref(torch.tensor([ids])).logits[0], atol=1e-4)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["model.layers.1.self_attn.v_proj.weight"]
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(WeightsError, match="v_proj"):
+        phi3.load(tmp_path)
