@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
+from tqdm.auto import tqdm
 
-__all__ = ["GGUFError", "read_metadata", "load_gguf"]
+__all__ = ["GGUFError", "read_metadata", "read_config_dict", "load_gguf"]
 
 
 class GGUFError(ValueError):
@@ -315,7 +316,7 @@ def load_gguf(path, dtype: torch.dtype = torch.float32) -> tuple[dict, dict[str,
     llama = cfg["model_type"] == "llama"
     permuted = {"attn_q": cfg["num_attention_heads"], "attn_k": cfg["num_key_value_heads"]} if llama else {}
     state = {}
-    for hf, parts in plan.items():
+    for hf, parts in tqdm(plan.items(), desc="dequantizing GGUF", unit="tensor", disable=None, leave=False):
         loaded = []
         for name in parts:
             w, role = read(name), name.split(".")[-2]  # role: attn_q, ffn_up, ...
