@@ -115,7 +115,8 @@ def test_stop_token_ends_generation(llm):
 
 # -- CLI ------------------------------------------------------------------------------------------
 def _cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Offline: a name that is not on disk must never reach for the network in a test.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "phi3", *args], input=stdin, capture_output=True, text=True,
                           env=env, timeout=300)
 
