@@ -29,6 +29,3 @@ class KVCache:
         self.k[layer].index_copy_(2, input_pos, k)
         self.v[layer].index_copy_(2, input_pos, v)
         return self.k[layer], self.v[layer]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)

@@ -229,6 +229,7 @@ def load(model, *, device=None, dtype=None, attn_implementation: str = "sdpa") -
     fastest exact-enough choice on CPU (see `pick_dtype`). `attn_implementation`: "sdpa" (torch's
     fused flash / memory-efficient kernels where available) or "eager".
     """
+    from .tokenizer import generation_stop_ids, load_tokenizer
     from .weights import build_model, load_safetensors_model, resolve
 
     path = resolve(model)
@@ -245,31 +246,11 @@ def load(model, *, device=None, dtype=None, attn_implementation: str = "sdpa") -
         return LLM(net, tokenizer_from_gguf_metadata(metadata), name=path.name)
     config = Phi3Config.from_file(path / "config.json")
     dtype = pick_dtype(dtype, device, config.torch_dtype)
-    net, config = load_safetensors_model(path, device=device, dtype=dtype, attn_implementation=attn_implementation)
-    tokenizer = None
-    if (path / "tokenizer.json").exists():
-        from .tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(path)
-    return LLM(net, tokenizer, stop_ids=_generation_stop_ids(path, config), name=str(model))
-
-
-def _generation_stop_ids(folder, config: Phi3Config) -> list[int]:
-    """generation_config.json's eos_token_id (int or list), else config.json's."""
-    import json
-    from pathlib import Path
-
-    file = Path(folder) / "generation_config.json"
-    eos = config.eos_token_id
-    if file.exists():
-        try:
-            eos = json.loads(file.read_text()).get("eos_token_id", eos)
-        except (json.JSONDecodeError, AttributeError) as e:
-            raise ValueError(f"{file}: not a valid generation config ({e})") from None
-    ids = [eos] if isinstance(eos, int) else list(eos or [])
-    if not all(isinstance(i, int) for i in ids):
-        raise ValueError(f"{file}: eos_token_id must be an integer or a list of integers, got {eos!r}")
-    return ids
+    net = load_safetensors_model(path, config, device=device, dtype=dtype, attn_implementation=attn_implementation)
+    tokenizer = load_tokenizer(path) if (path / "tokenizer.json").exists() else None
+    # A tokenizer reads the stop ids itself; a bare checkpoint still has its generation config.
+    stop_ids = (generation_stop_ids(path) or []) if tokenizer is None else []
+    return LLM(net, tokenizer, stop_ids=stop_ids, name=str(model))
 
 
 # -- choosing device and dtype -------------------------------------------------------------------

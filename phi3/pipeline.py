@@ -25,10 +25,10 @@ class TextGenerationPipeline:
             return [self(x, return_full_text=return_full_text, do_sample=do_sample, **kwargs) for x in inputs]
         params = self._sampling(do_sample, kwargs)
         chat = _is_chat(inputs)
-        prompt_ids = self.llm.encode_prompt(inputs if chat else str(inputs))
         if chat and inputs[-1].get("role") == "assistant":
             raise ValueError("a conversation ending in an assistant message (a prefill) is not supported; "
                              "end it with a user message")
+        prompt_ids = self.llm.encode_prompt(inputs if chat else str(inputs))
         answer = self.llm.generate(prompt_ids, **params).text  # the new tokens only, as transformers 5
         if not return_full_text:
             return [{"generated_text": answer}]

@@ -217,10 +217,22 @@ def _from_hf_dir(path: Path) -> Tokenizer:
     chat_template = template.read_text(encoding="utf-8") if template.is_file() else config.get("chat_template")
     if isinstance(chat_template, list):  # [{"name": ..., "template": ...}]: the default one is for chat
         chat_template = {t["name"]: t["template"] for t in chat_template}.get("default")
-    stops = next((c["eos_token_id"] for c in (_read_json(path / "generation_config.json"), model_config)
-                  if c.get("eos_token_id") is not None), None)
-    stops = [stops] if isinstance(stops, int) else stops
-    return Tokenizer(backend, {k: _content(v) for k, v in named.items()}, chat_template, stops)
+    return Tokenizer(backend, {k: _content(v) for k, v in named.items()}, chat_template, generation_stop_ids(path))
+
+
+def generation_stop_ids(path: str | Path) -> list[int] | None:
+    """The ids a model directory ends generation on: generation_config.json's ``eos_token_id`` (int or
+    list), else config.json's; None when neither says."""
+    path = Path(path)
+    for name in ("generation_config.json", "config.json"):
+        eos = _read_json(path / name).get("eos_token_id")
+        if eos is None:
+            continue
+        ids = [eos] if isinstance(eos, int) else eos
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ValueError(f"{path / name}: eos_token_id must be an integer or a list of integers, got {eos!r}")
+        return ids
+    return None
 
 
 def _transformers_llama_pipeline(spec: dict, config: dict) -> dict:

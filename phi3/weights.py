@@ -228,12 +228,12 @@ def _check(config: Phi3Config, expected: dict[str, tuple], tensors: dict[str, La
             raise WeightsError(f"{source}: tensor {k}{where(k)} is not floating point; expected float weights")
 
 
-def load_safetensors_model(folder: Path, *, device, dtype, attn_implementation="sdpa") -> tuple[Phi3, Phi3Config]:
-    config = Phi3Config.from_file(folder / "config.json")
+def load_safetensors_model(folder: Path, config: Phi3Config, *, device, dtype, attn_implementation="sdpa") -> Phi3:
+    """The model in a Hugging Face directory whose config.json was read into `config`."""
     files = safetensors_files(folder)
     source = str(files[0]) if len(files) == 1 else f"{folder} ({len(files)} shards)"
     with ExitStack() as stack:
         tensors = fuse_projections(read_safetensors(files, stack))
         model = build_model(config, tensors, device=device, dtype=dtype,
                             attn_implementation=attn_implementation, source=source)
-    return model, config
+    return model

@@ -216,3 +216,12 @@ def test_llama_layout_checkpoint_is_fused_on_load(tmp_path):
     save_file(state, tmp_path / "model.safetensors")
     with pytest.raises(WeightsError, match="v_proj"):
         phi3.load(tmp_path)
+
+
+def test_bare_checkpoint_stops_on_its_generation_config(ckpt):
+    folder, _ = ckpt
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 9]}))
+    assert phi3.load(folder).stop_ids == {5, 9}
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": "five"}))
+    with pytest.raises(ValueError, match="eos_token_id"):
+        phi3.load(folder)
