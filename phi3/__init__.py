@@ -6,7 +6,8 @@
 """
 
 from .config import Phi3Config, preset
-from .generate import LLM, Chunk, Completion, Usage, load
+from .generate import LLM, Chunk, Completion, Usage
+from .loader import load
 from .pipeline import pipeline
 from .sampling import SamplingParams
 

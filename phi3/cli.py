@@ -37,7 +37,7 @@ def _sampling(args):
 
 
 def _load(args):
-    from .generate import load
+    from .loader import load
 
     return load(args.model, device=args.device, dtype=args.dtype)
 

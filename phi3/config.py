@@ -1,7 +1,8 @@
 """`Phi3Config`: the model's hyper-parameters, in the checkpoint's own (Hugging Face) field names.
 
-Read from `config.json` (or GGUF metadata, see `phi3.gguf`). Unknown keys are ignored; known keys
-are validated, and every error names the field and the file it came from.
+Read from `config.json` (or GGUF metadata, see `phi3.gguf`). Unknown keys are ignored, except
+`quantization`, which a quantized checkpoint records so that loading can build its packed modules
+before the weights arrive; known keys are validated, and every error names the field and the file.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Phi3Config:
     eos_token_id: int | list[int] | None = 32000
     pad_token_id: int | None = None
     torch_dtype: str | None = None
+    quantization: dict | None = None  # the scheme of a quantized checkpoint (see phi3.quantize)
     source: str = field(default="<dict>", repr=False, compare=False)  # where it was read from
 
     def __post_init__(self) -> None:
@@ -147,6 +149,8 @@ class Phi3Config:
             fail("rope_theta", f"must be positive, got {self.rope_theta!r}")
         if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2:
             fail("partial_rotary_factor", f"{self.partial_rotary_factor} gives an odd or empty rotary dim")
+        if self.quantization is not None and not isinstance(self.quantization, dict):
+            fail("quantization", f"must be an object or null, got {self.quantization!r}")
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             fail("sliding_window", f"must be a positive integer or null, got {self.sliding_window!r}")
         if self.rope_scaling is not None:

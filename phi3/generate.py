@@ -60,14 +60,25 @@ Prompt = str | Sequence[int] | Sequence[dict]
 class LLM:
     """A loaded model with its tokenizer. Build one with `phi3.load`."""
 
-    def __init__(self, model: Phi3, tokenizer=None, *, stop_ids: Sequence[int] = (), name: str = ""):
+    def __init__(self, model: Phi3, tokenizer=None, *, stop_ids: Sequence[int] | None = None, name: str = ""):
         self.model = model
         self.config: Phi3Config = model.config
         self.tokenizer = tokenizer
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.stop_ids = frozenset(stop_ids) | (tokenizer.stop_ids if tokenizer is not None else frozenset())
+        self.stop_ids = stop_ids
         self.name = name
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """Ids that end generation: the tokenizer's (its generation config), unless set explicitly."""
+        if self._stop_ids is not None:
+            return self._stop_ids
+        return self.tokenizer.stop_ids if self.tokenizer is not None else frozenset()
+
+    @stop_ids.setter
+    def stop_ids(self, ids: Sequence[int] | None) -> None:
+        self._stop_ids = None if ids is None else frozenset(ids)
 
     def __repr__(self) -> str:
         return f"LLM({self.name or 'model'}, {self.config.num_parameters() / 1e9:.2f}B params, {self.device}, {self.dtype})"
@@ -219,64 +230,3 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
                 best = k
                 break
     return best
-
-
-# -- loading -------------------------------------------------------------------------------------
-def load(model, *, device=None, dtype=None, attn_implementation: str = "sdpa") -> LLM:
-    """Load a model: a local directory, a .gguf file, a hub id or an alias (see `phi3.weights.resolve`).
-
-    `device` defaults to CUDA when present, else CPU; `dtype` to the checkpoint's on GPU and the
-    fastest exact-enough choice on CPU (see `pick_dtype`). `attn_implementation`: "sdpa" (torch's
-    fused flash / memory-efficient kernels where available) or "eager".
-    """
-    from .tokenizer import generation_stop_ids, load_tokenizer
-    from .weights import build_model, load_safetensors_model, resolve
-
-    path = resolve(model)
-    device = pick_device(device)
-    if path.suffix == ".gguf":
-        from .gguf import load_gguf
-        from .tokenizer import tokenizer_from_gguf_metadata
-
-        dtype = pick_dtype(dtype, device, None)
-        config_dict, state, metadata = load_gguf(path, dtype=dtype)
-        config = Phi3Config.from_dict(config_dict, source=str(path))
-        net = build_model(config, state, device=device, dtype=dtype, attn_implementation=attn_implementation,
-                          source=str(path))
-        return LLM(net, tokenizer_from_gguf_metadata(metadata), name=path.name)
-    config = Phi3Config.from_file(path / "config.json")
-    dtype = pick_dtype(dtype, device, config.torch_dtype)
-    net = load_safetensors_model(path, config, device=device, dtype=dtype, attn_implementation=attn_implementation)
-    tokenizer = load_tokenizer(path) if (path / "tokenizer.json").exists() else None
-    # A tokenizer reads the stop ids itself; a bare checkpoint still has its generation config.
-    stop_ids = (generation_stop_ids(path) or []) if tokenizer is None else []
-    return LLM(net, tokenizer, stop_ids=stop_ids, name=str(model))
-
-
-# -- choosing device and dtype -------------------------------------------------------------------
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-           "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
-
-
-def pick_device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def pick_dtype(dtype, device: torch.device, checkpoint_dtype: str | None) -> torch.dtype:
-    """Explicit dtype if given; else the checkpoint's on GPU (bf16), and on CPU bf16 where the
-    processor computes it natively (half the memory traffic of fp32), fp32 elsewhere."""
-    if isinstance(dtype, torch.dtype):
-        if not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating point type, got {dtype}")
-        return dtype
-    if dtype is not None and dtype != "auto":
-        key = str(dtype).lower().removeprefix("torch.")
-        if key not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)} or a torch.dtype")
-        return _DTYPES[key]
-    if device.type == "cuda":
-        return _DTYPES.get(str(checkpoint_dtype).lower(), torch.bfloat16)
-    native_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return torch.bfloat16 if native_bf16 else torch.float32

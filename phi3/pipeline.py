@@ -7,7 +7,8 @@
 
 from __future__ import annotations
 
-from .generate import LLM, load
+from .generate import LLM
+from .loader import load
 
 # transformers' sampling defaults when do_sample=True and nothing else is said.
 _HF_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}

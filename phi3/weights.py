@@ -185,20 +185,26 @@ def fuse_projections(tensors: dict[str, LazyTensor]) -> dict[str, LazyTensor]:
 
 
 def build_model(config: Phi3Config, tensors: dict[str, LazyTensor | torch.Tensor], *, device, dtype,
-                attn_implementation: str = "sdpa", source: str = "checkpoint") -> Phi3:
-    """A Phi3 with exactly these weights: built on the meta device, every shape checked, then the
-    tensors read one at a time, cast, and assigned."""
+                attn_implementation: str = "sdpa", source: str = "checkpoint",
+                prepare: Callable[[Phi3], None] | None = None) -> Phi3:
+    """A Phi3 with exactly these weights: built on the meta device, `prepare(model)` (which may swap
+    modules, e.g. for packed quantized ones), every shape checked, then the tensors read one at a
+    time, cast, and assigned. Floating-point tensors take `dtype`; others (packed integers) keep theirs."""
     tensors = {k: t if isinstance(t, LazyTensor) else LazyTensor.of(t) for k, t in tensors.items()}
     with torch.device("meta"):
         model = Phi3(config, attn_implementation)
+        if prepare is not None:
+            prepare(model)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
         tensors.pop("lm_head.weight", None)  # some tied checkpoints still carry a copy
-    _check(config, expected, tensors, source)
+    floating = {k: v.is_floating_point() for k, v in model.state_dict().items()}
+    _check(config, expected, tensors, source, floating)
     state = {}
     for k in tqdm(list(tensors), desc="loading weights", unit="tensor", disable=None, leave=False):
-        state[k] = tensors.pop(k).load().to(device=device, dtype=dtype)  # pop: the source copy can go
+        t = tensors.pop(k).load()  # pop: the source copy can go
+        state[k] = t.to(device=device, dtype=dtype if floating[k] else t.dtype)
     model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -206,7 +212,8 @@ def build_model(config: Phi3Config, tensors: dict[str, LazyTensor | torch.Tensor
     return model.eval().requires_grad_(False)
 
 
-def _check(config: Phi3Config, expected: dict[str, tuple], tensors: dict[str, LazyTensor], source: str) -> None:
+def _check(config: Phi3Config, expected: dict[str, tuple], tensors: dict[str, LazyTensor], source: str,
+           floating: dict[str, bool]) -> None:
     def where(k: str) -> str:
         return f" ({tensors[k].origin.name})" if tensors[k].origin is not None else ""
 
@@ -224,16 +231,19 @@ def _check(config: Phi3Config, expected: dict[str, tuple], tensors: dict[str, La
     if problems:
         raise WeightsError(f"{source} does not match its config: " + " | ".join(problems))
     for k, t in tensors.items():
-        if not t.floating:
-            raise WeightsError(f"{source}: tensor {k}{where(k)} is not floating point; expected float weights")
+        if t.floating != floating[k]:
+            want = "floating-point" if floating[k] else "integer (packed)"
+            raise WeightsError(f"{source}: tensor {k}{where(k)} is {'' if t.floating else 'not '}floating point; "
+                               f"expected {want} values")
 
 
-def load_safetensors_model(folder: Path, config: Phi3Config, *, device, dtype, attn_implementation="sdpa") -> Phi3:
+def load_safetensors_model(folder: Path, config: Phi3Config, *, device, dtype, attn_implementation="sdpa",
+                           prepare: Callable[[Phi3], None] | None = None) -> Phi3:
     """The model in a Hugging Face directory whose config.json was read into `config`."""
     files = safetensors_files(folder)
     source = str(files[0]) if len(files) == 1 else f"{folder} ({len(files)} shards)"
     with ExitStack() as stack:
         tensors = fuse_projections(read_safetensors(files, stack))
         model = build_model(config, tensors, device=device, dtype=dtype,
-                            attn_implementation=attn_implementation, source=source)
+                            attn_implementation=attn_implementation, source=source, prepare=prepare)
     return model

@@ -150,11 +150,18 @@ def test_config_that_lies_about_shapes(ckpt):
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}}, "rope_scaling.short_factor"),
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling.type"),
+    ({"quantization": "int4"}, "quantization"),
 ])
 def test_bad_config_fields_are_named(change, field):
     d = {"model_type": "phi3", **tiny_config("gqa"), **change}
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         Phi3Config.from_dict(d, source="config.json")
+
+
+def test_config_keeps_quantization_and_ignores_other_unknown_keys():
+    d = {"model_type": "phi3", **tiny_config("gqa"), "quantization": {"bits": 4, "group_size": 32}, "foo": 1}
+    config = Phi3Config.from_dict(d)
+    assert config.quantization == {"bits": 4, "group_size": 32} and not hasattr(config, "foo")
 
 
 def test_config_accepts_old_and_new_rope_fields():

@@ -65,6 +65,18 @@ def test_pipeline_loads_by_path(text_model):
     assert isinstance(out[0]["generated_text"], list) and out[0]["generated_text"][-1]["role"] == "assistant"
 
 
+def test_pipeline_tokenizer_brings_its_stop_ids(text_model, tmp_path):
+    """A tokenizer handed to `pipeline` replaces the model's, and its stop ids with it."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (text_model[0] / name).exists():
+            shutil.copy(text_model[0] / name, tmp_path / name)
+    tok = phi3.load_tokenizer(tmp_path)  # no generation_config.json here: only its eos stops
+    own = phi3.load(text_model[0], dtype="float32")
+    assert own.stop_ids == {32000, 32001, 32007} and tok.stop_ids == {32000}
+    pipe = phi3.pipeline("text-generation", model=own, tokenizer=tok)
+    assert pipe.llm.tokenizer is tok and pipe.llm.stop_ids == {32000}
+
+
 def test_generate_accepts_text_messages_and_ids(llm):
     tok = llm.tokenizer
     ids = tok.encode(tok.apply_chat_template(MESSAGES, add_generation_prompt=True), add_special_tokens=False)

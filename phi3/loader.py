@@ -1,0 +1,84 @@
+"""`load()`: a model name -> an `LLM`. Finds the checkpoint, picks device and dtype, builds the
+modules, reads the weights, attaches the tokenizer.
+
+    name ─► weights.resolve ─► directory or .gguf ─► Phi3Config ─► Phi3 on meta ─► prepare(model)
+         ─► strict, lazy weight load ─► LLM(model, tokenizer, stop ids)
+
+`prepare` is the point where modules are swapped before any weight arrives (quantized linears
+replace `nn.Linear`, so the checkpoint's packed tensors are checked against the packed shapes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .config import Phi3Config
+from .generate import LLM
+from .model import Phi3
+
+Prepare = Callable[[Phi3], None]
+
+
+def load(model, *, device=None, dtype=None, attn_implementation: str = "sdpa",
+         prepare: Prepare | None = None) -> LLM:
+    """Load a model: a local directory, a .gguf file, a hub id or an alias (see `phi3.weights.resolve`).
+
+    `device` defaults to CUDA when present, else CPU; `dtype` to the checkpoint's on GPU and the
+    fastest exact-enough choice on CPU (see `pick_dtype`). `attn_implementation`: "sdpa" (torch's
+    fused flash / memory-efficient kernels where available) or "eager". `prepare(model)` runs on
+    the model built on the meta device, before the weights are read.
+    """
+    from .tokenizer import generation_stop_ids, load_tokenizer
+    from .weights import build_model, load_safetensors_model, resolve
+
+    device = pick_device(device)  # checked before anything slow
+    path = resolve(model)
+    if path.suffix == ".gguf":
+        from .gguf import load_gguf
+        from .tokenizer import tokenizer_from_gguf_metadata
+
+        dtype = pick_dtype(dtype, device, None)
+        config_dict, state, metadata = load_gguf(path, dtype=dtype)
+        config = Phi3Config.from_dict(config_dict, source=str(path))
+        net = build_model(config, state, device=device, dtype=dtype, attn_implementation=attn_implementation,
+                          source=str(path), prepare=prepare)
+        return LLM(net, tokenizer_from_gguf_metadata(metadata), name=path.name)
+    config = Phi3Config.from_file(path / "config.json")
+    dtype = pick_dtype(dtype, device, config.torch_dtype)
+    net = load_safetensors_model(path, config, device=device, dtype=dtype, attn_implementation=attn_implementation,
+                                 prepare=prepare)
+    tokenizer = load_tokenizer(path) if (path / "tokenizer.json").exists() else None
+    # A tokenizer owns the stop ids; a bare checkpoint still has its generation config.
+    stop_ids = (generation_stop_ids(path) or []) if tokenizer is None else None
+    return LLM(net, tokenizer, stop_ids=stop_ids, name=str(model))
+
+
+# -- choosing device and dtype -------------------------------------------------------------------
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+
+
+def pick_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype, device: torch.device, checkpoint_dtype: str | None) -> torch.dtype:
+    """Explicit dtype if given; else the checkpoint's on GPU (bf16), and on CPU bf16 where the
+    processor computes it natively (half the memory traffic of fp32), fp32 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating point type, got {dtype}")
+        return dtype
+    if dtype is not None and dtype != "auto":
+        key = str(dtype).lower().removeprefix("torch.")
+        if key not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)} or a torch.dtype")
+        return _DTYPES[key]
+    if device.type == "cuda":
+        return _DTYPES.get(str(checkpoint_dtype).lower(), torch.bfloat16)
+    native_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.bfloat16 if native_bf16 else torch.float32
