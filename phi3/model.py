@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .cache import KVCache
 from .config import Phi3Config
@@ -115,6 +116,7 @@ class Phi3(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rope = RotaryEmbedding(config)
         self.set_attn_implementation(attn_implementation)
+        self.gradient_checkpointing = False  # training: recompute each block's activations in backward
 
     def set_attn_implementation(self, name: str) -> None:
         """'sdpa' (torch's fused kernels: flash / memory-efficient where available) or 'eager'."""
@@ -156,7 +158,10 @@ class Phi3(nn.Module):
         cos, sin = self.rope(input_pos[None], long_rope, x.dtype)  # (1, T, R)
         mask = self.attention_mask(input_pos, cache.max_len if cache is not None else None)
         for block in self.model.layers:
-            x = block(x, cos, sin, mask, input_pos, cache)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, mask, input_pos, cache, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, input_pos, cache)
         x = self.model.norm(x[:, -1:] if last_only else x)
         return self.lm_head(x)
 
