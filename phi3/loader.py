@@ -22,14 +22,25 @@ Prepare = Callable[[Phi3], None]
 
 
 def load(model, *, device=None, dtype=None, attn_implementation: str = "sdpa",
-         prepare: Prepare | None = None) -> LLM:
+         prepare: Prepare | None = None, adapter=None) -> LLM:
     """Load a model: a local directory, a .gguf file, a hub id or an alias (see `phi3.weights.resolve`).
 
     `device` defaults to CUDA when present, else CPU; `dtype` to the checkpoint's on GPU and the
     fastest exact-enough choice on CPU (see `pick_dtype`). `attn_implementation`: "sdpa" (torch's
     fused flash / memory-efficient kernels where available) or "eager". `prepare(model)` runs on
-    the model built on the meta device, before the weights are read.
+    the model built on the meta device, before the weights are read. `adapter`: a PEFT LoRA adapter
+    directory (`adapter_config.json` + `adapter_model.safetensors`) applied on top (see `phi3.lora`).
     """
+    from .lora import apply_adapter, read_adapter
+
+    lora = read_adapter(adapter) if adapter is not None else None  # a bad adapter fails before the slow part
+    llm = _load(model, device, dtype, attn_implementation, prepare)
+    if lora is not None:
+        apply_adapter(llm.model, lora)
+    return llm
+
+
+def _load(model, device, dtype, attn_implementation, prepare) -> LLM:
     from .tokenizer import generation_stop_ids, load_tokenizer
     from .weights import build_model, load_safetensors_model, resolve
 

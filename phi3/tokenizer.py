@@ -92,6 +92,24 @@ class Tokenizer:
         """Token ids of ``text``; special tokens written in the text are matched as tokens."""
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_with_offsets(self, text: str, add_special_tokens: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of ``text`` and each token's (start, end) character span in it (special tokens
+        added by the post-processor span (0, 0))."""
+        enc = self._backend.encode(text, add_special_tokens=add_special_tokens)
+        return enc.ids, enc.offsets
+
+    def save(self, folder: str | Path) -> None:
+        """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``generation_config.json`` (the stop ids)
+        into ``folder``: a Hugging Face tokenizer that transformers and ``load_tokenizer`` read as it
+        is, whatever this one was built from (a GGUF vocabulary included)."""
+        folder = Path(folder)
+        (folder / "tokenizer.json").write_text(self._backend.to_str(), encoding="utf-8")
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                  **self._special_tokens, "chat_template": self.chat_template}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+        generation = {"bos_token_id": self.bos_id, "eos_token_id": sorted(self.stop_ids), "pad_token_id": self.pad_id}
+        (folder / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids``; invalid UTF-8 from byte tokens becomes U+FFFD."""
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
