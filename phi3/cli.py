@@ -1,4 +1,4 @@
-"""`phi3 generate · chat · info`: thin argparse subcommands over the library."""
+"""`phi3 generate · chat · info · finetune · merge`: thin argparse subcommands over the library."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def _sampling(args):
 def _load(args):
     from .loader import load
 
-    return load(args.model, device=args.device, dtype=args.dtype)
+    return load(args.model, device=args.device, dtype=args.dtype, adapter=getattr(args, "adapter", None))
 
 
 def _print_stream(chunks) -> None:
@@ -128,6 +128,57 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from .finetune import finetune
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "model", "data", "out")}
+    finetune(args.model, args.data, args.out, **options)
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .save import merge
+
+    print(f"wrote {merge(args.model, args.adapter, args.out, dtype=args.dtype, device=args.device)}", file=sys.stderr)
+    return 0
+
+
+def _add_finetune_parsers(sub) -> None:
+    from .finetune import SCHEDULES, FinetuneConfig
+    from .lora import ALL_TARGETS
+
+    d = FinetuneConfig.__dataclass_fields__
+    f = sub.add_parser("finetune", help="LoRA or full fine-tuning on chat or prompt/completion JSONL "
+                                        "(data-parallel under torchrun)")
+    _add_model_args(f)
+    f.add_argument("--data", required=True, help='JSONL: {"messages": [...]} or {"prompt": ..., "completion": ...} per line')
+    f.add_argument("--out", required=True, help="directory for the adapter (or model), checkpoints and log.jsonl")
+    for flag, kind, help_ in (("epochs", int, None), ("lr", float, "default 2e-4 (LoRA), 2e-5 (--full)"),
+                              ("batch-size", int, "examples per micro-batch per process"),
+                              ("grad-accum", int, "micro-batches per optimizer step"),
+                              ("max-len", int, "longer examples are dropped, with a count"),
+                              ("lora-r", int, None), ("lora-alpha", float, None), ("lora-dropout", float, None),
+                              ("seed", int, None), ("save-every", int, "steps between checkpoints, 0 for none"),
+                              ("keep-checkpoints", int, None), ("warmup-steps", int, None),
+                              ("weight-decay", float, None), ("max-grad-norm", float, "0 for no clipping")):
+        default = d[flag.replace("-", "_")].default
+        shown = f"(default {default})" if default is not None else None
+        f.add_argument(f"--{flag}", type=kind, default=default, help=" ".join(filter(None, [help_, shown])))
+    f.add_argument("--targets", default=",".join(ALL_TARGETS),
+                   help="comma-separated modules for LoRA, Phi-3 or Llama names (default: all linear layers)")
+    f.add_argument("--schedule", choices=SCHEDULES, default="linear")
+    f.add_argument("--full", action="store_true", help="train every weight instead of a LoRA")
+    f.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+    f.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    f.set_defaults(func=cmd_finetune)
+    m = sub.add_parser("merge", help="fold a LoRA adapter into its base and write a plain checkpoint "
+                                     "(--dtype: the saved weights', default the base's)")
+    _add_model_args(m)
+    m.add_argument("--adapter", required=True, help="PEFT adapter directory")
+    m.add_argument("--out", required=True, help="new directory for the merged checkpoint")
+    m.set_defaults(func=cmd_merge)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="phi3", description="Run Phi-3 models: generate, chat, info.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,16 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     _add_sampling_args(g)
     g.add_argument("--raw", action="store_true", help="send the prompt as raw text, without the chat template")
+    g.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory to apply")
     g.add_argument("prompt")
     g.set_defaults(func=cmd_generate)
     c = sub.add_parser("chat", help="an interactive multi-turn chat")
     _add_model_args(c)
     _add_sampling_args(c)
+    c.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory to apply")
     c.set_defaults(func=cmd_chat)
     i = sub.add_parser("info", help="config summary, parameter count, memory needs")
     _add_model_args(i)
     i.add_argument("--context", type=int, default=None, help="tokens of context for the KV-cache estimate")
     i.set_defaults(func=cmd_info)
+    _add_finetune_parsers(sub)
     return parser
 
 
