@@ -144,6 +144,8 @@ class _Run:
         self.compute_dtype = _dtype(cfg.dtype, device)
         self.identity = cfg.identity()
         self.start_fresh = _check_out(self.out, self.identity, cfg.resume)
+        if world > 1:
+            dist.barrier()  # every rank has judged --out before rank 0 writes to it
 
     def log(self, message: str) -> None:
         if self.rank == 0:

@@ -14,6 +14,7 @@ layout, `qkv_proj` means q, k and v, and `q_proj` the Q rows of `qkv_proj`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -54,7 +55,7 @@ class LoRALinear(nn.Module):
         self.base = base
         self.targets = targets  # the parts of a fused projection it adapts (None: all), for saving
         out_features, in_features = base.out_features, base.in_features
-        device = next(base.parameters()).device
+        device = next(itertools.chain(base.parameters(), base.buffers())).device  # a packed base may hold only buffers
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init (B = 0: starts as the base)

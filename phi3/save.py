@@ -27,6 +27,10 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 
 def checkpoint_state(llm: LLM, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The model's tensors under the base layout's Hugging Face keys, in `dtype`."""
+    from .lora import LoRALinear
+
+    if any(isinstance(m, LoRALinear) for m in llm.model.modules()):
+        raise ValueError("the model carries a LoRA adapter: merge it first (phi3.lora.merge_lora)")
     config = llm.config
     state = dict(llm.model.state_dict())
     if config.tie_word_embeddings:

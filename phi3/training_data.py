@@ -62,7 +62,7 @@ def read_jsonl(path: str | os.PathLike, tokenizer: Tokenizer, max_len: int) -> D
         for n, raw in enumerate(f, 1):
             where = f"{path}:{n}"
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark may open the file
             except UnicodeDecodeError as e:
                 raise DataError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if not text.strip():

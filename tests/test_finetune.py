@@ -178,6 +178,17 @@ def test_gradient_checkpointing_gives_the_same_adapter(base, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
+def test_bf16_on_cpu_tracks_fp32(base, tmp_path, full):
+    """bf16 compute (LoRA: a bf16 base, fp32 adapters; full: fp32 weights under autocast) follows fp32."""
+    data = _chats(tmp_path / "d.jsonl")
+    opts = dict(batch_size=3, epochs=2, save_every=0, lr=5e-3, lora_dropout=0.0, full=full)
+    fp32 = phi3.finetune(base, data, tmp_path / "fp32", **opts, dtype="fp32")
+    bf16 = phi3.finetune(base, data, tmp_path / "bf16", **opts, dtype="bf16")
+    assert bf16.losses == pytest.approx(fp32.losses, rel=2e-2) and bf16.losses != fp32.losses
+    assert bf16.losses[1] < bf16.losses[0]
+
+
 def test_torchrun_two_processes_equal_one(base, tmp_path):
     """gloo, 2 ranks x 1 example x 2 micro-batches against 1 process x 2 examples x 2 micro-batches: the same
     global batch of 4 gives the same adapter (within 1e-5: only summation order differs). Five examples,
