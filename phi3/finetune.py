@@ -7,9 +7,9 @@ One step is one global batch of batch_size x grad_accum x world_size examples, t
 a permutation of the data drawn from (seed, epoch): every example once per epoch, split across the
 ranks. The loss is the summed cross-entropy of the batch's learned tokens over their count in the
 whole global batch, so an update does not depend on how the batch is split into micro-batches or
-ranks. A checkpoint (every `save_every` steps) holds the trainable weights, the optimizer state and
-every rank's RNG state; the step fixes the data order, so `resume` continues a run exactly. Nothing
-is pickled: tensors go to safetensors, the rest to JSON.
+ranks. A checkpoint (every `save_every` steps; see `phi3.checkpoints`) holds the trainable weights,
+the optimizer state and every rank's RNG state; the step fixes the data order, so `resume`
+continues a run exactly.
 """
 
 from __future__ import annotations
@@ -18,21 +18,20 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import lora
-from .training_data import Dataset, Example, read_jsonl
+from . import checkpoints, lora
+from .training_data import Example, read_jsonl
 
 SCHEDULES = ("linear", "constant", "cosine")
 # Settings that may change between a run and its resumption; every other one must match.
@@ -143,7 +142,7 @@ class _Run:
         self.out = Path(cfg.out)
         self.compute_dtype = _dtype(cfg.dtype, device)
         self.identity = cfg.identity()
-        self.start_fresh = _check_out(self.out, self.identity, cfg.resume)
+        self.start_fresh = checkpoints.check_out(self.out, self.identity, cfg.resume)
         if world > 1:
             dist.barrier()  # every rank has judged --out before rank 0 writes to it
 
@@ -154,11 +153,10 @@ class _Run:
     # -- setup -----------------------------------------------------------------------------------
     def train(self) -> FinetuneResult:
         cfg = self.cfg
-        state_file = self.out / "trainer_state.json"
-        if not self.start_fresh and state_file.exists() and json.loads(state_file.read_text()).get("done"):
+        finished = checkpoints.finished_step(self.out)
+        if not self.start_fresh and finished is not None:
             self.log(f"{self.out} holds a finished run; nothing to resume")
-            done = json.loads(state_file.read_text())["step"]
-            return FinetuneResult(self.out, done, self._read_losses(), done)
+            return FinetuneResult(self.out, finished, checkpoints.read_losses(self.out), finished)
         from .loader import load
 
         # Full fine-tuning keeps fp32 master weights and computes under autocast; a LoRA trains
@@ -176,7 +174,7 @@ class _Run:
         torch.manual_seed(cfg.seed)  # the same LoRA init on every rank
         if cfg.full:
             self.model.requires_grad_(True)
-            self.params = [p for p in self.model.parameters()]
+            self.params = list(self.model.parameters())
         else:
             self.params = lora.add_lora(self.model, cfg.targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
         self.model.train()
@@ -188,7 +186,7 @@ class _Run:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "run.json").write_text(json.dumps(self.identity, indent=2) + "\n")
-            self._truncate_log()
+            checkpoints.truncate_log(self.out, self.step)
         self.net = self.model
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -218,16 +216,15 @@ class _Run:
             self.step += 1
             seconds = time.perf_counter() - started
             if self.rank == 0:
-                with (self.out / "log.jsonl").open("a") as f:
-                    f.write(json.dumps({"step": self.step, "epoch": epoch, "loss": loss, "lr": lr, "tokens": tokens,
-                                        "seconds": round(seconds, 4)}) + "\n")
+                checkpoints.append_log(self.out, {"step": self.step, "epoch": epoch, "loss": loss, "lr": lr,
+                                                  "tokens": tokens, "seconds": round(seconds, 4)})
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / seconds:.0f}")
                 bar.update()
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < total:
                 self._save_checkpoint()
         bar.close()
         self._save_final(total)
-        losses = self._read_losses() if self.rank == 0 else []
+        losses = checkpoints.read_losses(self.out) if self.rank == 0 else []
         if losses:
             self.log(f"done: {total} steps, last loss {losses[-1]:.4f}; wrote {self.out}")
         return FinetuneResult(self.out, total, losses, start)
@@ -247,15 +244,16 @@ class _Run:
                 continue
             last = m == len(micro) - 1
             sync = self.net.no_sync() if W > 1 and not last else nullcontext()
-            with sync, autocast:
-                if examples:
-                    tokens_in, targets = _batch(examples, self.pad_id, self.device)
-                    logits = self.net(tokens_in)  # (b, T, V)
-                    summed = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
-                                             reduction="sum")
-                    tokens += sum(len(e.ids) for e in examples)
-                else:  # this rank's share of a short last batch ran out: a zero-weight pass keeps DDP in step
-                    summed = self.net(torch.full((1, 1), self.pad_id, device=self.device)).float().sum() * 0
+            with sync:
+                with autocast:
+                    if examples:
+                        tokens_in, targets = _batch(examples, self.pad_id, self.device)
+                        logits = self.net(tokens_in)  # (b, T, V)
+                        summed = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                                 reduction="sum")
+                        tokens += sum(len(e.ids) for e in examples)
+                    else:  # this rank's share of a short last batch ran out: a zero-weight pass keeps DDP in step
+                        summed = self.net(torch.full((1, 1), self.pad_id, device=self.device)).float().sum() * 0
                 (summed * (W / n_learned)).backward()
             loss_sum += summed.detach()
         for group in self.optimizer.param_groups:
@@ -283,7 +281,7 @@ class _Run:
         else:
             lora.save_adapter(self.model, self.out, rank=self.cfg.lora_r, alpha=self.cfg.lora_alpha,
                               dropout=self.cfg.lora_dropout, base_model=self.cfg.model)
-        (self.out / "trainer_state.json").write_text(json.dumps({"step": total, "done": True}) + "\n")
+        checkpoints.mark_finished(self.out, total)
 
     def _gather_rng(self) -> dict[str, torch.Tensor]:
         """Every rank's RNG states (on rank 0; the others get {})."""
@@ -305,97 +303,34 @@ class _Run:
         rng = self._gather_rng()
         if self.rank != 0:
             return
-        final = self.out / f"checkpoint-{self.step}"
-        tmp = self.out / f".checkpoint-{self.step}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        trainable = {self.names[id(p)]: p.detach().cpu().contiguous() for p in self.params}
-        save_file(trainable, tmp / "trainable.safetensors")
-        if not self.cfg.full:  # each checkpoint is also a usable adapter
-            lora.save_adapter(self.model, tmp, rank=self.cfg.lora_r, alpha=self.cfg.lora_alpha,
-                              dropout=self.cfg.lora_dropout, base_model=self.cfg.model)
-        state = self.optimizer.state_dict()
-        tensors = {f"{i}.{k}": v.cpu().contiguous() for i, s in state["state"].items() for k, v in s.items()}
-        save_file(tensors, tmp / "optimizer.safetensors")
-        groups = [{k: v for k, v in g.items()} for g in state["param_groups"]]
-        (tmp / "optimizer.json").write_text(json.dumps(groups) + "\n")
-        save_file(rng, tmp / "rng.safetensors")
-        (tmp / "state.json").write_text(json.dumps({"step": self.step, "world_size": self.world}) + "\n")
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in _checkpoints(self.out)[:-self.cfg.keep_checkpoints or None]:
-            shutil.rmtree(old)
+        cfg = self.cfg
+        extra = None if cfg.full else partial(lora.save_adapter, self.model, rank=cfg.lora_r, alpha=cfg.lora_alpha,
+                                              dropout=cfg.lora_dropout, base_model=cfg.model)  # a usable adapter too
+        checkpoints.save_checkpoint(self.out, self.step, self.world, self._named_params(), self.optimizer, rng,
+                                    cfg.keep_checkpoints, extra)
+
+    def _named_params(self) -> dict[str, torch.nn.Parameter]:
+        return {self.names[id(p)]: p for p in self.params}
 
     def _restore(self) -> int:
         """Load the latest checkpoint into the model, optimizer and RNG; its step (0 if none)."""
-        found = _checkpoints(self.out)
+        found = checkpoints.checkpoints(self.out)
         if not found:
             self.log(f"no checkpoint in {self.out} yet: starting from step 0")
             return 0
-        ckpt = found[-1]
-        saved = json.loads((ckpt / "state.json").read_text())
-        weights = load_file(ckpt / "trainable.safetensors")
-        by_name = {self.names[id(p)]: p for p in self.params}
-        if set(weights) != set(by_name):
-            raise ValueError(f"{ckpt}: its trainable tensors do not match this run's")
-        with torch.no_grad():
-            for name, p in by_name.items():
-                p.copy_(weights[name])
-        tensors = load_file(ckpt / "optimizer.safetensors")
-        groups = json.loads((ckpt / "optimizer.json").read_text())
-        for g in groups:
-            g["betas"] = tuple(g["betas"])
-        state: dict[int, dict] = {}
-        for key, t in tensors.items():
-            i, k = key.split(".", 1)
-            state.setdefault(int(i), {})[k] = t.to(self.device) if k != "step" else t
-        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
-        rng = load_file(ckpt / "rng.safetensors")
+        saved, rng = checkpoints.restore_checkpoint(found[-1], self._named_params(), self.optimizer, self.device)
         if saved["world_size"] == self.world:
             torch.set_rng_state(rng[f"cpu.{self.rank}"])
             if self.device.type == "cuda" and f"cuda.{self.rank}" in rng:
                 torch.cuda.set_rng_state(rng[f"cuda.{self.rank}"], self.device)
         else:
-            self.log(f"{ckpt} was written by {saved['world_size']} ranks, this run has {self.world}: the data "
+            self.log(f"{found[-1]} was written by {saved['world_size']} ranks, this run has {self.world}: the data "
                      "order is the same, dropout draws are not")
-        self.log(f"resuming from {ckpt} (step {saved['step']})")
+        self.log(f"resuming from {found[-1]} (step {saved['step']})")
         return saved["step"]
-
-    def _truncate_log(self) -> None:
-        """Keep log.jsonl's lines up to the step we start from (a crash may have logged more)."""
-        path = self.out / "log.jsonl"
-        if path.exists():
-            lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
-            path.write_text("".join(ln + "\n" for ln in lines))
-
-    def _read_losses(self) -> list[float]:
-        path = self.out / "log.jsonl"
-        return [json.loads(ln)["loss"] for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
 
 
 # -- helpers -------------------------------------------------------------------------------------
-def _check_out(out: Path, identity: dict, resume: bool) -> bool:
-    """Refuse an --out that holds something else; True when the run starts fresh there."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return True
-    run = out / "run.json"
-    if not run.is_file():
-        raise ValueError(f"--out {out} is not empty and holds no phi3 fine-tuning run; pick a new or empty directory")
-    if not resume:
-        raise ValueError(f"--out {out} already holds a fine-tuning run; pass --resume to continue it, "
-                         "or pick another directory")
-    saved = json.loads(run.read_text())
-    changed = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in identity.items() if saved.get(k) != v]
-    if changed:
-        raise ValueError(f"--out {out} holds a different run, so --resume cannot continue it ({'; '.join(changed)})")
-    return False
-
-
-def _checkpoints(out: Path) -> list[Path]:
-    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
-
-
 def _order(n: int, seed: int, epoch: int) -> list[int]:
     """The data order of `epoch`: the (epoch+1)-th permutation drawn from a generator seeded with `seed`."""
     g = torch.Generator().manual_seed(seed)

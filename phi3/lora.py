@@ -100,23 +100,15 @@ def normalize_targets(targets) -> dict[str, tuple[str, ...] | None]:
     targets = list(targets or ALL_TARGETS)
     if targets in (["all"], ["all-linear"]):
         targets = list(ALL_TARGETS)
-    out: dict[str, set[str] | None] = {}
+    parts: dict[str, set[str]] = {}
     for t in targets:
-        if t in ALL_TARGETS:
-            out[t] = None
-        elif t in PART_OF:
-            fused = PART_OF[t]
-            if fused not in out or out[fused] is not None:
-                out.setdefault(fused, set())
-            if out[fused] is not None:
-                out[fused].add(t)
-        else:
+        module = t if t in ALL_TARGETS else PART_OF.get(t)
+        if module is None:
             known = ", ".join([*ALL_TARGETS, *PART_OF])
             raise AdapterError(f"unknown target module {t!r}; known: {known} (or 'all')")
-    for fused, parts in list(out.items()):  # every part named: the whole module
-        if parts is not None and set(parts) == set(PARTS[fused]):
-            out[fused] = None
-    return {m: None if p is None else tuple(x for x in PARTS[m] if x in p) for m, p in out.items()}
+        parts.setdefault(module, set()).update(PARTS.get(t, {t}) if t == module else {t})
+    return {m: None if m not in PARTS or p == set(PARTS[m]) else tuple(x for x in PARTS[m] if x in p)
+            for m, p in parts.items()}
 
 
 def _modules(model: Phi3):
