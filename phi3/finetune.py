@@ -279,8 +279,7 @@ class _Run:
             self.model.requires_grad_(False)
             save_pretrained(self.llm, self.out, base=resolve(self.cfg.model), dtype=self.compute_dtype)
         else:
-            lora.save_adapter(self.model, self.out, rank=self.cfg.lora_r, alpha=self.cfg.lora_alpha,
-                              dropout=self.cfg.lora_dropout, base_model=self.cfg.model)
+            lora.save_adapter(self.model, self.out, dropout=self.cfg.lora_dropout, base_model=self.cfg.model)
         checkpoints.mark_finished(self.out, total)
 
     def _gather_rng(self) -> dict[str, torch.Tensor]:
@@ -304,8 +303,8 @@ class _Run:
         if self.rank != 0:
             return
         cfg = self.cfg
-        extra = None if cfg.full else partial(lora.save_adapter, self.model, rank=cfg.lora_r, alpha=cfg.lora_alpha,
-                                              dropout=cfg.lora_dropout, base_model=cfg.model)  # a usable adapter too
+        extra = None if cfg.full else partial(lora.save_adapter, self.model, dropout=cfg.lora_dropout,
+                                              base_model=cfg.model)  # a usable adapter too
         checkpoints.save_checkpoint(self.out, self.step, self.world, self._named_params(), self.optimizer, rng,
                                     cfg.keep_checkpoints, extra)
 

@@ -118,10 +118,6 @@ def _modules(model: Phi3):
             yield i, name, getattr(block, parent)
 
 
-def _path(layer: int, module: str) -> str:
-    return f"model.layers.{layer}.{PARENT[module]}.{module}"
-
-
 # -- training-time injection -----------------------------------------------------------------------
 def add_lora(model: Phi3, targets=None, rank: int = 16, alpha: float = 32, dropout: float = 0.0) -> list[nn.Parameter]:
     """Wrap the targeted linears of `model` in fresh LoRAs (B = 0, so the model is unchanged at first).
@@ -171,18 +167,32 @@ def adapter_tensors(model: Phi3) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_adapter(model: Phi3, folder: str | Path, *, rank: int, alpha: float, dropout: float = 0.0,
-                 base_model: str | None = None) -> None:
-    """Write the model's LoRAs as a PEFT adapter (`adapter_config.json` + `adapter_model.safetensors`)."""
+def save_adapter(model: Phi3, folder: str | Path, *, dropout: float = 0.0, base_model: str | None = None) -> None:
+    """Write the model's LoRAs as a PEFT adapter (`adapter_config.json` + `adapter_model.safetensors`).
+
+    `r` and `lora_alpha` are the most common rank and alpha (= scale * rank); modules that differ
+    get `rank_pattern` / `alpha_pattern` entries."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = adapter_tensors(model)
     targets = sorted({k.split(".")[-3] for k in tensors})  # ...qkv_proj.lora_A.weight
+    shapes = {(layer, name): (m.lora_A.shape[0], round(m.scale * m.lora_A.shape[0], 6))
+              for layer, name, m in lora_modules(model)}
+    rank, alpha = max(set(shapes.values()), key=list(shapes.values()).count)
+    rank_pattern, alpha_pattern = {}, {}
+    for key in (k.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight") for k in tensors if k.endswith("lora_A.weight")):
+        layer, module = int(key.split(".")[2]), PART_OF.get(key.rsplit(".", 1)[1], key.rsplit(".", 1)[1])
+        r, a = shapes[layer, module]
+        if r != rank:
+            rank_pattern[re.escape(key)] = r
+        if a != alpha:
+            alpha_pattern[re.escape(key)] = a
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
               "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets,
               "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
               "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
-              "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None}
+              "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "layers_to_transform": None,
+              "layers_pattern": None}
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
 
@@ -257,10 +267,13 @@ def apply_adapter(model: Phi3, adapter: Adapter) -> None:
     for (layer, module), parts in sorted(pieces.items()):
         parent = getattr(model.model.layers[layer], PARENT[module])
         base = getattr(parent, module)
+        if isinstance(base, LoRALinear):
+            raise AdapterError(f"{weights}: the model already carries an adapter; load one adapter at a time")
         spans = row_parts(config, module) if module in PARTS else {module: slice(None)}
         As, Bs, scales = [], [], []
         for part, ab in parts.items():
-            where = f"{weights}: {_path(layer, module).rsplit('.', 1)[0]}.{part}"
+            name = f"model.layers.{layer}.{PARENT[module]}.{part}"
+            where = f"{weights}: {name}"
             if set(ab) != {"A", "B"}:
                 raise AdapterError(f"{where} has lora_{next(iter(ab))} but not its partner")
             A, B = ab["A"], ab["B"]
@@ -270,7 +283,6 @@ def apply_adapter(model: Phi3, adapter: Adapter) -> None:
                 raise AdapterError(f"{where}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not fit "
                                    f"a ({rows}, {base.in_features}) projection")
             r = A.shape[0]
-            name = f"model.layers.{layer}.{PARENT[module]}.{part}"
             alpha = _pattern_value(cfg.get("alpha_pattern"), name, cfg.get("lora_alpha", 8))
             As.append(A.float())
             full_B = torch.zeros(base.out_features, r)

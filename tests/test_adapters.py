@@ -87,7 +87,7 @@ def test_our_adapter_in_peft(kind, targets, saved, phi3_base, llama_base, tmp_pa
 
     folder, _ = phi3_base if kind == "phi3" else llama_base
     llm = _random_lora(folder, targets)
-    save_adapter(llm.model, tmp_path, rank=4, alpha=8)
+    save_adapter(llm.model, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == saved
     ours = _logits(llm.model)
     theirs = _logits(PeftModel.from_pretrained(_reference(folder), tmp_path).eval())
@@ -104,7 +104,7 @@ def test_our_adapter_in_peft(kind, targets, saved, phi3_base, llama_base, tmp_pa
 @pytest.mark.parametrize("kind", ["phi3", "llama"])
 def test_peft_adapter_in_ours(kind, phi3_base, llama_base, tmp_path):
     """An adapter PEFT trained elsewhere (own A per part, rank and alpha patterns, rsLoRA) reads exactly."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model
 
     folder, _ = phi3_base if kind == "phi3" else llama_base
     targets = ["qkv_proj", "down_proj"] if kind == "phi3" else ["q_proj", "v_proj", "up_proj", "down_proj"]
@@ -115,8 +115,14 @@ def test_peft_adapter_in_ours(kind, phi3_base, llama_base, tmp_path):
     peft_model = get_peft_model(_reference(folder), config).eval()
     peft_model.save_pretrained(tmp_path)
     theirs = _logits(peft_model)
-    ours = _logits(phi3.load(folder, dtype="float32", adapter=tmp_path).model)
+    llm = phi3.load(folder, dtype="float32", adapter=tmp_path)
+    ours = _logits(llm.model)
     assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
+    save_adapter(llm.model, tmp_path / "again")  # and back: ranks and scales that differ become patterns
+    config = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert config["rank_pattern"] and config["alpha_pattern"]
+    again = _logits(PeftModel.from_pretrained(_reference(folder), tmp_path / "again").eval())
+    assert torch.allclose(again, theirs, atol=1e-4), (again - theirs).abs().max()
 
 
 def test_lora_forward_has_no_graph_breaks(phi3_base):
@@ -141,7 +147,7 @@ def test_merge_writes_a_checkpoint_with_the_adapters_logits(phi3_base, tmp_path)
 
     folder, _ = phi3_base
     llm = _random_lora(folder, None)
-    save_adapter(llm.model, tmp_path / "adapter", rank=4, alpha=8)
+    save_adapter(llm.model, tmp_path / "adapter")
     out = _cli("merge", "--model", str(folder), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged"))
     assert out.returncode == 0, out.stderr
     unmerged = _logits(llm.model)
@@ -163,7 +169,7 @@ def test_merge_onto_a_gguf_llama_base(tmp_path):
     config, state = tiny_phi3(longrope=False, tied=True, num_key_value_heads=2)
     write_gguf(tmp_path / "tiny.gguf", config, state, arch="llama")
     llm = _random_lora(tmp_path / "tiny.gguf", "q_proj,k_proj,gate_proj,down_proj")
-    save_adapter(llm.model, tmp_path / "adapter", rank=4, alpha=8)
+    save_adapter(llm.model, tmp_path / "adapter")
     ids = torch.tensor([[1, 5, 9, 33, 2, 60, 17, 4]])
     ours = _logits(llm.model, ids)
     phi3.merge(tmp_path / "tiny.gguf", tmp_path / "adapter", tmp_path / "merged")
@@ -204,7 +210,7 @@ def test_bad_adapters(phi3_base, tmp_path):
     with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
         phi3.load(folder, adapter=tmp_path)
     llm = _random_lora(folder, "o_proj")
-    save_adapter(llm.model, tmp_path, rank=4, alpha=8)
+    save_adapter(llm.model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(AdapterError, match="use_dora"):
