@@ -3,7 +3,7 @@
 Two line formats (those of TRL and of the OpenAI fine-tuning API):
 
 - chat: `{"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}`; the
-  loss counts every assistant turn;
+  loss counts every assistant turn but those marked `"weight": 0` (as the OpenAI API allows);
 - prompt/completion: `{"prompt": "...", "completion": "..."}` as raw text (no template; the loss
   counts the completion and an end-of-text token, as TRL does), or both as message lists (the
   conversational form; the loss counts the assistant turns of the completion).
@@ -91,7 +91,7 @@ def encode_record(record, tokenizer: Tokenizer, where: str) -> tuple[list[int], 
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if "messages" in record:
         messages = _messages(record["messages"], where, "messages")
-        learn = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        learn = [i for i, m in enumerate(messages) if m["role"] == "assistant" and record["messages"][i].get("weight", 1)]
         if not learn:
             raise DataError(f"{where}: the conversation has no assistant turn to learn from")
         return _encode_chat(messages, learn, tokenizer, where)
@@ -120,6 +120,8 @@ def _messages(value, where: str, field: str) -> list[dict]:
             raise DataError(f"{where}: {field}[{k}] must be an object with string 'role' and 'content'")
         if m["role"] not in ROLES:
             raise DataError(f"{where}: {field}[{k}] has unknown role {m['role']!r} (expected one of {', '.join(ROLES)})")
+        if m.get("weight", 1) not in (0, 1) or isinstance(m.get("weight"), bool):
+            raise DataError(f"{where}: {field}[{k}] has weight {m['weight']!r}; it must be 0 or 1")
         out.append({"role": m["role"], "content": m["content"]})
     return out
 

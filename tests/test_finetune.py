@@ -101,6 +101,16 @@ def test_raw_prompt_completion_learns_the_completion_and_eos(base):
     assert tok.decode([i for i, keep in zip(ids, labels) if keep]) == "Paris.<|endoftext|>"
 
 
+def test_assistant_turns_of_weight_zero_are_not_learned(base):
+    """The OpenAI fine-tuning format's per-message weight: 0 leaves that turn out of the loss."""
+    tok = phi3.load_tokenizer(base)
+    ids, every = encode_record({"messages": CHAT}, tok, "x:1")
+    weighted = [*CHAT[:2], {**CHAT[2], "weight": 0}, *CHAT[3:4], {**CHAT[4], "weight": 1}]
+    same_ids, labels = encode_record({"messages": weighted}, tok, "x:1")
+    assert same_ids == ids and tok.decode([i for i, keep in zip(ids, every) if keep]).startswith("Hello!")
+    assert tok.decode([i for i, keep in zip(ids, labels) if keep]) == "Fine.<|end|>"
+
+
 # -- training ------------------------------------------------------------------------------------
 def test_first_step_loss_equals_transformers(base, tmp_path):
     """Step 1 (one batch of every example, padded on the right) logs transformers' loss on that batch."""
@@ -236,6 +246,7 @@ GOOD = json.dumps({"messages": TASK[0]})
     ([GOOD, "", json.dumps({"messages": [{"role": "user", "content": "hi"}]})], r"d.jsonl:3: .*no assistant turn"),
     ([json.dumps({"messages": [{"role": "robot", "content": "hi"}, TASK[0][1]]})], r"d.jsonl:1: .*unknown role 'robot'"),
     ([json.dumps({"messages": [{"role": "user"}, TASK[0][1]]})], r"d.jsonl:1: messages\[0\] must be an object"),
+    ([json.dumps({"messages": [TASK[0][0], {**TASK[0][1], "weight": 0.5}]})], r"d.jsonl:1: messages\[1\] has weight 0.5"),
     ([json.dumps({"text": "hello"})], r"d.jsonl:1: expected a 'messages' list, or 'prompt' and 'completion'"),
     ([json.dumps({"prompt": "a", "completion": [TASK[0][1]]})], r"d.jsonl:1: 'prompt' and 'completion' must both"),
     ([], r"d.jsonl: nothing to train on: it holds no examples \(the file is empty\)"),
