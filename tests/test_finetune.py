@@ -206,7 +206,7 @@ def test_torchrun_two_processes_equal_one(base, tmp_path):
     data = _chats(tmp_path / "d.jsonl", TASK + TASK[:2])
     common = ["--model", str(base), "--data", str(data), "--epochs", "2", "--grad-accum", "2", "--lr", "1e-2",
               "--lora-r", "4", "--lora-dropout", "0", "--save-every", "2", "--dtype", "fp32"]
-    two = _cli("--nproc-per-node", "2", "-m", "phi3", "finetune", *common, "--batch-size", "1",
+    two = _cli("--standalone", "--nproc-per-node", "2", "-m", "phi3", "finetune", *common, "--batch-size", "1",
                "--out", str(tmp_path / "two"), module=("-m", "torch.distributed.run"))
     assert two.returncode == 0, two.stderr[-3000:]
     one = phi3.finetune(base, data, tmp_path / "one", epochs=2, grad_accum=2, lr=1e-2, lora_r=4, lora_dropout=0.0,
