@@ -62,7 +62,7 @@ def save_checkpoint(out: Path, step: int, world: int, params: dict[str, torch.Te
         extra(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    for old in checkpoints(out)[:-keep or None]:
+    for old in checkpoints(out)[:-keep]:  # keep >= 1
         shutil.rmtree(old)
     return final
 

@@ -75,11 +75,11 @@ class FinetuneConfig:
         lora.normalize_targets(self.targets)  # unknown names fail here, before anything loads
         if self.lr is None:
             self.lr = 2e-5 if self.full else 2e-4
-        for name in ("epochs", "batch_size", "grad_accum", "max_len", "lora_r"):
+        for name in ("epochs", "batch_size", "grad_accum", "max_len", "lora_r", "keep_checkpoints"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        for name in ("save_every", "keep_checkpoints", "warmup_steps", "seed"):
+        for name in ("save_every", "warmup_steps", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name.replace('_', '-')} must be a non-negative integer, got {value!r}")
