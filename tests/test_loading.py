@@ -54,8 +54,8 @@ def test_unreachable_hub_without_cache_is_one_clear_error(tmp_path, monkeypatch)
     with pytest.raises(ModelNotFoundError) as e:
         phi3.load("phi-3-mini-128k-instruct")
     msg = str(e.value)
-    assert "microsoft/Phi-3-mini-128k-instruct" in msg and "huggingface-cli download" in msg
-    assert "smollm2-135m-instruct" in msg
+    assert "microsoft/Phi-3-mini-128k-instruct" in msg and "hf download microsoft/Phi-3-mini-128k-instruct" in msg
+    assert "HF_HUB_OFFLINE" in msg and "smollm2-135m-instruct" in msg and "\n" not in msg
 
 
 def test_unknown_name_is_refused_clearly(tmp_path):
