@@ -5,11 +5,27 @@
     print(llm.generate([{"role": "user", "content": "Hi!"}], max_new_tokens=64).text)
 """
 
+from importlib import import_module
+
 from .config import Phi3Config, preset
-from .generate import LLM, Chunk, Completion, Usage
-from .loader import load
 from .pipeline import pipeline
-from .sampling import SamplingParams
+
+# Names whose modules import torch: imported on first use, so that `import phi3` (and with it the
+# CLI's `--help` and argument errors) answers at once. name -> module.
+_LAZY = {"load": "loader", "LLM": "generate", "Completion": "generate", "Chunk": "generate", "Usage": "generate",
+         "SamplingParams": "sampling"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'phi3' has no attribute {name!r}")
+    value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
 def load_tokenizer(path):

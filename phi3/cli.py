@@ -1,39 +1,100 @@
-"""`phi3 generate · chat · info`: thin argparse subcommands over the library."""
+"""`phi3 generate · chat · info`: thin argparse subcommands over the library.
+
+A subcommand is a pair, `_add_<name>_args(parser)` (its flags; each help says the default) and
+`cmd_<name>(args) -> int` (the work), listed in COMMANDS. A command checks its input before the
+slow load and raises ValueError, OSError or RuntimeError with a one-line message; `main` prints it
+as `phi3: error: …`. torch and the library are imported inside the commands, so `--help` and
+argument errors answer at once.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 DEFAULT_MODEL = "microsoft/Phi-3-mini-128k-instruct"
+OFFLINE_MODEL = "smollm2-135m-instruct"
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+class _LibraryDefault:
+    """A sampling flag's default as `SamplingParams` defines it (the one source for CLI and API).
+    Looked up only when --help shows it, because phi3.sampling imports torch; a flag left at it is
+    not passed on, so the library's own default applies."""
+
+    def __init__(self, field: str):
+        self.field = field
+
+    def __str__(self) -> str:
+        from dataclasses import fields
+
+        from .sampling import SamplingParams
+
+        return str(next(f.default for f in fields(SamplingParams) if f.name == self.field))
+
+
+# -- flags shared by several subcommands ----------------------------------------------------------
+def _add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
-                   help=f"directory, .gguf file, hub id or alias (default {DEFAULT_MODEL}; offline: smollm2-135m-instruct)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when present)")
-    p.add_argument("--dtype", default=None, help="bf16, fp16, fp32 (default: the fastest exact-enough choice)")
+                   help="a model directory, .gguf file, hub id or alias (default: %(default)s, from the Hugging "
+                        f"Face hub or its local cache; {OFFLINE_MODEL} is a small real model that needs no hub)")
+
+
+def _add_load_args(p: argparse.ArgumentParser) -> None:
+    _add_model_arg(p)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when present, else cpu)")
+    p.add_argument("--dtype", default=None,
+                   help="bf16, fp16 or fp32 (default: fp32 on CPU, which gives the reference's answers; "
+                        "the checkpoint's own on GPU)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
-    p.add_argument("--system", default=None, help="a system message")
+    def flag(name: str, type, help: str) -> None:
+        p.add_argument(f"--{name.replace('_', '-')}", type=type, default=_LibraryDefault(name),
+                       help=f"{help} (default: %(default)s)")
+
+    flag("max_new_tokens", int, "most tokens to generate")
+    flag("temperature", float, "0 is greedy")
+    flag("top_p", float, "nucleus sampling: keep the most likely tokens up to this probability mass")
+    flag("top_k", int, "keep the k most likely tokens; 0 is off")
+    flag("min_p", float, "drop tokens below this fraction of the most likely one's probability")
+    flag("repetition_penalty", float, "penalize tokens already seen (as transformers does); 1 is off")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: a fresh one each run)")
+    p.add_argument("--stop", action="append", default=None, help="a string that ends the answer; repeatable "
+                                                                 "(default: none)")
+    p.add_argument("--system", default=None, help="a system message (default: none)")
 
 
 def _sampling(args):
+    """SamplingParams from the flags the user gave (validated here, before the slow load)."""
+    from dataclasses import fields
+
     from .sampling import SamplingParams
 
-    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                     top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                                     repetition_penalty=args.repetition_penalty, seed=args.seed,
-                                     stop=tuple(args.stop))
+    given = {f.name: getattr(args, f.name) for f in fields(SamplingParams)}
+    for text in given["stop"] or ():
+        _check_text(text, "a --stop string")
+    return SamplingParams(**{k: v for k, v in given.items() if v is not None and not isinstance(v, _LibraryDefault)})
+
+
+def _check_text(text: str, what: str) -> str:
+    """`text` if it is valid UTF-8 (the shell hands Python undecodable bytes as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        try:
+            byte = f"byte 0x{text[e.start].encode('utf-8', 'surrogateescape').hex()}"
+        except UnicodeEncodeError:
+            byte = "a lone surrogate"
+        raise ValueError(f"{what} is not valid UTF-8 ({byte} at character {e.start}); "
+                         "check the encoding of your terminal or file") from None
+    return text
+
+
+def _check_prompt(text: str) -> str:
+    if not _check_text(text, "the prompt").strip():
+        raise ValueError("the prompt is empty")
+    return text
 
 
 def _load(args):
@@ -42,29 +103,58 @@ def _load(args):
     return load(args.model, device=args.device, dtype=args.dtype)
 
 
-def _print_stream(chunks) -> None:
-    for chunk in chunks:
-        sys.stdout.write(chunk.text)
+def _stream(chunks, answer: list[str]):
+    """Print the chunks as they come, keeping their text in `answer`; the last chunk."""
+    last = None
+    for last in chunks:
+        answer.append(last.text)
+        sys.stdout.write(last.text)
         sys.stdout.flush()
+    sys.stdout.write("\n")
+    return last
+
+
+def _say_if_context_was_the_limit(last, params) -> None:
+    """Both limits end an answer with finish_reason "length": the context's cut it short of --max-new-tokens."""
+    if last.finish_reason == "length" and last.usage.completion_tokens < params.max_new_tokens:
+        print(f"phi3: the answer stopped at the model's context limit ({last.usage.total_tokens} tokens: "
+              f"{last.usage.prompt_tokens} of prompt, {last.usage.completion_tokens} of answer)", file=sys.stderr)
+
+
+# -- generate --------------------------------------------------------------------------------------
+def _add_generate_args(p: argparse.ArgumentParser) -> None:
+    _add_load_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--raw", action="store_true", help="send the prompt as raw text, without the chat template "
+                                                      "(default: off)")
+    p.add_argument("prompt", help="the user message (raw text with --raw)")
 
 
 def cmd_generate(args) -> int:
-    params = _sampling(args)  # validate before the (slow) load
+    prompt = _check_prompt(args.prompt)
+    system = _check_text(args.system, "the --system message") if args.system else None
+    params = _sampling(args)
     llm = _load(args)
     if args.raw:
-        prompt = (args.system + "\n" if args.system else "") + args.prompt
+        prompt = (system + "\n" if system else "") + prompt
     else:
-        prompt = ([{"role": "system", "content": args.system}] if args.system else []) + \
-                 [{"role": "user", "content": args.prompt}]
-    _print_stream(llm.stream(prompt, params))
-    sys.stdout.write("\n")
+        prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    _say_if_context_was_the_limit(_stream(llm.stream(prompt, params), []), params)
     return 0
 
 
+# -- chat ------------------------------------------------------------------------------------------
+def _add_chat_args(p: argparse.ArgumentParser) -> None:
+    _add_load_args(p)
+    _add_sampling_args(p)
+
+
 def cmd_chat(args) -> int:
+    system = [{"role": "system", "content": _check_text(args.system, "the --system message")}] if args.system else []
     params = _sampling(args)
     llm = _load(args)
-    system = [{"role": "system", "content": args.system}] if args.system else []
+    if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 gets a message, not a traceback
+        sys.stdin.reconfigure(errors="surrogateescape")
     history: list[dict] = []
     print(f"phi3 chat with {args.model}. /reset clears the conversation, /exit (or Ctrl-D) quits; "
           "Ctrl-C stops an answer.", file=sys.stderr)
@@ -85,17 +175,29 @@ def cmd_chat(args) -> int:
             history.clear()
             print("(conversation cleared)", file=sys.stderr)
             continue
-        history.append({"role": "user", "content": line})
-        answer = []
         try:
-            for chunk in llm.stream(system + history, params):
-                answer.append(chunk.text)
-                sys.stdout.write(chunk.text)
-                sys.stdout.flush()
+            history.append({"role": "user", "content": _check_text(line, "the line")})
+        except ValueError as e:
+            print(f"phi3: error: {e}", file=sys.stderr)
+            continue
+        answer: list[str] = []
+        try:
+            _say_if_context_was_the_limit(_stream(llm.stream(system + history, params), answer), params)
         except KeyboardInterrupt:
             print("\n(stopped)", file=sys.stderr)
-        sys.stdout.write("\n")
+            sys.stdout.write("\n")
+        except ValueError as e:  # the conversation outgrew the context: say so, keep chatting (/reset)
+            history.pop()
+            print(f"phi3: error: {e}", file=sys.stderr)
+            continue
         history.append({"role": "assistant", "content": "".join(answer)})
+
+
+# -- info ------------------------------------------------------------------------------------------
+def _add_info_args(p: argparse.ArgumentParser) -> None:
+    _add_model_arg(p)
+    p.add_argument("--context", type=int, default=None,
+                   help="tokens of context for the KV-cache estimate (default: the model's whole context)")
 
 
 def cmd_info(args) -> int:
@@ -128,23 +230,21 @@ def cmd_info(args) -> int:
     return 0
 
 
+# -- the program -----------------------------------------------------------------------------------
+COMMANDS = {  # name: (what it does, its flags, its work)
+    "generate": ("answer one prompt, streaming", _add_generate_args, cmd_generate),
+    "chat": ("an interactive multi-turn chat", _add_chat_args, cmd_chat),
+    "info": ("config summary, parameter count, memory needs", _add_info_args, cmd_info),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="phi3", description="Run Phi-3 models: generate, chat, info.")
+    parser = argparse.ArgumentParser(prog="phi3", description="Run Phi-3 models: " + ", ".join(COMMANDS) + ".")
     sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="answer one prompt, streaming")
-    _add_model_args(g)
-    _add_sampling_args(g)
-    g.add_argument("--raw", action="store_true", help="send the prompt as raw text, without the chat template")
-    g.add_argument("prompt")
-    g.set_defaults(func=cmd_generate)
-    c = sub.add_parser("chat", help="an interactive multi-turn chat")
-    _add_model_args(c)
-    _add_sampling_args(c)
-    c.set_defaults(func=cmd_chat)
-    i = sub.add_parser("info", help="config summary, parameter count, memory needs")
-    _add_model_args(i)
-    i.add_argument("--context", type=int, default=None, help="tokens of context for the KV-cache estimate")
-    i.set_defaults(func=cmd_info)
+    for name, (summary, add_args, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
+        add_args(p)
+        p.set_defaults(func=run)
     return parser
 
 
@@ -152,11 +252,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"phi3: error: {e}", file=sys.stderr)
-        return 2
+    except BrokenPipeError:
+        # The reader left (`phi3 generate … | head -c 20`): stop quietly, as other Unix tools do.
+        # stdout goes to /dev/null so that the interpreter's last flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool the pipe stopped
     except KeyboardInterrupt:
         return 130
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"phi3: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
