@@ -255,10 +255,14 @@ def test_cli_says_when_the_context_ends_the_answer(text_model, llm):
     assert short.returncode == 0 and short.stdout == out.stdout and short.stderr == ""  # --max-new-tokens was the limit
 
 
-def test_cli_chat_refuses_a_line_that_is_not_utf8_and_goes_on(text_model, llm):
-    out = _cli("chat", "--model", str(text_model[0]), "--max-new-tokens", "5", stdin=b"caf\xe9\nHello\n/exit\n")
+def test_cli_chat_refuses_bad_lines_and_goes_on(text_model, llm):
+    """A line that is not UTF-8, then one longer than the context: each an error line, neither kept."""
+    too_long = b"hello " * 600
+    out = _cli("chat", "--model", str(text_model[0]), "--max-new-tokens", "5",
+               stdin=b"caf\xe9\n" + too_long + b"\nHello\n/exit\n")
     assert out.returncode == 0, out.stderr
     assert "phi3: error: the line is not valid UTF-8 (byte 0xe9 at character 3)" in out.stderr
+    assert "phi3: error: the prompt has" in out.stderr and "the model's context is 512" in out.stderr
     assert out.stdout.replace(">>> ", "") == llm.generate([{"role": "user", "content": "Hello"}], max_new_tokens=5).text + "\n"
 
 
