@@ -71,7 +71,7 @@ def _sampling(args):
 
     from .sampling import SamplingParams
 
-    given = {f.name: getattr(args, f.name) for f in fields(SamplingParams)}
+    given = {f.name: getattr(args, f.name, None) for f in fields(SamplingParams)}  # None: no such flag
     for text in given["stop"] or ():
         _check_text(text, "a --stop string")
     return SamplingParams(**{k: v for k, v in given.items() if v is not None and not isinstance(v, _LibraryDefault)})
