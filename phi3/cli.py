@@ -128,6 +128,26 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import run
+
+    return run(args)
+
+
+def _add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--random", action="store_true",
+                   help="random weights with the shapes of the preset named by --model (no download)")
+    p.add_argument("--layers", type=int, default=None, help="with --random: this many layers (default: all)")
+    p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per row for decode (default 512)")
+    p.add_argument("--new-tokens", type=int, default=128, help="new tokens per row (default 128)")
+    p.add_argument("--batch", default="1,8,16,64", help="batch sizes for decode, comma-separated (default 1,8,16,64)")
+    p.add_argument("--prefill", type=int, default=4096, help="prompt tokens for the prefill / first-token figure "
+                   "(0: skip; default 4096)")
+    p.add_argument("--compare", default="", help="peers in the same run: transformers,llama.cpp (default none)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (default: off)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="phi3", description="Run Phi-3 models: generate, chat, info.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(i)
     i.add_argument("--context", type=int, default=None, help="tokens of context for the KV-cache estimate")
     i.set_defaults(func=cmd_info)
+    b = sub.add_parser("bench", help="prefill/decode speed, first-token time, memory, fraction of the floor")
+    _add_model_args(b)
+    _add_bench_args(b)
+    b.set_defaults(func=cmd_bench)
     return parser
 
 

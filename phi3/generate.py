@@ -111,6 +111,7 @@ class LLM:
         self.stop_ids = stop_ids
         self.name = name
         self.max_batch = max_batch
+        self.compile = False  # compile the engine's decode step with torch.compile (set before generating)
         self._engine: Engine | None = None
 
     def __repr__(self) -> str:
@@ -238,7 +239,7 @@ class LLM:
                 if slots == 1:
                     raise
                 slots //= 2
-        self._engine = Engine(self.model, slots=slots, max_len=max_len)
+        self._engine = Engine(self.model, slots=slots, max_len=max_len, compile=self.compile)
         return self._engine
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:

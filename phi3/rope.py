@@ -53,12 +53,12 @@ class RotaryEmbedding(nn.Module):
     def tables(self, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (2, >= length, R) in `dtype` for positions 0.. (index 0: short factors, 1: long).
 
-        Grown (to a power of two) only when too short, so a captured step never rebuilds them.
+        Rebuilt only when too short (or of another dtype), so a captured step never rebuilds them.
         """
         if self.missing:
             raise ValueError(f"{self.missing}; load the checkpoint's own config.json")
         if self.cos is None or self.cos.shape[1] < length or self.cos.dtype != dtype:
-            n = max(256, 1 << (length - 1).bit_length())
+            n = max(256, length)
             positions = torch.arange(n, device=self.inv_freq.device).float()
             freqs = positions[None, :, None] * self.inv_freq[:, None, :]  # (2, n, R/2)
             emb = torch.cat((freqs, freqs), dim=-1)
