@@ -114,6 +114,8 @@ class Engine:
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs needs the model on a CUDA device")
+        if compile:  # one specialisation per (B, S, mode) bucket: allow as many as there are buckets
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
         self._body = torch.compile(self._decode_body, dynamic=False) if compile else self._decode_body
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._pool = None
@@ -325,8 +327,8 @@ def check_memory(model: Phi3, slots: int, max_len: int, device: torch.device, dt
 
 def free_memory(device: torch.device) -> int | None:
     """Bytes free on `device` (CUDA: the driver's count; CPU: the kernel's MemAvailable), or None."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cuda":  # what the driver has free, and what torch's allocator holds unused
+        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     try:
         with open("/proc/meminfo") as f:
             for line in f:
