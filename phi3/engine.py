@@ -34,7 +34,7 @@ import torch
 
 from .cache import KVCache
 from .model import Phi3
-from .sampling import Mode, RowParams, SamplingParams, random_seed
+from .sampling import MAX_LOGPROBS, Mode, RowParams, SamplingParams, logprobs_of, random_seed
 
 PREFILL_CHUNK = 2048  # prompt tokens per prefill forward: bounds activation memory
 MIN_KV_BUCKET = 64
@@ -53,6 +53,8 @@ class Request:
     seed: int
     id: int
     tokens: list[int] = field(default_factory=list)
+    # with params.logprobs: per token, its log-probability and the most likely (id, log-probability)s
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     finish_reason: str | None = None
     slot: int | None = None
     cancelled: bool = False
@@ -78,6 +80,7 @@ class Event:
     request: Request
     token: int | None
     finish_reason: str | None = None
+    logprob: tuple[float, list[tuple[int, float]]] | None = None  # with params.logprobs, as Request.logprobs
 
 
 class Engine:
@@ -102,6 +105,10 @@ class Engine:
         self.positions = torch.full((slots,), max_len, dtype=torch.long, device=self.device)  # its position
         self.active = torch.zeros(slots, dtype=torch.bool, device=self.device)  # decoding this step
         self.next_ids = torch.zeros(slots, dtype=torch.long, device=self.device)
+        k = min(MAX_LOGPROBS, config.vocab_size)  # with logprobs: the drawn ids' and the top k's
+        self.logprob = torch.zeros(slots, device=self.device)
+        self.top_logprob = torch.zeros(slots, k, device=self.device)
+        self.top_ids = torch.zeros(slots, k, dtype=torch.long, device=self.device)
         # Host-side scheduling state.
         self.requests: dict[int, Request] = {}  # slot -> request
         self._free = list(range(slots))  # kept sorted: the lowest free slot is taken first
@@ -178,9 +185,13 @@ class Engine:
             budget -= n
             if req._written == len(req._todo):
                 self._prefilling.popleft()
-                token = self.params.sample(logits, req.slot, self.params.mode([req.slot]))
-                self.params.advance(req.slot, token, torch.ones_like(token, dtype=torch.bool))
-                events += self._accept(req, int(token[0]), from_prefill=True)
+                mode, slot = self.params.mode([req.slot]), req.slot
+                token = self.params.sample(logits, slot, mode)
+                self.params.advance(slot, token, torch.ones_like(token, dtype=torch.bool))
+                if mode.logprobs:
+                    self._store_logprobs(slot, logits, token)
+                events += self._accept(req, int(token[0]), self._logprob(req, slot) if mode.logprobs else None,
+                                       from_prefill=True)
         if self._decoding:
             events += self._decode()
         return events
@@ -226,15 +237,17 @@ class Engine:
         req._written += n
         return logits[:, -1]
 
-    def _accept(self, req: Request, token: int, from_prefill: bool = False) -> list[Event]:
-        """Host-side bookkeeping for a token drawn for `req`."""
+    def _accept(self, req: Request, token: int, logprob=None, from_prefill: bool = False) -> list[Event]:
+        """Host-side bookkeeping for a token drawn for `req` (with its logprobs, if asked for)."""
         if token in req.stop_ids:
             self._finish(req, "stop")
             return [Event(req, None, "stop")]
         req.tokens.append(token)
+        if logprob is not None:
+            req.logprobs.append(logprob)
         if len(req.tokens) >= req.max_new:
             self._finish(req, "length")
-            return [Event(req, token, "length")]
+            return [Event(req, token, "length", logprob)]
         slot = req.slot
         if self.model.uses_long_rope(req.length) and not req._long:
             self._set_idle(slot)  # the LongRoPE crossing: this row alone is prefilled again
@@ -242,7 +255,19 @@ class Engine:
         elif from_prefill:
             self.tokens_in[slot], self.positions[slot], self.active[slot] = token, req.length - 1, True
             self._decoding.add(slot)
-        return [Event(req, token)]
+        return [Event(req, token, None, logprob)]
+
+    def _store_logprobs(self, first: int, logits: torch.Tensor, ids: torch.Tensor) -> None:
+        end = first + ids.shape[0]
+        self.logprob[first:end], self.top_logprob[first:end], self.top_ids[first:end] = \
+            logprobs_of(logits, ids, self.top_ids.shape[1])
+
+    def _logprob(self, req: Request, slot: int) -> tuple[float, list[tuple[int, float]]] | None:
+        """The stored logprobs of `slot` as Python numbers, if its request asked for them."""
+        k = req.params.logprobs
+        if k is None:
+            return None
+        return float(self.logprob[slot]), list(zip(self.top_ids[slot, :k].tolist(), self.top_logprob[slot, :k].tolist()))
 
     def _finish(self, req: Request, reason: str) -> None:
         req.finish_reason = reason
@@ -262,11 +287,13 @@ class Engine:
         batch = min(self.slots, 1 << rows[-1].bit_length())  # power of two > the highest busy slot
         longest = max(self.requests[r].length for r in rows)
         kv_len = min(self.max_len, max(MIN_KV_BUCKET, 1 << (longest - 1).bit_length()))
-        self._run(batch, kv_len, self.params.mode(rows))
+        mode = self.params.mode(rows)
+        self._run(batch, kv_len, mode)
         ids = self.next_ids[:batch].tolist()  # the one host sync of the step
         events = []
         for r in rows:
-            events += self._accept(self.requests[r], ids[r])
+            req = self.requests[r]
+            events += self._accept(req, ids[r], self._logprob(req, r) if mode.logprobs else None)
         return events
 
     def _run(self, batch: int, kv_len: int, mode: Mode) -> None:
@@ -285,6 +312,8 @@ class Engine:
         logits = self.model(self.tokens_in[:batch, None], self.positions[:batch, None], self.cache,
                             kv_len=kv_len)[:, -1]  # (B, V)
         ids = self.params.sample(logits, 0, mode)  # (B,)
+        if mode.logprobs:
+            self._store_logprobs(0, logits, ids)
         self.params.advance(0, ids, active)
         self.next_ids[:batch] = ids
         self.tokens_in[:batch] = torch.where(active, ids, self.tokens_in[:batch])

@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 import torch
 
+MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's top_logprobs limit)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -30,6 +32,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)  # strings that end the text (not included)
+    logprobs: int | None = None  # report each new token's log-probability and this many alternatives
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -51,6 +54,10 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop must be non-empty strings, got {s!r}")
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, lo=0)
+            if self.logprobs > MAX_LOGPROBS:
+                raise ValueError(f"logprobs must be at most {MAX_LOGPROBS}, got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:
@@ -82,6 +89,7 @@ class Mode(NamedTuple):
     penalty: bool  # some row has repetition_penalty != 1
     sample: bool  # some row has temperature > 0
     sort: bool  # some sampling row has top_k or top_p < 1
+    logprobs: bool = False  # some row reports log-probabilities
 
 
 class RowParams:
@@ -99,7 +107,7 @@ class RowParams:
         self.seed = torch.zeros(rows, dtype=torch.long, device=device)
         self.step = torch.zeros(rows, dtype=torch.long, device=device)
         self.seen = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=device)  # (rows, V + 1)
-        self.modes: list[Mode] = [Mode(False, False, False)] * rows  # host copy, per row
+        self.modes: list[Mode] = [Mode(False, False, False, False)] * rows  # host copy, per row
 
     def set(self, row: int, params: SamplingParams, seed: int, history: list[int] | torch.Tensor) -> None:
         """Give `row` a request's parameters, its seed, step 0, and the ids seen so far."""
@@ -113,12 +121,12 @@ class RowParams:
             self.seen[row, ids] = True
         sampling = not params.greedy
         self.modes[row] = Mode(params.repetition_penalty != 1.0, sampling,
-                               sampling and (params.top_k > 0 or params.top_p < 1.0))
+                               sampling and (params.top_k > 0 or params.top_p < 1.0), params.logprobs is not None)
 
     def mode(self, rows) -> Mode:
         """The stages needed by `rows` (host-side: no device sync)."""
         modes = [self.modes[r] for r in rows]
-        return Mode(*(any(m[i] for m in modes) for i in range(3)))
+        return Mode(*(any(m[i] for m in modes) for i in range(len(Mode._fields))))
 
     def sample(self, logits: torch.Tensor, first: int, mode: Mode) -> torch.Tensor:
         """Next ids (B,) for rows first..first+B-1 from their logits (B, V)."""
@@ -135,6 +143,13 @@ class RowParams:
 
 
 # -- the pure functions ----------------------------------------------------------------------------
+def logprobs_of(logits: torch.Tensor, ids: torch.Tensor, k: int = MAX_LOGPROBS):
+    """The model's log-probabilities (B, V) -> those of ids (B,), and the k most likely (B, k) values and ids."""
+    logp = logits.float().log_softmax(-1)
+    top = logp.topk(k, dim=-1)
+    return logp.gather(1, ids[:, None])[:, 0], top.values, top.indices
+
+
 def process_rows(logits, temperature, top_k, top_p, min_p, penalty, seen, mode: Mode) -> torch.Tensor:
     """logits (B, V) fp32 -> processed logits (B, V); each parameter (B,); `seen` (B, V) bool.
 
@@ -203,7 +218,7 @@ def _one_row(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor
     tensors = (t([params.temperature]), t([params.top_k]), t([params.top_p]), t([params.min_p]),
                t([params.repetition_penalty]))
     mode = Mode(params.repetition_penalty != 1.0, not params.greedy,
-                not params.greedy and (params.top_k > 0 or params.top_p < 1.0))
+                not params.greedy and (params.top_k > 0 or params.top_p < 1.0), False)
     return x, [v.to(x.device) for v in tensors], seen, mode
 
 

@@ -160,3 +160,24 @@ def test_bad_batches_and_sizes_are_refused_clearly(longrope):
         Engine(llm.model, slots=0, max_len=64)
     with pytest.raises(ValueError, match="cuda_graphs"):
         Engine(llm.model, slots=1, max_len=64, cuda_graphs=True)  # the model is on the CPU
+
+
+def test_logprobs_are_the_models_own(longrope):
+    """Each drawn token's log-probability (and the top alternatives) equal log_softmax of the
+    full-sequence logits at that position; rows that did not ask get none."""
+    llm, _ = longrope
+    engine = Engine(llm.model, slots=2, max_len=128)
+    asking = engine.submit(_ids(20, 30), SamplingParams(max_new_tokens=20, temperature=0.9, seed=5, logprobs=3))
+    quiet = engine.submit(_ids(7, 31), SamplingParams(max_new_tokens=20))
+    while engine.busy:
+        engine.step()
+    assert quiet.logprobs == [] and len(asking.logprobs) == len(asking.tokens) == 20
+    sequence = asking.prompt + asking.tokens
+    logp = llm.logits(sequence).log_softmax(-1)  # crosses the 32-token context: long factors throughout
+    for k, (token, (lp, top)) in enumerate(zip(asking.tokens, asking.logprobs)):
+        # tokens before the crossing were drawn from short-factor logits: recompute those on the prefix
+        row = logp[len(asking.prompt) + k - 1] if len(asking.prompt) + k > 32 else \
+            llm.logits(sequence[: len(asking.prompt) + k]).log_softmax(-1)[-1]
+        assert abs(lp - row[token].item()) < 1e-4
+        assert [i for i, _ in top] == row.topk(3).indices.tolist()
+        assert all(abs(v - row[i].item()) < 1e-4 for i, v in top)
