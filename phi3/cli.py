@@ -1,4 +1,4 @@
-"""`phi3 generate · chat · info`: thin argparse subcommands over the library.
+"""`phi3 generate · chat · info · bench`: thin argparse subcommands over the library.
 
 A subcommand is a pair, `_add_<name>_args(parser)` (its flags; each help says the default) and
 `cmd_<name>(args) -> int` (the work), listed in COMMANDS. A command checks its input before the
@@ -230,11 +230,34 @@ def cmd_info(args) -> int:
     return 0
 
 
+# -- bench ---------------------------------------------------------------------------------------
+def _add_bench_args(p: argparse.ArgumentParser) -> None:
+    _add_load_args(p)
+    p.add_argument("--random", action="store_true",
+                   help="random weights with the shapes of the preset named by --model (no download; default: off)")
+    p.add_argument("--layers", type=int, default=None, help="with --random: this many layers (default: all)")
+    p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per row for decode (default: %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=128, help="new tokens per row (default: %(default)s)")
+    p.add_argument("--batch", default="1,8,16,64", help="batch sizes for decode, comma-separated (default: %(default)s)")
+    p.add_argument("--prefill", type=int, default=4096, help="prompt tokens for the prefill / first-token figure "
+                   "(0: skip; default: %(default)s)")
+    p.add_argument("--compare", default="", help="peers in the same run: transformers,llama.cpp (default: none)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (default: off)")
+
+
+def cmd_bench(args) -> int:
+    from .bench import run
+
+    return run(args)
+
+
 # -- the program -----------------------------------------------------------------------------------
 COMMANDS = {  # name: (what it does, its flags, its work)
     "generate": ("answer one prompt, streaming", _add_generate_args, cmd_generate),
     "chat": ("an interactive multi-turn chat", _add_chat_args, cmd_chat),
     "info": ("config summary, parameter count, memory needs", _add_info_args, cmd_info),
+    "bench": ("prefill/decode speed, first-token time, memory, fraction of the floor", _add_bench_args, cmd_bench),
 }
 
 
