@@ -234,13 +234,13 @@ def cmd_info(args) -> int:
 def _add_bench_args(p: argparse.ArgumentParser) -> None:
     _add_load_args(p)
     p.add_argument("--random", action="store_true",
-                   help="random weights with the shapes of the preset named by --model (no download; default: off)")
+                   help="random weights with the shapes of the preset named by --model, no download (default: off)")
     p.add_argument("--layers", type=int, default=None, help="with --random: this many layers (default: all)")
     p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per row for decode (default: %(default)s)")
     p.add_argument("--new-tokens", type=int, default=128, help="new tokens per row (default: %(default)s)")
     p.add_argument("--batch", default="1,8,16,64", help="batch sizes for decode, comma-separated (default: %(default)s)")
-    p.add_argument("--prefill", type=int, default=4096, help="prompt tokens for the prefill / first-token figure "
-                   "(0: skip; default: %(default)s)")
+    p.add_argument("--prefill", type=int, default=4096, help="prompt tokens for the prefill / first-token figure, "
+                   "0 skips it (default: %(default)s)")
     p.add_argument("--compare", default="", help="peers in the same run: transformers,llama.cpp (default: none)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (default: off)")
