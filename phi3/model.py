@@ -2,14 +2,17 @@
 
     tokens (B, T) -> embed_tokens -> N x Block -> norm -> lm_head -> logits (B, T, V)
 
-No sampling, no tokenizer, no I/O: `forward(tokens, input_pos, cache)` and nothing else.
+No sampling, no tokenizer, no I/O: `forward(tokens, positions, cache)` and nothing else.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
 from .cache import KVCache
@@ -42,29 +45,40 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
         self.implementation = "sdpa"
 
-    def forward(self, x, cos, sin, mask, input_pos, cache: KVCache | None):
+    def forward(self, x: torch.Tensor, ctx: "Context") -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, input_pos, k, v)  # (B, Hkv, S, D)
+        q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        if ctx.cache is not None:  # (B, Hkv, S, D): this row's keys 0..S-1, the new ones written
+            k, v = ctx.cache.update(self.layer_idx, ctx.slot, ctx.rows, ctx.positions, k, v, ctx.kv_len)
         if self.implementation == "eager":
-            y = _eager_attention(q, k, v, mask)
+            y = _eager_attention(q, k, v, ctx.mask)
         else:
-            gqa = self.n_heads != self.n_kv_heads
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+            y = _sdpa(q, k, v, ctx.mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*D) -> (B, T, C)
 
 
+def _sdpa(q, k, v, mask):
+    """torch's fused attention. mask: None (causal, T == S), a lower-right CausalBias (a chunk
+    after a prefix: flash kernels on CUDA), or a bool tensor (sliding window, decode rows)."""
+    gqa = q.shape[1] != k.shape[1]
+    if isinstance(mask, CausalBias):
+        if gqa and q.is_cuda:  # its flash path takes equal head counts
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+            gqa = False
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+
+
 def _eager_attention(q, k, v, mask):
-    """softmax(q k^T / sqrt(D)) v with the softmax in fp32; mask None means causal over T."""
+    """softmax(q k^T / sqrt(D)) v with the softmax in fp32; mask as for `_sdpa`."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, D)
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, T, S)
-    if mask is None:
+    if not isinstance(mask, torch.Tensor):  # causal, aligned to the last key
         T, S = scores.shape[-2:]
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     scores = scores.masked_fill(~mask, float("-inf"))
@@ -90,8 +104,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, input_pos, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, cache)
+    def forward(self, x: torch.Tensor, ctx: "Context") -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x
 
@@ -127,7 +141,7 @@ class Phi3(nn.Module):
             block.self_attn.implementation = name
 
     def reset_rope(self, device=None) -> None:
-        """(Re)build the RoPE tables on `device`; needed after building the model on the meta device."""
+        """(Re)build the RoPE frequencies on `device`; needed after building the model on the meta device."""
         self.rope = RotaryEmbedding(self.config, device=device)
 
     def uses_long_rope(self, seq_len: int) -> bool:
@@ -137,46 +151,79 @@ class Phi3(nn.Module):
     def forward(
         self,
         tokens: torch.Tensor,
-        input_pos: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         *,
+        slot: int = 0,
+        kv_len: int | None = None,
         long_rope: bool | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
-        """tokens (B, T), input_pos (T,) positions of those tokens -> logits (B, T, V) (or (B, 1, V)).
+        """tokens (B, T), positions (B, T) of those tokens in their sequences -> logits (B, T, V)
+        (or (B, 1, V) with `last_only`).
 
-        Without a cache the tokens are the whole sequence. With one, keys and values are written
-        at `input_pos` and attention reads the whole cache, masked to what each query may see.
-        `long_rope` picks LongRoPE's factor set; None decides from max(input_pos) + 1 (a host sync).
+        Without a cache, each row is a whole sequence (positions default to 0..T-1) and `long_rope`
+        picks LongRoPE's factor set (None: by the length, as the reference does). With a cache, row
+        b is cache slot `slot + b`: its keys and values are written at its positions, attention
+        reads that slot's positions 0..kv_len-1 (default: all) masked per row (causal, sliding
+        window), and each row's factor set is its slot's `cache.long_rope`.
         """
         B, T = tokens.shape
-        if input_pos is None:
-            input_pos = torch.arange(T, device=tokens.device)
-        if long_rope is None:
-            long_rope = self.uses_long_rope(int(input_pos.max()) + 1)
         x = self.model.embed_tokens(tokens)  # (B, T, C)
-        cos, sin = self.rope(input_pos[None], long_rope, x.dtype)  # (1, T, R)
-        mask = self.attention_mask(input_pos, cache.max_len if cache is not None else None)
+        if cache is None:
+            table_len = T if positions is None else int(positions.max()) + 1
+            if long_rope is None:
+                long_rope = self.uses_long_rope(table_len)
+            long = torch.full((B,), long_rope, dtype=torch.bool, device=tokens.device)
+            kv_len, rows = T, None
+        else:
+            long = cache.long_rope[slot:slot + B]
+            table_len, kv_len = cache.max_len + 1, cache.max_len if kv_len is None else kv_len
+            rows = torch.arange(slot, slot + B, device=tokens.device)[:, None]  # (B, 1)
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        cos, sin = self.rope(positions, long, x.dtype, table_len)  # (B, T, R)
+        ctx = Context(positions, cos, sin, self.attention_mask(positions, kv_len, cache is not None),
+                      cache, slot, rows, kv_len)
         for block in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, mask, input_pos, cache, use_reentrant=False)
+                x = checkpoint(block, x, ctx, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, input_pos, cache)
+                x = block(x, ctx)
         x = self.model.norm(x[:, -1:] if last_only else x)
         return self.lm_head(x)
 
-    def attention_mask(self, input_pos: torch.Tensor, cache_len: int | None) -> torch.Tensor | None:
-        """(T, S) bool, True where query i may see key j: j <= i and j > i - sliding_window.
+    def attention_mask(self, positions: torch.Tensor, kv_len: int, cached: bool):
+        """What query (b, t) may see of keys 0..kv_len-1: key j <= positions[b, t] and
+        j > positions[b, t] - sliding_window.
 
-        None means plain causal over the T tokens themselves (lets SDPA pick its fastest kernel).
-        """
+        None (plain causal over the T tokens themselves) or a lower-right `CausalBias` (T tokens
+        after a prefix) where that is the whole rule, so SDPA can pick its flash kernels; else a
+        (B, 1, T, kv_len) bool tensor. A cached forward of T > 1 tokens must be one row whose
+        positions run kv_len - T .. kv_len - 1 (a prefill chunk)."""
+        B, T = positions.shape
         window = self.config.sliding_window
-        T = input_pos.shape[0]
-        if cache_len is None and (window is None or T <= window):
+        windowed = window is not None and kv_len > window
+        if not windowed and T == kv_len:
             return None
-        key_pos = torch.arange(cache_len if cache_len is not None else T, device=input_pos.device)
-        query_pos = input_pos[:, None] if cache_len is not None else key_pos[:T, None]
-        mask = key_pos[None, :] <= query_pos
-        if window is not None:
-            mask &= key_pos[None, :] > query_pos - window
-        return mask
+        if not windowed and cached and T > 1 and positions.is_cuda:
+            return causal_lower_right(T, kv_len)
+        key = torch.arange(kv_len, device=positions.device)
+        query = positions[:, :, None]  # (B, T, 1)
+        mask = key <= query
+        if windowed:
+            mask &= key > query - window
+        return mask[:, None]  # (B, 1, T, kv_len)
+
+
+class Context(NamedTuple):
+    """What every layer needs to know about one forward."""
+
+    positions: torch.Tensor  # (B, T)
+    cos: torch.Tensor  # (B, T, R)
+    sin: torch.Tensor
+    mask: torch.Tensor | CausalBias | None  # see Phi3.attention_mask
+    cache: KVCache | None
+    slot: int  # row b is cache slot `slot + b`
+    rows: torch.Tensor | None  # (B, 1): the same slots as a tensor
+    kv_len: int  # keys each row attends over

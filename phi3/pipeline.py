@@ -7,8 +7,10 @@
 
 from __future__ import annotations
 
-from .generate import LLM
-from .loader import load
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported when used: `import phi3` must not import torch (the CLI's --help)
+    from .generate import LLM
 
 # transformers' sampling defaults when do_sample=True and nothing else is said.
 _HF_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
@@ -59,6 +61,9 @@ def pipeline(task: str, model, tokenizer=None, **load_kwargs) -> TextGenerationP
     """`task` must be "text-generation"; `model` a name or path (see `phi3.load`) or an `LLM`."""
     if task != "text-generation":
         raise ValueError(f"phi3.pipeline supports only 'text-generation', got {task!r}")
+    from .generate import LLM
+    from .loader import load
+
     llm = model if isinstance(model, LLM) else load(model, **load_kwargs)
     if tokenizer is not None:
         from .tokenizer import Tokenizer

@@ -3,8 +3,12 @@
 LongRoPE stretches each frequency's wavelength by its own factor: `short_factor` while the
 sequence fits the pre-training context (`original_max_position_embeddings`), `long_factor` once
 it is longer. cos and sin are both scaled by the attention factor sqrt(1 + ln(s)/ln(original)),
-s = max / original, for short and long alike. The choice of factors belongs to the caller (see
-`phi3.generate`): it is made per sequence, from the length being processed.
+s = max / original, for short and long alike. The choice of factors belongs to the caller: it is
+made per sequence (per row of a batch), from the length being processed.
+
+cos/sin are computed in fp32 exactly as the reference does (position * inv_freq, cat, cos/sin,
+scale, cast), once per position into two tables (short, long); a forward gathers each row's
+entries by (factor set, position), so rows of one batch can use different factor sets.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ def inverse_frequencies(config: Phi3Config, factors: list[float] | None, device=
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for given positions, computed on the fly in fp32 (as the reference does)."""
+    """Short and long inverse frequencies, and cos/sin tables built from them on demand."""
 
     def __init__(self, config: Phi3Config, device=None):
         super().__init__()
@@ -42,19 +46,32 @@ class RotaryEmbedding(nn.Module):
             self.missing = None if short is not None else f"{config.source}: the RoPE short factors are unknown"
             short = long if short is None else short
             self.attention_factor = longrope_attention_factor(config)
-        self.register_buffer("inv_freq_short", short, persistent=False)
-        self.register_buffer("inv_freq_long", long, persistent=False)
+        self.register_buffer("inv_freq", torch.stack([short, long]), persistent=False)  # (2, R/2): short, long
+        self.cos: torch.Tensor | None = None  # (2, L, R) in the activations' dtype
+        self.sin: torch.Tensor | None = None
 
-    def forward(self, positions: torch.Tensor, long: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (..., T) int -> cos, sin (..., T, rotary_dim) in `dtype`."""
+    def tables(self, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (2, >= length, R) in `dtype` for positions 0.. (index 0: short factors, 1: long).
+
+        Rebuilt only when too short (or of another dtype), so a captured step never rebuilds them.
+        """
         if self.missing:
             raise ValueError(f"{self.missing}; load the checkpoint's own config.json")
-        inv_freq = self.inv_freq_long if long else self.inv_freq_short
-        freqs = positions[..., None].float() * inv_freq  # (..., T, rotary_dim/2)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = emb.cos() * self.attention_factor
-        sin = emb.sin() * self.attention_factor
-        return cos.to(dtype), sin.to(dtype)
+        if self.cos is None or self.cos.shape[1] < length or self.cos.dtype != dtype:
+            n = max(256, length)
+            positions = torch.arange(n, device=self.inv_freq.device).float()
+            freqs = positions[None, :, None] * self.inv_freq[:, None, :]  # (2, n, R/2)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self.cos = (emb.cos() * self.attention_factor).to(dtype)
+            self.sin = (emb.sin() * self.attention_factor).to(dtype)
+        return self.cos, self.sin
+
+    def forward(self, positions: torch.Tensor, long: torch.Tensor, dtype: torch.dtype,
+                length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, T) int < length, long (B,) bool -> cos, sin (B, T, R) in `dtype`."""
+        cos, sin = self.tables(length, dtype)
+        which = long.long()[:, None]  # (B, 1)
+        return cos[which, positions], sin[which, positions]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +80,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D), cos/sin (B or 1, T, R) with R <= D: rotate the first R dims of each head."""
+    """x (B, H, T, D), cos/sin (B, T, R) with R <= D: rotate the first R dims of each head."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, R)
     r = cos.shape[-1]
     if r == x.shape[-1]:

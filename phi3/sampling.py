@@ -1,15 +1,25 @@
-"""`SamplingParams` (validated) and `sample()`: a pure function of logits and params.
+"""`SamplingParams` (validated) and sampling: a pure function of logits and per-row parameters.
 
 Order of the logits processors, as transformers applies them: repetition penalty (over prompt
 and generated ids), then temperature, top-k, top-p, min-p; then argmax (temperature 0) or a
-draw from the softmax with the request's own seeded generator.
+draw from the softmax.
+
+Everything runs on the logits' device for a whole batch at once, each row with its own
+parameters (tensors indexed by row, never a Python branch per row), so a decode step can be
+captured in a CUDA graph. The draw is the Gumbel-max trick, argmax(logits + Gumbel noise), with
+the noise a pure function of (row's seed, row's step, token id) through a counter-based hash:
+a row's seed gives the same tokens whatever else shares the batch, on any device.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
+
+MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's top_logprobs limit)
 
 
 @dataclass(frozen=True)
@@ -22,6 +32,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)  # strings that end the text (not included)
+    logprobs: int | None = None  # report each new token's log-probability and this many alternatives
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -38,9 +49,15 @@ class SamplingParams:
         _check_float("repetition_penalty", self.repetition_penalty, lo=0.0, hi=100.0, lo_open=True)
         if self.seed is not None:
             _check_int("seed", self.seed, lo=0)
+            if self.seed >= 2**63:
+                raise ValueError(f"seed must be below 2**63, got {self.seed}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop must be non-empty strings, got {s!r}")
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, lo=0)
+            if self.logprobs > MAX_LOGPROBS:
+                raise ValueError(f"logprobs must be at most {MAX_LOGPROBS}, got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:
@@ -59,36 +76,162 @@ def _check_float(name, value, lo, hi, lo_open=False):
         raise ValueError(f"{name} must be a number {bound}, got {value!r}")
 
 
-def process_logits(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None) -> torch.Tensor:
-    """logits (V,) fp32 -> processed logits (V,); filtered entries are -inf."""
-    if params.repetition_penalty != 1.0 and history is not None and history.numel():
-        seen = logits.gather(0, history)
-        seen = torch.where(seen < 0, seen * params.repetition_penalty, seen / params.repetition_penalty)
-        logits = logits.scatter(0, history, seen)
-    if params.greedy:
+def random_seed() -> int:
+    """A fresh seed for a request that did not set one."""
+    return random.SystemRandom().randrange(2**62)
+
+
+# -- per-row parameters as tensors -----------------------------------------------------------------
+class Mode(NamedTuple):
+    """Which stages a batch needs (each captured step is specialised on it, so a greedy batch
+    pays for an argmax only)."""
+
+    penalty: bool  # some row has repetition_penalty != 1
+    sample: bool  # some row has temperature > 0
+    sort: bool  # some sampling row has top_k or top_p < 1
+    logprobs: bool = False  # some row reports log-probabilities
+
+
+class RowParams:
+    """Sampling parameters of `rows` sequences as device tensors, row i = slot i; plus each row's
+    seed, step counter (tokens drawn so far) and the set of token ids it has seen (prompt and
+    generated), for the repetition penalty. Column `vocab` of `seen` takes writes of inactive rows."""
+
+    def __init__(self, rows: int, vocab: int, device=None):
+        self.vocab = vocab
+        self.temperature = torch.zeros(rows, device=device)
+        self.top_p = torch.ones(rows, device=device)
+        self.top_k = torch.zeros(rows, dtype=torch.long, device=device)
+        self.min_p = torch.zeros(rows, device=device)
+        self.penalty = torch.ones(rows, device=device)
+        self.seed = torch.zeros(rows, dtype=torch.long, device=device)
+        self.step = torch.zeros(rows, dtype=torch.long, device=device)
+        self.seen = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=device)  # (rows, V + 1)
+        self.modes: list[Mode] = [Mode(False, False, False, False)] * rows  # host copy, per row
+
+    def set(self, row: int, params: SamplingParams, seed: int, history: list[int] | torch.Tensor) -> None:
+        """Give `row` a request's parameters, its seed, step 0, and the ids seen so far."""
+        for name, value in (("temperature", params.temperature), ("top_p", params.top_p), ("top_k", params.top_k),
+                            ("min_p", params.min_p), ("penalty", params.repetition_penalty), ("seed", seed),
+                            ("step", 0)):
+            getattr(self, name)[row] = value
+        self.seen[row] = False
+        if params.repetition_penalty != 1.0:
+            ids = torch.as_tensor(history, dtype=torch.long).to(self.seen.device)
+            self.seen[row, ids] = True
+        sampling = not params.greedy
+        self.modes[row] = Mode(params.repetition_penalty != 1.0, sampling,
+                               sampling and (params.top_k > 0 or params.top_p < 1.0), params.logprobs is not None)
+
+    def mode(self, rows) -> Mode:
+        """The stages needed by `rows` (host-side: no device sync)."""
+        modes = [self.modes[r] for r in rows]
+        return Mode(*(any(m[i] for m in modes) for i in range(len(Mode._fields))))
+
+    def sample(self, logits: torch.Tensor, first: int, mode: Mode) -> torch.Tensor:
+        """Next ids (B,) for rows first..first+B-1 from their logits (B, V)."""
+        end = first + logits.shape[0]
+        return sample_rows(logits, self.temperature[first:end], self.top_k[first:end], self.top_p[first:end],
+                           self.min_p[first:end], self.penalty[first:end], self.seen[first:end, :self.vocab],
+                           self.seed[first:end], self.step[first:end], mode)
+
+    def advance(self, first: int, tokens: torch.Tensor, active: torch.Tensor) -> None:
+        """After a draw: active rows count the step and remember the new id (in place, capturable)."""
+        end = first + tokens.shape[0]
+        self.step[first:end] += active
+        self.seen[first:end].scatter_(1, torch.where(active, tokens, self.vocab)[:, None], True)
+
+
+# -- the pure functions ----------------------------------------------------------------------------
+def logprobs_of(logits: torch.Tensor, ids: torch.Tensor, k: int = MAX_LOGPROBS):
+    """The model's log-probabilities (B, V) -> those of ids (B,), and the k most likely (B, k) values and ids."""
+    logp = logits.float().log_softmax(-1)
+    top = logp.topk(k, dim=-1)
+    return logp.gather(1, ids[:, None])[:, 0], top.values, top.indices
+
+
+def process_rows(logits, temperature, top_k, top_p, min_p, penalty, seen, mode: Mode) -> torch.Tensor:
+    """logits (B, V) fp32 -> processed logits (B, V); each parameter (B,); `seen` (B, V) bool.
+
+    Filtered entries are -inf. Greedy rows (temperature 0) get only the repetition penalty.
+    """
+    if mode.penalty:
+        penalised = torch.where(logits < 0, logits * penalty[:, None], logits / penalty[:, None])
+        logits = torch.where(seen & (penalty != 1.0)[:, None], penalised, logits)
+    if not mode.sample:
         return logits
-    logits = logits / params.temperature
-    if params.top_k and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative <= 1 - params.top_p
-        drop[-1] = False  # always keep the most likely token
-        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    if params.min_p > 0.0:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
-    return logits
+    greedy = (temperature == 0.0)[:, None]
+    scaled = logits / torch.where(greedy[:, 0], 1.0, temperature)[:, None]
+    if mode.sort:
+        desc = torch.sort(scaled, dim=-1, descending=True).values
+        kth = desc.gather(1, (top_k.clamp(1, scaled.shape[-1]) - 1)[:, None])  # (B, 1)
+        scaled = scaled.masked_fill((top_k > 0)[:, None] & (scaled < kth), float("-inf"))
+        asc, order = torch.sort(scaled, dim=-1, descending=False)
+        drop = asc.softmax(-1).cumsum(-1) <= (1 - top_p)[:, None]
+        drop[:, -1] = False  # always keep the most likely token
+        drop &= (top_p < 1.0)[:, None]
+        scaled = scaled.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = scaled.softmax(-1)
+    scaled = scaled.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), float("-inf"))
+    return torch.where(greedy, logits, scaled)
+
+
+def sample_rows(logits, temperature, top_k, top_p, min_p, penalty, seen, seed, step, mode: Mode) -> torch.Tensor:
+    """logits (B, V) -> next ids (B,): argmax for greedy rows, a seeded draw for the others."""
+    logits = process_rows(logits.float(), temperature, top_k, top_p, min_p, penalty, seen, mode)
+    if not mode.sample:
+        return logits.argmax(-1)
+    gumbel = -torch.log(-torch.log(uniform(seed, step, logits.shape[-1])))
+    drawn = (logits + gumbel).argmax(-1)
+    return torch.where(temperature == 0.0, logits.argmax(-1), drawn)
+
+
+# splitmix64's finaliser on int64 tensors (multiplication wraps; shifts made logical by masking).
+_GOLDEN, _C1, _C2 = 0x9E3779B97F4A7C15 - 2**64, 0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix(z: torch.Tensor) -> torch.Tensor:
+    z = (z ^ _shr(z, 30)) * _C1
+    z = (z ^ _shr(z, 27)) * _C2
+    return z ^ _shr(z, 31)
+
+
+def uniform(seed: torch.Tensor, step: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, n) fp32 in (0, 1): a pure function of each row's (seed, step) and the column."""
+    row = _mix(seed * _GOLDEN + step)  # (B,)
+    column = torch.arange(n, device=seed.device) * _GOLDEN
+    bits = _shr(_mix(row[:, None] + column), 40)  # 24 random bits
+    return (bits.float() + 0.5) * 2.0**-24
+
+
+# -- one row, from SamplingParams (the reference-checked form) -----------------------------------
+def _one_row(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None):
+    x = logits.float().reshape(1, -1)
+    seen = torch.zeros_like(x, dtype=torch.bool)
+    if history is not None and history.numel():
+        seen[0, history.to(x.device)] = True
+    t = torch.tensor
+    tensors = (t([params.temperature]), t([params.top_k]), t([params.top_p]), t([params.min_p]),
+               t([params.repetition_penalty]))
+    mode = Mode(params.repetition_penalty != 1.0, not params.greedy,
+                not params.greedy and (params.top_k > 0 or params.top_p < 1.0), False)
+    return x, [v.to(x.device) for v in tensors], seen, mode
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None = None) -> torch.Tensor:
+    """logits (V,) -> processed logits (V,) under one request's parameters; filtered entries are -inf."""
+    x, tensors, seen, mode = _one_row(logits, params, history)
+    return process_rows(x, *tensors, seen, mode)[0]
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None = None,
            generator: torch.Generator | None = None) -> int:
-    """logits (V,) -> the next token id."""
-    logits = process_logits(logits.float(), params, history)
-    if params.greedy:
-        return int(logits.argmax())
-    # Drawn on the CPU with a CPU generator: the same seed gives the same tokens on any device.
-    probs = logits.softmax(-1).cpu()
-    return int(torch.multinomial(probs, 1, generator=generator))
+    """logits (V,) -> the next token id; the draw's seed comes from `generator` (or the OS)."""
+    x, tensors, seen, mode = _one_row(logits, params, history)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else random_seed()
+    zero = torch.zeros(1, dtype=torch.long, device=x.device)
+    return int(sample_rows(x, *tensors, seen, zero + seed, zero, mode)[0])

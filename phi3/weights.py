@@ -89,13 +89,14 @@ def _snapshot(repo: str, patterns: list[str]) -> Path:
     try:
         return Path(snapshot_download(repo, allow_patterns=patterns))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
-        from huggingface_hub.constants import HF_HUB_CACHE
+        from huggingface_hub import constants
 
+        why = "the hub is switched off (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else \
+            f"the hub could not supply it ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
         raise ModelNotFoundError(
-            f"model {repo!r} is not in the local Hugging Face cache ({HF_HUB_CACHE}) and could not be "
-            f"downloaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).\n"
-            f"On a machine that reaches the hub: `huggingface-cli download {repo}`, then copy the cache or "
-            f"pass the downloaded directory as the model. To try phi3 offline: --model smollm2-135m-instruct"
+            f"model {repo!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}. "
+            f"Get it with `hf download {repo}` on a machine that reaches the hub (then copy the cache, or pass "
+            f"the downloaded directory as the model), or try phi3 without the hub: --model smollm2-135m-instruct"
         ) from None
 
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import phi3
 from conftest import randomize, tiny_config
 from phi3 import assets
-from phi3.finetune import FinetuneConfig
+from phi3.training import FinetuneConfig
 from phi3.training_data import DataError, encode_record, read_jsonl
 from vocab_fixture import PHI3_CHAT_TEMPLATE, write_phi3_tokenizer_dir
 

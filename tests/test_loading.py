@@ -54,8 +54,8 @@ def test_unreachable_hub_without_cache_is_one_clear_error(tmp_path, monkeypatch)
     with pytest.raises(ModelNotFoundError) as e:
         phi3.load("phi-3-mini-128k-instruct")
     msg = str(e.value)
-    assert "microsoft/Phi-3-mini-128k-instruct" in msg and "huggingface-cli download" in msg
-    assert "smollm2-135m-instruct" in msg
+    assert "microsoft/Phi-3-mini-128k-instruct" in msg and "hf download microsoft/Phi-3-mini-128k-instruct" in msg
+    assert "HF_HUB_OFFLINE" in msg and "smollm2-135m-instruct" in msg and "\n" not in msg
 
 
 def test_unknown_name_is_refused_clearly(tmp_path):
@@ -67,9 +67,12 @@ def test_unknown_name_is_refused_clearly(tmp_path):
 
 def test_device_and_dtype_defaults(ckpt):
     folder, _ = ckpt
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "torch_dtype": "bfloat16"}))
     llm = phi3.load(folder)
     assert llm.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert llm.dtype in (torch.bfloat16, torch.float32)
+    # CPU: fp32 whatever the checkpoint says (bf16 changes answers); GPU: the checkpoint's own.
+    assert llm.dtype == (torch.bfloat16 if llm.device.type == "cuda" else torch.float32)
     assert phi3.load(folder, dtype=torch.float32).dtype == torch.float32
     assert phi3.load(folder, dtype="bf16").dtype == torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype"):
@@ -77,6 +80,22 @@ def test_device_and_dtype_defaults(ckpt):
     with pytest.raises(ValueError, match="attn_implementation"):
         phi3.load(folder, attn_implementation="magic")
     assert isinstance(llm.model, torch.nn.Module) and isinstance(llm.config, Phi3Config)
+
+
+def test_devices_this_machine_lacks_are_refused_before_loading(tmp_path):
+    """A clear ValueError from the library (the CLI prints it as one line), before the model is looked for."""
+    missing = tmp_path / "no-such-model"  # never reached: the device is checked first
+    with pytest.raises(ValueError, match=r"unknown device 'tpu'; use cpu, cuda, cuda:N or mps"):
+        phi3.load(missing, device="tpu")
+    with pytest.raises(ValueError, match="unknown device 'cuda:x'"):
+        phi3.load(missing, device="cuda:x")
+    count = torch.cuda.device_count() if torch.version.cuda or torch.version.hip else 0
+    expected = "built without CUDA" if not (torch.version.cuda or torch.version.hip) else \
+        "no CUDA GPU is visible" if count == 0 else f"there is no GPU {count}"
+    with pytest.raises(ValueError, match=expected):
+        phi3.load(missing, device=f"cuda:{count}")
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        phi3.load(missing, device="cpu", dtype="fp8")
 
 
 # -- bad input ----------------------------------------------------------------------------------------

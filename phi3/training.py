@@ -1,4 +1,4 @@
-"""Supervised fine-tuning: LoRA (default) or all weights, on chat or prompt/completion JSONL.
+"""Supervised fine-tuning (`phi3.finetune`): LoRA (default) or all weights, on chat or prompt/completion JSONL.
 
     phi3.finetune("smollm2-135m-instruct", "chats.jsonl", "out")               # LoRA r=16 on every linear
     torchrun --nproc-per-node 2 -m phi3 finetune --model M --data D --out O     # data parallel (DDP)

@@ -1,0 +1,63 @@
+"""The CUDA paths against transformers (fp32): skipped without a GPU; bench/gpu.sh runs them on one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import phi3
+from phi3.cache import KVCache
+from phi3.engine import Engine
+from phi3.sampling import SamplingParams
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("kind", ["longrope", "window", "gqa"])
+def test_cuda_logits_match_transformers(checkpoints, kind):
+    folder, ref = checkpoints[kind]
+    llm = phi3.load(folder, device="cuda", dtype="float32")
+    for n in (9, 40, 70):
+        ids = _ids(n, n)
+        with torch.no_grad():
+            theirs = ref(torch.tensor([ids])).logits[0]
+        assert torch.allclose(llm.logits(ids).cpu(), theirs, atol=1e-4, rtol=0), (kind, n)
+
+
+@pytest.mark.parametrize("kind", ["longrope", "gqa"])
+def test_cuda_chunked_prefill_with_lower_right_causal_equals_one_pass(checkpoints, kind):
+    """Chunks after a prefix take SDPA's lower-right causal path (flash kernels on CUDA)."""
+    folder, _ = checkpoints[kind]
+    llm = phi3.load(folder, device="cuda", dtype="float32")
+    ids = _ids(60, 3)
+    cache = KVCache(llm.config, 1, 64, torch.float32, "cuda")
+    with torch.inference_mode():
+        for start in range(0, 60, 16):
+            chunk = ids[start:start + 16]
+            end = start + len(chunk)
+            cache.long_rope[0] = llm.model.uses_long_rope(60)
+            logits = llm.model(torch.tensor([chunk], device="cuda"), torch.arange(start, end, device="cuda")[None],
+                               cache, kv_len=end)[0]
+            full = llm.model(torch.tensor([ids[:end]], device="cuda"), long_rope=llm.model.uses_long_rope(60))[0]
+            assert torch.allclose(logits, full[start:end], atol=1e-4, rtol=0), start
+
+
+def test_cuda_graph_batches_equal_transformers_per_row(checkpoints):
+    folder, ref = checkpoints["longrope"]
+    llm = phi3.load(folder, device="cuda", dtype="float32")
+    rows = [(20, 60), (5, 24), (40, 50), (12, 22)]
+    prompts = [_ids(n, n) for n, _ in rows]
+    engine = Engine(llm.model, slots=4, max_len=128, cuda_graphs=True)
+    reqs = [engine.submit(p, SamplingParams(max_new_tokens=new)) for p, (_, new) in zip(prompts, rows)]
+    while engine.busy:
+        engine.step()
+    for req, prompt, (n, new) in zip(reqs, prompts, rows):
+        with torch.no_grad():
+            out = ref.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False,
+                               attention_mask=torch.ones(1, n, dtype=torch.long))
+        assert req.tokens == out[0, n:].tolist(), n
+    assert len(engine._graphs) >= 2  # several (batch, length) buckets were captured and replayed
