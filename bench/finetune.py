@@ -37,15 +37,16 @@ WORDS = ("river stone light garden paper window cloud market engine silver orang
          "forest signal letter bridge candle valley planet number question answer morning story").split()
 
 
-def make_data(n: int, seed: int) -> list[dict]:
-    """`n` made-up prompt/completion conversations of varied length (about 30 to 250 tokens)."""
+def make_data(n: int, seed: int, max_len: int) -> list[dict]:
+    """`n` made-up prompt/completion conversations of varied length, all well within `max_len` tokens
+    (so that neither side drops or truncates any)."""
     rng = random.Random(seed)
 
     def words(lo, hi):
         return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
 
-    return [{"prompt": [{"role": "user", "content": f"Summarize in a few words: {words(10, 150)}"}],
-             "completion": [{"role": "assistant", "content": words(5, 80) + "."}]} for _ in range(n)]
+    return [{"prompt": [{"role": "user", "content": f"Summarize in a few words: {words(5, max_len // 4)}"}],
+             "completion": [{"role": "assistant", "content": words(3, max_len // 8) + "."}]} for _ in range(n)]
 
 
 def hf_base(model: str, folder: Path) -> Path:
@@ -59,8 +60,9 @@ def hf_base(model: str, folder: Path) -> Path:
 
 
 def steady(tokens: list[int], seconds: list[float]) -> float:
-    """Tokens/s over every step but the first."""
-    return sum(tokens[1:]) / sum(seconds[1:])
+    """Tokens/s over every step but the first (the warm-up), or the one step there is."""
+    skip = 1 if len(seconds) > 1 else 0
+    return sum(tokens[skip:]) / sum(seconds[skip:])
 
 
 def bench_ours(base: Path, data: Path, out: Path, args) -> dict:
@@ -139,7 +141,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
-    records = make_data(args.steps * args.batch_size * args.grad_accum, seed=0)
+    records = make_data(args.steps * args.batch_size * args.grad_accum, seed=0, max_len=args.max_len)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
