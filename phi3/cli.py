@@ -1,8 +1,9 @@
-"""`phi3 generate · chat · info`: thin argparse subcommands over the library."""
+"""`phi3 generate · chat · info · serve`: thin argparse subcommands over the library."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 DEFAULT_MODEL = "microsoft/Phi-3-mini-128k-instruct"
@@ -128,8 +129,16 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .server import serve
+
+    return serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
+                 max_queue=args.max_queue, max_len=args.max_len, served_model_name=args.served_model_name,
+                 device=args.device, dtype=args.dtype, drain_timeout=args.drain_timeout)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="phi3", description="Run Phi-3 models: generate, chat, info.")
+    parser = argparse.ArgumentParser(prog="phi3", description="Run Phi-3 models: generate, chat, info, serve.")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="answer one prompt, streaming")
     _add_model_args(g)
@@ -145,6 +154,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(i)
     i.add_argument("--context", type=int, default=None, help="tokens of context for the KV-cache estimate")
     i.set_defaults(func=cmd_info)
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat and text completions)")
+    _add_model_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=os.environ.get("PHI3_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $PHI3_API_KEY; none: no key needed)")
+    s.add_argument("--max-batch", type=int, default=8, help="requests decoded together: the KV cache's slots")
+    s.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 429s (default 256)")
+    s.add_argument("--max-len", type=int, default=None,
+                   help="tokens per slot (default: the model's context, or less if the cache would not fit)")
+    s.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
+    s.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM lets requests in flight finish (default 30)")
+    s.set_defaults(func=cmd_serve)
     return parser
 
 
