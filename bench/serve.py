@@ -6,8 +6,10 @@ concurrent streaming clients, over loopback; prints a table.
     python bench/serve.py --model DIR --device cuda --input-len 512 --output-len 128 --requests-per-client 4
     python bench/serve.py --url http://127.0.0.1:8000 --served-model-name NAME      # a server already running
 
-It starts `phi3 serve` on a free 127.0.0.1 port (with --max-batch = the largest level, unless
-given) and stops it with SIGTERM at the end. At each level, N clients each send
+It starts `phi3 serve` on a free 127.0.0.1 port (--max-batch: the largest level; --max-len: room
+for the prompts and answers, unless given) and stops it with SIGTERM at the end; the server
+inherits the environment (on a CPU shared with other work, OMP_NUM_THREADS=1 avoids torch's
+threads spinning against each other). At each level, N clients each send
 --requests-per-client streamed /v1/completions requests back to back: a raw-text prompt of
 about --input-len tokens (seeded word salad; the table shows the real count from `usage`) and
 exactly --output-len new tokens (`ignore_eos`). Per request: TTFT = first text chunk - send;
@@ -98,7 +100,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     port = sock.getsockname()[1]
     sock.close()
     cmd = [sys.executable, "-m", "phi3", "serve", "--model", args.model, "--port", str(port), "--served-model-name",
-           args.served_model_name, "--max-batch", str(args.max_batch), "--max-queue", "1024"]
+           args.served_model_name, "--max-batch", str(args.max_batch), "--max-queue", "1024", "--max-len",
+           str(args.max_len)]
     cmd += ["--device", args.device] if args.device else []
     cmd += ["--dtype", args.dtype] if args.dtype else []
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE if args.quiet else None)
@@ -127,6 +130,8 @@ def main() -> None:
     ap.add_argument("--served-model-name", default="bench")
     ap.add_argument("--levels", default="1,8,32,64", help="concurrent clients per level")
     ap.add_argument("--max-batch", type=int, default=None, help="server slots (default: the largest level)")
+    ap.add_argument("--max-len", type=int, default=None,
+                    help="server tokens per slot (default: a power of two >= 2 x input-len + output-len)")
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--input-len", type=int, default=128, help="prompt length, in words (~tokens)")
     ap.add_argument("--output-len", type=int, default=64)
@@ -135,6 +140,7 @@ def main() -> None:
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     args.max_batch = args.max_batch or max(levels)
+    args.max_len = args.max_len or 1 << (2 * args.input_len + args.output_len - 1).bit_length()  # words -> tokens
     for host in ([httpx.URL(args.url).host] if args.url else []):
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise SystemExit("loopback only: --url must point at 127.0.0.1 or localhost")

@@ -124,6 +124,9 @@ class Backend:
     def open(self, work: list[tuple[list[int], SamplingParams]], ignore_eos: bool) -> Job:
         """Submit a request's (prompt ids, params) rows, all or none: a 429 when the queue is full."""
         self.check_ready()
+        if len(work) > self.slots + self.max_queue:
+            raise APIError(400, f"this request needs {len(work)} sequences (prompts x n); the server holds at most "
+                           f"{self.slots + self.max_queue} at once", param="n")
         if self.pending + len(work) > self.slots + self.max_queue:
             raise APIError(429, f"the server is busy ({max(0, self.pending - self.slots)} requests waiting, "
                            f"{self.max_queue} at most); retry shortly", type="rate_limit_error", code="queue_full",

@@ -157,10 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat and text completions)")
     _add_model_args(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="(default 8000)")
     s.add_argument("--api-key", default=os.environ.get("PHI3_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $PHI3_API_KEY; none: no key needed)")
-    s.add_argument("--max-batch", type=int, default=8, help="requests decoded together: the KV cache's slots")
+    s.add_argument("--max-batch", type=int, default=8, help="requests decoded together: the KV cache's slots (default 8)")
     s.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 429s (default 256)")
     s.add_argument("--max-len", type=int, default=None,
                    help="tokens per slot (default: the model's context, or less if the cache would not fit)")

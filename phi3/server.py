@@ -248,6 +248,9 @@ async def _sse(job: Job, shape, head: dict, prompt_tokens: int, include_usage: b
                     yield chunk(shape.chunk_choice(k, text, finish_reason))
     except APIError as e:
         yield event(e.body())
+    except Exception:  # after the 200 header: the error goes in-band, the traceback to the log
+        log.exception("unexpected error in a stream")
+        yield event(APIError(500, "internal server error; see the server's log").body())
     else:
         if include_usage:
             yield event({**head, "object": shape.chunk_object, "choices": [],
