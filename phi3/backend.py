@@ -72,7 +72,7 @@ class Backend:
         gib = KVCache.nbytes(llm.config, self.slots, max_len, llm.dtype) / 2**30
         log.info("serving %s as %r: %d slots x %d tokens (KV cache %.2f GiB), queue %d", llm.name, self.name,
                  self.slots, max_len, gib, self.max_queue)
-        self._post(setattr, self, "status", "ok")
+        self._post(self._ready)
         self._run()
 
     def _run(self) -> None:
@@ -110,6 +110,10 @@ class Backend:
                 self.pending -= 1
                 self.finished[event.finish_reason] += 1
 
+    def _ready(self) -> None:
+        if self.status == "loading":  # not if a SIGTERM came first
+            self.status = "ok"
+
     def _set_failed(self, exit_code: int) -> None:
         self.status, self.exit_code = "failed", exit_code
         for job in set(self.jobs.values()):
@@ -118,7 +122,7 @@ class Backend:
     def check_ready(self) -> None:
         if self.status != "ok":
             message = {"loading": "the model is still loading", "draining": "the server is shutting down"}
-            raise APIError(503, message.get(self.status, "the engine failed; see the server's log"),
+            raise APIError(503, message.get(self.status, "the server failed; see its log"),
                            code="unavailable")
 
     def open(self, work: list[tuple[list[int], SamplingParams]], ignore_eos: bool) -> Job:
@@ -147,7 +151,7 @@ class Backend:
 
     def drain(self) -> None:
         """SIGTERM: refuse new requests; after `drain_timeout`, end the ones still running."""
-        if self.status == "ok":
+        if self.status in ("loading", "ok"):
             self.status = "draining"
             self.loop.call_later(self.drain_timeout, self._abort_all)
 

@@ -114,7 +114,7 @@ def _card(name: str) -> dict:
 
 def _check_model(model: str, name: str) -> None:
     if model != name:  # compared with the served name only: never a path
-        raise APIError(404, f"The model `{model}` does not exist (this server serves `{name}`)", param="model",
+        raise APIError(404, f"The model `{model[:200]}` does not exist (this server serves `{name}`)", param="model",
                        code="model_not_found")
 
 
