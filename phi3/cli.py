@@ -1,4 +1,4 @@
-"""`phi3 generate · chat · info · bench · finetune · merge`: thin argparse subcommands over the library.
+"""`phi3 generate · chat · info · serve · bench · finetune · merge`: thin argparse subcommands over the library.
 
 A subcommand is a pair, `_add_<name>_args(parser)` (its flags; each help says the default) and
 `cmd_<name>(args) -> int` (the work), listed in COMMANDS. A command checks its input before the
@@ -238,6 +238,33 @@ def cmd_info(args) -> int:
     return 0
 
 
+# -- serve ---------------------------------------------------------------------------------------
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    _add_load_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $PHI3_API_KEY if set, else no key needed)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="requests decoded together: the KV cache's slots (default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests waiting for a slot before 429s (default: %(default)s)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="tokens per slot (default: the model's context, or less if the cache would not fit)")
+    p.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM lets requests in flight finish (default: %(default)s)")
+
+
+def cmd_serve(args) -> int:
+    from .server import serve
+
+    api_key = args.api_key if args.api_key is not None else os.environ.get("PHI3_API_KEY")
+    return serve(args.model, host=args.host, port=args.port, api_key=api_key, max_batch=args.max_batch,
+                 max_queue=args.max_queue, max_len=args.max_len, served_model_name=args.served_model_name,
+                 device=args.device, dtype=args.dtype, drain_timeout=args.drain_timeout)
+
+
 # -- bench ---------------------------------------------------------------------------------------
 def _add_bench_args(p: argparse.ArgumentParser) -> None:
     _add_load_args(p)
@@ -331,6 +358,7 @@ COMMANDS = {  # name: (what it does, its flags, its work)
     "generate": ("answer one prompt, streaming", _add_generate_args, cmd_generate),
     "chat": ("an interactive multi-turn chat", _add_chat_args, cmd_chat),
     "info": ("config summary, parameter count, memory needs", _add_info_args, cmd_info),
+    "serve": ("an OpenAI-compatible HTTP server (chat and text completions)", _add_serve_args, cmd_serve),
     "bench": ("prefill/decode speed, first-token time, memory, fraction of the floor", _add_bench_args, cmd_bench),
     "finetune": ("LoRA or full fine-tuning on chat or prompt/completion JSONL (data-parallel under torchrun)",
                  _add_finetune_args, cmd_finetune),

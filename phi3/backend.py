@@ -1,0 +1,215 @@
+"""The server's backend: the engine on its own thread, and the hand-off of its events to asyncio.
+
+    handler (event loop) ─► Backend.open: admit (429 past the queue bound) ─► Engine.submit ─► Job
+    engine thread: while the engine is busy: Engine.step() ─► events ─► loop.call_soon_threadsafe(deliver)
+    event loop: deliver ─► each Job's queue ─► Job.chunks(): TextStream per choice ─► the handler
+
+Only the engine thread calls `Engine.step`; everything else (jobs, counters, status) lives on the
+event loop's thread, so it needs no locks. The HTTP layer never decodes: it reads `Job.chunks()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+
+from .cache import KVCache
+from .engine import Engine, Event, free_memory
+from .generate import LLM, Chunk, TextStream
+from .openai_api import APIError
+from .sampling import SamplingParams
+
+log = logging.getLogger("uvicorn.error")  # uvicorn's configured logger: our lines appear with its own
+
+_FAILED = object()  # put in each job's queue when the engine dies
+
+
+class Backend:
+    """The model, its engine and the engine thread; admission, dispatch of engine events to jobs,
+    and the server's status: loading, ok, draining or failed."""
+
+    def __init__(self, load: Callable[[], LLM], *, name: str, max_batch: int, max_queue: int, max_len: int | None,
+                 drain_timeout: float):
+        self._load, self.name = load, name
+        self.slots, self.max_queue, self.max_len, self.drain_timeout = max_batch, max_queue, max_len, drain_timeout
+        self.status, self.exit_code = "loading", 0
+        self.llm: LLM | None = None
+        self.engine: Engine | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.jobs: dict[int, Job] = {}  # engine request id -> its job (loop thread only)
+        self.pending = 0  # engine requests submitted and not yet finished (loop thread only)
+        self.finished: Counter[str] = Counter()  # engine requests by finish reason
+        self._wake, self._stop = threading.Event(), False
+        self._thread: threading.Thread | None = None
+
+    # -- the engine thread -------------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._thread = threading.Thread(target=self._load_and_run, name="phi3-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _load_and_run(self) -> None:
+        try:
+            llm = self._load()
+            if llm.tokenizer is None:
+                raise ValueError("the server needs a tokenizer, and this model has none")
+            max_len = self.max_len or plan_max_len(llm, self.slots)
+            self.engine = Engine(llm.model, slots=self.slots, max_len=max_len)
+        except Exception as e:
+            log.error("phi3: error: %s", e, exc_info=not isinstance(e, (ValueError, OSError, RuntimeError)))
+            self._post(self._set_failed, 2)
+            return
+        self.llm, self.max_len = llm, max_len
+        gib = KVCache.nbytes(llm.config, self.slots, max_len, llm.dtype) / 2**30
+        log.info("serving %s as %r: %d slots x %d tokens (KV cache %.2f GiB), queue %d", llm.name, self.name,
+                 self.slots, max_len, gib, self.max_queue)
+        self._post(self._ready)
+        self._run()
+
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stop:
+            if not engine.busy:
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                events = engine.step()
+            except Exception:
+                log.exception("the engine failed")
+                self._post(self._set_failed, 1)
+                return
+            if events and not self._post(self._deliver, events):
+                return
+
+    def _post(self, fn, *args) -> bool:
+        """Run `fn(*args)` on the event loop; False once the loop is closed (the server has stopped)."""
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+            return True
+        except RuntimeError:
+            return False
+
+    # -- on the event loop -------------------------------------------------------------------------
+    def _deliver(self, events: list[Event]) -> None:
+        for event in events:
+            job = self.jobs.get(event.request.id)
+            if job is not None:
+                job.queue.put_nowait(event)
+            if event.finish_reason is not None:
+                self.jobs.pop(event.request.id, None)
+                self.pending -= 1
+                self.finished[event.finish_reason] += 1
+
+    def _ready(self) -> None:
+        if self.status == "loading":  # not if a SIGTERM came first
+            self.status = "ok"
+
+    def _set_failed(self, exit_code: int) -> None:
+        self.status, self.exit_code = "failed", exit_code
+        for job in set(self.jobs.values()):
+            job.queue.put_nowait(_FAILED)
+
+    def check_ready(self) -> None:
+        if self.status != "ok":
+            message = {"loading": "the model is still loading", "draining": "the server is shutting down"}
+            raise APIError(503, message.get(self.status, "the server failed; see its log"),
+                           code="unavailable")
+
+    def open(self, work: list[tuple[list[int], SamplingParams]], ignore_eos: bool) -> Job:
+        """Submit a request's (prompt ids, params) rows, all or none: a 429 when the queue is full."""
+        self.check_ready()
+        if len(work) > self.slots + self.max_queue:
+            raise APIError(400, f"this request needs {len(work)} sequences (prompts x n); the server holds at most "
+                           f"{self.slots + self.max_queue} at once", param="n")
+        if self.pending + len(work) > self.slots + self.max_queue:
+            raise APIError(429, f"the server is busy ({max(0, self.pending - self.slots)} requests waiting, "
+                           f"{self.max_queue} at most); retry shortly", type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": "1"})
+        stop_ids = frozenset() if ignore_eos else self.llm.stop_ids
+        job = Job(self, [self.engine.submit(ids, params, stop_ids) for ids, params in work],
+                  [TextStream(self.llm.tokenizer, params.stop, len(ids)) for ids, params in work])
+        self.pending += len(work)
+        for req in job.requests:
+            self.jobs[req.id] = job  # before any event can be delivered: delivery runs on this thread
+        self._wake.set()
+        return job
+
+    def cancel(self, requests) -> None:
+        for req in requests:
+            self.engine.cancel(req)
+        self._wake.set()
+
+    def drain(self) -> None:
+        """SIGTERM: refuse new requests; after `drain_timeout`, end the ones still running."""
+        if self.status in ("loading", "ok"):
+            self.status = "draining"
+            self.loop.call_later(self.drain_timeout, self._abort_all)
+
+    def _abort_all(self) -> None:
+        for job in set(self.jobs.values()):
+            self.cancel(job.requests)  # their handlers see "cancelled" and end with an error
+
+
+class Job:
+    """One HTTP request's engine requests (prompts × n choices), their event queue and text streams."""
+
+    def __init__(self, backend: Backend, requests: list, texts: list[TextStream]):
+        self.backend, self.requests, self.texts = backend, requests, texts
+        self.index = {req.id: k for k, req in enumerate(requests)}
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    async def chunks(self) -> AsyncIterator[list[tuple[int, Chunk]]]:
+        """(choice, chunk) pairs as tokens arrive, a batch per wake-up, until every choice has its
+        last chunk. Raises APIError if the engine fails or the server ends the request."""
+        while not all(t.done for t in self.texts):
+            events = [await self.queue.get()]
+            while not self.queue.empty():  # the loop fell behind: take what is there in one go
+                events.append(self.queue.get_nowait())
+            out = []
+            for event in events:
+                if event is _FAILED:
+                    raise APIError(500, "the engine failed; see the server's log", code="engine_failed")
+                k = self.index[event.request.id]
+                text = self.texts[k]
+                if text.done:
+                    continue
+                if event.token is not None and (chunk := text.push(event.token)) is not None:
+                    out.append((k, chunk))
+                    if chunk.finish_reason is not None:  # a stop string: the engine need not go on
+                        self.backend.cancel([self.requests[k]])
+                if event.finish_reason is not None and not text.done:
+                    if event.finish_reason == "cancelled":
+                        raise APIError(503, "the server is shutting down", code="unavailable")
+                    out.append((k, text.close(event.finish_reason)))
+            if out:
+                yield out
+
+    def close(self) -> None:
+        """The client has its answer or is gone: cancel what still runs (a no-op for finished requests)."""
+        self.backend.cancel(self.requests)
+        for req in self.requests:
+            self.backend.jobs.pop(req.id, None)
+
+
+def plan_max_len(llm: LLM, slots: int) -> int:
+    """The model's context, or the largest power of two below it whose KV cache for `slots` fits
+    in half the free memory (80% on a GPU); `--max-len` overrides."""
+    context = llm.config.max_position_embeddings
+    free = free_memory(llm.device)
+    if free is None:
+        return context
+    budget = free * (0.8 if llm.device.type == "cuda" else 0.5)
+    max_len = context
+    while max_len > 256 and KVCache.nbytes(llm.config, slots, max_len, llm.dtype) > budget:
+        max_len = 1 << ((max_len - 1).bit_length() - 1)
+    return max_len

@@ -1,0 +1,272 @@
+"""OpenAI's API shapes for `phi3.server`: request validation, the mapping onto `SamplingParams`,
+response and stream-chunk bodies, and errors in OpenAI's envelope.
+
+Defaults are OpenAI's, so code written for OpenAI gets what it expects: `temperature` 1 and
+`top_p` 1 (sampling: send `temperature: 0` for greedy decoding, `LLM.generate`'s default), `n` 1,
+`max_tokens` the rest of the context. Where we differ from OpenAI:
+- `top_p: 0` keeps only the most likely token (top_k = 1); OpenAI does not say what it does.
+- `stop`: up to 16 strings (OpenAI: 4). `seed`: any int64; a negative seed is taken modulo 2**63.
+  Choice 0 of a seeded request uses the seed itself (so it equals `LLM.generate(..., seed=s)`);
+  choice i > 0 a seed derived from (seed, i).
+- Accepted only at their neutral values, else a 400 naming the parameter: `logprobs`,
+  `top_logprobs`, `logit_bias`, `presence_penalty`, `frequency_penalty`, `tools`, `functions`,
+  `response_format` (other than text), and for /v1/completions `echo`, `suffix`, `best_of` != n.
+  Other fields we do not know are ignored, as vLLM does.
+- Extensions with vLLM's names: `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .sampling import SamplingParams
+
+MAX_N = 128  # choices per request (OpenAI's cap)
+MAX_STOP = 16  # stop strings per request
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+class APIError(Exception):
+    """An error for the client: HTTP status and OpenAI's `{"error": {message, type, param, code}}`."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# -- requests --------------------------------------------------------------------------------------
+Float = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class _Model(BaseModel):
+    # strict: "1" is not a number and true is not an integer, as in OpenAI's API
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Model):
+    include_usage: bool | None = False
+
+
+class TextPart(_Model):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Model):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def as_dict(self) -> dict:
+        """The message as the chat template sees it (OpenAI's "developer" is the system role)."""
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class _Request(_Model):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: Float | None = Field(None, ge=0, le=2)
+    top_p: Float | None = Field(None, ge=0, le=1)
+    n: int | None = Field(None, ge=1, le=MAX_N)
+    seed: int | None = Field(None, ge=-2**63, lt=2**63)
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: Float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: Float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, Float] | None = None
+    top_k: int | None = Field(None, ge=-1)  # extensions: vLLM's names; top_k -1 or 0 is off
+    min_p: Float | None = Field(None, ge=0, le=1)
+    repetition_penalty: Float | None = Field(None, gt=0, le=100)
+    ignore_eos: bool | None = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop):
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings, got {len(stops)}")
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return stop
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    def unsupported(self) -> list[tuple[str, bool]]:
+        return [("presence_penalty", bool(self.presence_penalty)), ("frequency_penalty", bool(self.frequency_penalty)),
+                ("logit_bias", bool(self.logit_bias))]
+
+
+class ChatRequest(_Request):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list | None = None
+    functions: list | None = None
+    response_format: dict | None = None
+
+    def unsupported(self):
+        return super().unsupported() + [
+            ("logprobs", bool(self.logprobs)), ("top_logprobs", bool(self.top_logprobs)), ("tools", bool(self.tools)),
+            ("functions", bool(self.functions)),
+            ("response_format", self.response_format is not None and self.response_format.get("type") != "text")]
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool | None = False
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+    def unsupported(self):
+        return super().unsupported() + [
+            ("logprobs", self.logprobs is not None), ("echo", bool(self.echo)), ("suffix", bool(self.suffix)),
+            ("best_of", self.best_of is not None and self.best_of != (self.n or 1))]
+
+
+_FIELDS = {name for cls in (ChatRequest, CompletionRequest, Message, TextPart, StreamOptions)
+           for name in cls.model_fields}
+_EXPECTED = {"stop": "a string or a list of strings", "content": "a string or a list of text parts",
+             "prompt": "a string, a list of strings, a list of token ids or a list of lists of token ids"}
+
+
+def parse(cls: type[_Request], body: bytes) -> _Request:
+    """Validate a JSON body; a 400 naming the first bad parameter, or the unsupported one."""
+    try:
+        req = cls.model_validate_json(body)
+    except ValidationError as e:
+        raise _bad_request(e.errors(include_url=False, include_input=False)) from None
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options")
+    for name, bad in req.unsupported():
+        if bad:
+            raise APIError(400, f"'{name}' is not supported by this server (leave it out or at its default)",
+                           param=name, code="unsupported_parameter")
+    return req
+
+
+def _bad_request(errors: list[dict]) -> APIError:
+    first = errors[0]
+    if first["type"] == "json_invalid":
+        return APIError(400, f"The body is not valid JSON: {first['msg'].removeprefix('Invalid JSON: ')}",
+                        code="invalid_json")
+    if not first["loc"]:
+        return APIError(400, "The body must be a JSON object", code="invalid_json")
+    param = _param(first["loc"])
+    same = [e for e in errors if _param(e["loc"]) == param]
+    leaf = param.rsplit(".", 1)[-1].split("[")[0]
+    if len(same) > 1 and leaf in _EXPECTED:  # a union: name what is accepted instead of each alternative
+        return APIError(400, f"'{param}' must be {_EXPECTED[leaf]}", param=param, code="invalid_type")
+    if first["type"] == "missing":
+        return APIError(400, f"Missing required parameter '{param}'", param=param, code="missing_required_parameter")
+    return APIError(400, f"Invalid value for '{param}': {first['msg'].removeprefix('Value error, ')}", param=param,
+                    code="invalid_type" if first["type"].endswith("_type") else "invalid_value")
+
+
+def _param(loc: tuple) -> str:
+    """Dotted path of a validation error's location, without pydantic's union tags."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in _FIELDS:
+            out += ("." if out else "") + part
+        else:
+            break
+    return out
+
+
+# -- requests -> engine work -----------------------------------------------------------------------
+def prompts(req: _Request, encode: Callable) -> list[list[int]]:
+    """Token ids of each prompt (one for chat; /v1/completions takes a batch); `encode` is
+    `LLM.encode_prompt`. A 400 for messages the template rejects or ids outside the vocabulary."""
+    param = "messages" if isinstance(req, ChatRequest) else "prompt"
+    if isinstance(req, ChatRequest):
+        items = [[m.as_dict() for m in req.messages]]
+    elif isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int)):
+        items = [req.prompt]
+    else:
+        items = list(req.prompt)
+    if not items or any(len(p) == 0 for p in items):
+        raise APIError(400, f"'{param}' must not be empty", param=param)
+    try:
+        return [encode(p) for p in items]
+    except ValueError as e:
+        raise APIError(400, f"Invalid '{param}': {e}", param=param) from None
+
+
+def completion_budget(req: _Request, prompt_tokens: int, context: int) -> int:
+    """New tokens for a prompt: the request's max (a 400 `context_length_exceeded` when the prompt
+    and it do not fit the context), or, when not given, the rest of the context."""
+    asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
+    if prompt_tokens + (asked or 1) <= context:
+        return asked or context - prompt_tokens
+    param = "messages" if isinstance(req, ChatRequest) else "prompt"
+    wanted = f"{prompt_tokens + asked} tokens ({prompt_tokens} in the prompt, {asked} for the completion)" if asked \
+        else f"{prompt_tokens} tokens in the prompt and at least 1 for the completion"
+    raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested {wanted}. "
+                   "Please reduce the length of the prompt or of the completion.",
+                   param="max_tokens" if asked else param, code="context_length_exceeded")
+
+
+def sampling_params(req: _Request, max_new: int, choice: int) -> SamplingParams:
+    """The engine's parameters for choice `choice` of a request (OpenAI's defaults; see the module docstring)."""
+    top_p = 1.0 if req.top_p is None else req.top_p
+    top_k = max(req.top_k or 0, 0)
+    if top_p == 0:
+        top_p, top_k = 1.0, 1
+    seed = None
+    if req.seed is not None:
+        seed = req.seed % 2**63 if choice == 0 else (req.seed + choice * _GOLDEN) % 2**63
+    return SamplingParams(max_new_tokens=max_new, temperature=1.0 if req.temperature is None else req.temperature,
+                          top_p=top_p, top_k=top_k, min_p=req.min_p or 0.0,
+                          repetition_penalty=req.repetition_penalty or 1.0, seed=seed, stop=req.stops)
+
+
+# -- responses -------------------------------------------------------------------------------------
+class Chat:
+    """/v1/chat/completions bodies."""
+
+    request, object, chunk_object, id_prefix = ChatRequest, "chat.completion", "chat.completion.chunk", "chatcmpl-"
+
+    @staticmethod
+    def choice(index: int, text: str, finish_reason: str) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": finish_reason}
+
+    @staticmethod
+    def chunk_choice(index: int, text: str | None, finish_reason: str | None) -> dict:
+        """`text` None: the opening chunk, which carries the role."""
+        delta = {"role": "assistant", "content": ""} if text is None else {"content": text} if text else {}
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+
+class Completions:
+    """/v1/completions bodies."""
+
+    request, object, chunk_object, id_prefix = CompletionRequest, "text_completion", "text_completion", "cmpl-"
+
+    @staticmethod
+    def choice(index: int, text: str, finish_reason: str | None) -> dict:
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+    @staticmethod
+    def chunk_choice(index: int, text: str | None, finish_reason: str | None) -> dict:
+        return Completions.choice(index, text or "", finish_reason)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}

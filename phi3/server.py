@@ -1,0 +1,318 @@
+"""An OpenAI-compatible HTTP server over the engine: FastAPI routes, validation, SSE, errors.
+
+    handler: read body (413) ─► validate (openai_api: 400) ─► model (404) ─► encode, off the event
+        loop ─► context check (400) ─► Backend.open (429) ─► Job.chunks() ─► a JSON body or SSE chunks
+
+The server has no decode loop of its own (see backend.py): requests become `SamplingParams` and
+engine requests, and their text comes from the same `TextStream` as `LLM.generate`'s, so a
+request's text is the one `LLM.generate` gives. The engine owns the KV cache, planned once at
+start-up: `max_batch` slots × `max_len` positions. Requests beyond the free slots wait in the
+engine's queue, which holds at most `max_queue` (then 429 with Retry-After).
+
+Faults: a client that goes away (stream or not) cancels its requests, which frees their slots at
+the next step. SIGTERM stops accepting connections, lets the requests in flight finish for
+`drain_timeout` seconds, ends those still running with an in-band error, and exits 0. If the
+engine raises, every request in flight gets an error, /health turns 503 and the process exits 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import signal
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from . import openai_api as api
+from .backend import Backend, Job, log
+from .generate import LLM
+from .openai_api import APIError
+
+MAX_BODY = 4 * 2**20  # bytes of a request body (a 128k-token prompt is ~0.5 MB)
+PUBLIC_PATHS = {"/health"}  # every other path needs the API key, when one is set
+
+
+# -- the app ---------------------------------------------------------------------------------------
+def create_app(model: LLM | Callable[[], LLM], *, name: str, api_key: str | None = None, max_batch: int = 8,
+               max_queue: int = 256, max_len: int | None = None, drain_timeout: float = 30.0) -> FastAPI:
+    """The ASGI app serving `model` (an `LLM`, or a function that loads one: it runs on the engine
+    thread at start-up, and /health says 503 until it returns) as `name`."""
+    _check_options(name, max_batch, max_queue, max_len, drain_timeout)
+    backend = Backend((lambda: model) if isinstance(model, LLM) else model, name=name,
+                      max_batch=max_batch, max_queue=max_queue, max_len=max_len, drain_timeout=drain_timeout)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        backend.start(asyncio.get_running_loop())
+        yield
+        backend.stop()
+
+    app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.backend = backend
+    if api_key:
+        app.add_middleware(_APIKey, key=api_key)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
+
+    @app.get("/health")
+    async def health():
+        body = {"status": backend.status, "model": name}
+        if backend.engine is not None:
+            body.update(slots=backend.slots, max_len=backend.max_len, running=min(backend.pending, backend.slots),
+                        waiting=max(0, backend.pending - backend.slots), finished=dict(backend.finished))
+        return JSONResponse(body, status_code=200 if backend.status == "ok" else 503)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [_card(name)]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model_card(model: str):
+        _check_model(model, name)
+        return _card(name)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await _complete(request, backend, api.Chat)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _complete(request, backend, api.Completions)
+
+    return app
+
+
+def _check_options(name, max_batch, max_queue, max_len, drain_timeout) -> None:
+    def whole(value, lo):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= lo
+
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"the served model name must be a non-empty string, got {name!r}")
+    if not whole(max_batch, 1):
+        raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+    if not whole(max_queue, 0):
+        raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+    if max_len is not None and not whole(max_len, 2):
+        raise ValueError(f"max_len must be an integer >= 2, got {max_len!r}")
+    if not isinstance(drain_timeout, (int, float)) or not drain_timeout >= 0:
+        raise ValueError(f"drain_timeout must be a number of seconds >= 0, got {drain_timeout!r}")
+
+
+def _card(name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "phi3"}
+
+
+def _check_model(model: str, name: str) -> None:
+    if model != name:  # compared with the served name only: never a path
+        raise APIError(404, f"The model `{model[:200]}` does not exist (this server serves `{name}`)", param="model",
+                       code="model_not_found")
+
+
+def _error(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+async def _api_error(request: Request, e: APIError) -> JSONResponse:
+    return _error(e)
+
+
+async def _http_error(request: Request, e: HTTPException) -> JSONResponse:  # unknown path, wrong method
+    return _error(APIError(e.status_code, f"{e.detail}: {request.method} {request.url.path}",
+                           code="not_found" if e.status_code == 404 else None))
+
+
+async def _internal_error(request: Request, e: Exception) -> JSONResponse:
+    log.error("unexpected error in %s %s", request.method, request.url.path, exc_info=e)
+    return _error(APIError(500, "internal server error; see the server's log"))
+
+
+class _APIKey:
+    """`Authorization: Bearer KEY` on every path but /health, compared in constant time."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, b"Bearer " + key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
+            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            if not hmac.compare_digest(given, self.expected):
+                what = "Incorrect API key provided" if given else "Missing API key (send Authorization: Bearer KEY)"
+                await _error(APIError(401, what, code="invalid_api_key"))(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+# -- one completion request ------------------------------------------------------------------------
+async def _complete(request: Request, backend: Backend, shape) -> Response:
+    backend.check_ready()
+    req = api.parse(shape.request, await _read_body(request))
+    _check_model(req.model, backend.name)
+    prompts = await asyncio.to_thread(api.prompts, req, backend.llm.encode_prompt)
+    n = req.n or 1
+    work = []
+    for ids in prompts:
+        budget = api.completion_budget(req, len(ids), backend.max_len)
+        work += [(ids, api.sampling_params(req, budget, i)) for i in range(n)]
+    job = backend.open(work, bool(req.ignore_eos))
+    head = {"id": shape.id_prefix + uuid.uuid4().hex, "created": int(time.time()), "model": backend.name}
+    prompt_tokens = sum(len(ids) for ids in prompts)
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return _EventStream(_sse(job, shape, head, prompt_tokens, include_usage), on_close=job.close)
+    try:
+        return await _collect(job, shape, head, prompt_tokens, request)
+    finally:
+        job.close()
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, refused with 413 past MAX_BODY bytes (before reading it when Content-Length says so)."""
+    too_large = APIError(413, f"the request body is larger than {MAX_BODY} bytes", code="request_too_large")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_BODY:
+        raise too_large
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > MAX_BODY:
+            raise too_large
+    return bytes(body)
+
+
+async def _collect(job: Job, shape, head: dict, prompt_tokens: int, request: Request) -> Response:
+    """A non-streamed answer; stops early (cancelling the job) if the client disconnects."""
+    texts, finish, completion = [[] for _ in job.requests], [None] * len(job.requests), 0
+
+    async def gather():
+        nonlocal completion
+        async for batch in job.chunks():
+            for k, chunk in batch:
+                texts[k].append(chunk.text)
+                if chunk.finish_reason is not None:
+                    finish[k], completion = chunk.finish_reason, completion + chunk.usage.completion_tokens
+
+    work, gone = asyncio.ensure_future(gather()), asyncio.ensure_future(_disconnected(request))
+    await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    gone.cancel()
+    if not work.done():
+        work.cancel()
+        return Response(status_code=499)  # nobody reads it: the connection is closed
+    work.result()  # an APIError from the engine goes to the client
+    choices = [shape.choice(k, "".join(t), f) for k, (t, f) in enumerate(zip(texts, finish))]
+    return JSONResponse({**head, "object": shape.object, "choices": choices,
+                         "usage": api.usage(prompt_tokens, completion)})
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _sse(job: Job, shape, head: dict, prompt_tokens: int, include_usage: bool) -> AsyncIterator[bytes]:
+    """Server-sent events: one chunk per choice with new text, the last with its finish_reason;
+    then the usage chunk (if asked) and `data: [DONE]`. An error after the 200 header is sent
+    in-band as `data: {"error": …}`, then `[DONE]`."""
+    extra = {"usage": None} if include_usage else {}
+
+    def event(body: dict) -> bytes:
+        return b"data: " + json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+    def chunk(choice: dict) -> bytes:
+        return event({**head, "object": shape.chunk_object, "choices": [choice], **extra})
+
+    if shape is api.Chat:  # the opening chunk of each choice carries the role
+        for k in range(len(job.requests)):
+            yield chunk(shape.chunk_choice(k, None, None))
+    completion = 0
+    try:
+        async for batch in job.chunks():
+            merged: dict[int, list] = {}
+            for k, c in batch:
+                text_finish = merged.setdefault(k, ["", None])
+                text_finish[0] += c.text
+                if c.finish_reason is not None:
+                    text_finish[1] = c.finish_reason
+                    completion += c.usage.completion_tokens
+            for k, (text, finish_reason) in merged.items():
+                if text or finish_reason:
+                    yield chunk(shape.chunk_choice(k, text, finish_reason))
+    except APIError as e:
+        yield event(e.body())
+    except Exception:  # after the 200 header: the error goes in-band, the traceback to the log
+        log.exception("unexpected error in a stream")
+        yield event(APIError(500, "internal server error; see the server's log").body())
+    else:
+        if include_usage:
+            yield event({**head, "object": shape.chunk_object, "choices": [],
+                         "usage": api.usage(prompt_tokens, completion)})
+    yield b"data: [DONE]\n\n"
+
+
+class _EventStream(StreamingResponse):
+    """An SSE response that runs `on_close` however it ends (done, client gone, server stopping)."""
+
+    def __init__(self, content, on_close: Callable[[], None]):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+# -- running it ------------------------------------------------------------------------------------
+class _Server(uvicorn.Server):
+    """uvicorn, plus: SIGTERM/SIGINT start the drain; a failed load or engine ends the process."""
+
+    def __init__(self, config: uvicorn.Config, backend: Backend):
+        super().__init__(config)
+        self.backend = backend
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.backend.loop is not None:
+            self.backend.loop.call_soon_threadsafe(self.backend.drain)
+        super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        return self.backend.status == "failed" or await super().on_tick(counter)
+
+
+def serve(model: str | LLM, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_batch: int = 8, max_queue: int = 256, max_len: int | None = None, served_model_name: str | None = None,
+          device=None, dtype=None, drain_timeout: float = 30.0, log_level: str = "info") -> int:
+    """Serve `model` (a name for `phi3.load`, loaded in the background, or an `LLM`) over HTTP
+    until SIGTERM or SIGINT; returns the exit code (0; 1 if the engine failed; 2 if loading did)."""
+    if isinstance(model, LLM):
+        load, name = (lambda: model), served_model_name or model.name or "phi3"
+    else:
+        from .loader import load as load_model, pick_device, pick_dtype
+
+        pick_dtype(dtype, pick_device(device), None)  # a bad device or dtype fails now, not once serving
+        load, name = (lambda: load_model(model, device=device, dtype=dtype)), served_model_name or str(model)
+    app = create_app(load, name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue, max_len=max_len,
+                     drain_timeout=drain_timeout)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=drain_timeout + 5)
+    server = _Server(config, app.state.backend)
+    main = threading.current_thread() is threading.main_thread()
+    # uvicorn re-raises SIGTERM once it has shut down gracefully: let that one pass, so the exit is 0
+    previous = signal.signal(signal.SIGTERM, lambda *_: None) if main else None
+    try:
+        server.run()
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+    return app.state.backend.exit_code
