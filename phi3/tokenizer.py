@@ -137,7 +137,7 @@ class Tokenizer:
         piece = self._backend.id_to_token(id) or ""
         if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
             return bytes([int(piece[3:5], 16)])
-        if piece and all(c in _BYTE_LEVEL for c in piece):  # a byte-level BPE piece spells its bytes, one character each
+        if piece and all(c in _BYTE_LEVEL for c in piece):  # a byte-level BPE piece: one character per byte
             return bytes(_BYTE_LEVEL[c] for c in piece)
         return text.encode()  # a token of U+FFFD itself
 
