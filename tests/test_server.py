@@ -487,6 +487,25 @@ def test_a_stop_string_keeps_the_tokens_that_begin_before_it(server, ref):
     assert [e.model_dump() for c in chunks[1:] for e in c.choices[0].logprobs.content] == content
 
 
+def test_a_token_held_back_for_a_stop_string_waits_for_its_text(ref):
+    """Stop "ab" after "Java", "a", "b": the text stream sends "Jav", then "a" (Java's) with the id of the
+    second "a", whose own text is held back and then cut. Its entry goes with no chunk: an entry goes
+    with the chunk its text begins in, and past the cut not at all."""
+    from phi3.generate import TextStream
+    from phi3.logprobs import AnswerLogprobs, TokenTexts
+
+    tok = ref.tokenizer
+    ids = [tok.token_to_id(t) for t in ("▁Java", "a", "b")]
+    text, logprobs = TextStream(tok, ["ab"], 1), AnswerLogprobs(TokenTexts(tok))
+    sent = []
+    for token in ids:
+        logprobs.push(token, (-1.0, []))
+        chunk = text.push(token)
+        sent.append((chunk.text, chunk.token_ids, [e.text for e in logprobs.entries(chunk)]))
+    assert sent == [("Jav", ids[:1], ["Java"]), ("a", ids[1:2], []), ("", ids[2:], [])]
+    assert text.done
+
+
 def test_completions_logprobs(server, ref):
     """/v1/completions: tokens, token_logprobs, top_logprobs (the 3 most likely and the chosen one) and
     text_offset, each against the model; streamed, the same lists in pieces."""
