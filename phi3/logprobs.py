@@ -68,7 +68,7 @@ class AnswerLogprobs:
         self.decoder = texts.tokenizer.decoder(skip_special_tokens=True)
         self.tokens: list[TokenLogprob] = []
         self.ids: list[int] = []
-        self.text = ""  # the answer's text, final so far
+        self.written = 0  # characters of the answer's text final so far (before any stop string cuts it)
         self.first = True  # no token has stood in the text yet (only special ones, if any)
         self.window = 0  # the first token whose text is not final yet
         self.given = 0  # tokens handed out with chunks
@@ -79,7 +79,7 @@ class AnswerLogprobs:
         chosen, alternatives = logprob
         text, data = self.texts(token, self.first)
         top = [Alternative(*self.texts(i, self.first), _finite(lp)) for i, lp in alternatives]
-        self.tokens.append(TokenLogprob(text, data, _finite(chosen), top, len(self.text)))
+        self.tokens.append(TokenLogprob(text, data, _finite(chosen), top, self.written))
         self.ids.append(token)
         self.first = self.first and data is None
         self._place(self.decoder.step(token))
@@ -89,7 +89,7 @@ class AnswerLogprobs:
         self.delivered += len(chunk.text)
         if chunk.finish_reason is not None:
             self._place(self.decoder.flush())
-            if len(self.text) == self.delivered:  # not cut by a stop string: every token left
+            if self.written == self.delivered:  # not cut by a stop string: every token left
                 out, self.given = self.tokens[self.given:], len(self.tokens)
                 return out
         end = self.given
@@ -102,7 +102,7 @@ class AnswerLogprobs:
         """The tokens since the window began have written `text`: give each its offset."""
         if not text:
             return
-        start, window, self.text = len(self.text), self.tokens[self.window:], self.text + text
+        start, window = self.written, self.tokens[self.window:]
         if b"".join(t.bytes or b"" for t in window) == text.encode():
             before = b""
             for t in window:  # whole characters before it (a prefix of valid UTF-8 only ends early)
@@ -112,6 +112,7 @@ class AnswerLogprobs:
             for j, t in enumerate(window, self.window):
                 prefix = self.texts.tokenizer.decode(self.ids[:j], skip_special_tokens=True)
                 t.offset = start + len(os.path.commonprefix([prefix[start:], text]))
+        self.written += len(text)
         self.window = len(self.tokens)
 
 
