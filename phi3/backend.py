@@ -2,7 +2,8 @@
 
     handler (event loop) ─► Backend.open: admit (429 past the queue bound) ─► Engine.submit ─► Job
     engine thread: while the engine is busy: Engine.step() ─► events ─► loop.call_soon_threadsafe(deliver)
-    event loop: deliver ─► each Job's queue ─► Job.chunks(): TextStream per choice ─► the handler
+    event loop: deliver ─► each Job's queue ─► Job.chunks(): TextStream (and AnswerLogprobs, if
+        asked) per choice ─► the handler
 
 Only the engine thread calls `Engine.step`; everything else (jobs, counters, status) lives on the
 event loop's thread, so it needs no locks. The HTTP layer never decodes: it reads `Job.chunks()`.
@@ -19,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from .cache import KVCache
 from .engine import Engine, Event, free_memory
 from .generate import LLM, Chunk, TextStream
+from .logprobs import AnswerLogprobs, TokenLogprob, TokenTexts
 from .openai_api import APIError
 from .sampling import SamplingParams
 
@@ -37,6 +39,7 @@ class Backend:
         self.slots, self.max_queue, self.max_len, self.drain_timeout = max_batch, max_queue, max_len, drain_timeout
         self.status, self.exit_code = "loading", 0
         self.llm: LLM | None = None
+        self.token_texts: TokenTexts | None = None  # how log-probabilities show tokens, shared by all requests
         self.engine: Engine | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.jobs: dict[int, Job] = {}  # engine request id -> its job (loop thread only)
@@ -68,7 +71,7 @@ class Backend:
             log.error("phi3: error: %s", e, exc_info=not isinstance(e, (ValueError, OSError, RuntimeError)))
             self._post(self._set_failed, 2)
             return
-        self.llm, self.max_len = llm, max_len
+        self.llm, self.max_len, self.token_texts = llm, max_len, TokenTexts(llm.tokenizer)
         gib = KVCache.nbytes(llm.config, self.slots, max_len, llm.dtype) / 2**30
         log.info("serving %s as %r: %d slots x %d tokens (KV cache %.2f GiB), queue %d", llm.name, self.name,
                  self.slots, max_len, gib, self.max_queue)
@@ -137,7 +140,8 @@ class Backend:
                            headers={"Retry-After": "1"})
         stop_ids = frozenset() if ignore_eos else self.llm.stop_ids
         job = Job(self, [self.engine.submit(ids, params, stop_ids) for ids, params in work],
-                  [TextStream(self.llm.tokenizer, params.stop, len(ids)) for ids, params in work])
+                  [TextStream(self.llm.tokenizer, params.stop, len(ids)) for ids, params in work],
+                  [None if params.logprobs is None else AnswerLogprobs(self.token_texts) for _, params in work])
         self.pending += len(work)
         for req in job.requests:
             self.jobs[req.id] = job  # before any event can be delivered: delivery runs on this thread
@@ -161,16 +165,19 @@ class Backend:
 
 
 class Job:
-    """One HTTP request's engine requests (prompts × n choices), their event queue and text streams."""
+    """One HTTP request's engine requests (prompts × n choices), their event queue, text streams and
+    (where asked for) log-probabilities."""
 
-    def __init__(self, backend: Backend, requests: list, texts: list[TextStream]):
-        self.backend, self.requests, self.texts = backend, requests, texts
+    def __init__(self, backend: Backend, requests: list, texts: list[TextStream],
+                 logprobs: list[AnswerLogprobs | None]):
+        self.backend, self.requests, self.texts, self.logprobs = backend, requests, texts, logprobs
         self.index = {req.id: k for k, req in enumerate(requests)}
         self.queue: asyncio.Queue = asyncio.Queue()
 
-    async def chunks(self) -> AsyncIterator[list[tuple[int, Chunk]]]:
-        """(choice, chunk) pairs as tokens arrive, a batch per wake-up, until every choice has its
-        last chunk. Raises APIError if the engine fails or the server ends the request."""
+    async def chunks(self) -> AsyncIterator[list[tuple[int, Chunk, list[TokenLogprob] | None]]]:
+        """(choice, chunk, its tokens' log-probabilities or None) as tokens arrive, a batch per
+        wake-up, until every choice has its last chunk. Raises APIError if the engine fails or the
+        server ends the request."""
         while not all(t.done for t in self.texts):
             events = [await self.queue.get()]
             while not self.queue.empty():  # the loop fell behind: take what is there in one go
@@ -180,17 +187,21 @@ class Job:
                 if event is _FAILED:
                     raise APIError(500, "the engine failed; see the server's log", code="engine_failed")
                 k = self.index[event.request.id]
-                text = self.texts[k]
+                text, logprobs = self.texts[k], self.logprobs[k]
                 if text.done:
                     continue
-                if event.token is not None and (chunk := text.push(event.token)) is not None:
-                    out.append((k, chunk))
-                    if chunk.finish_reason is not None:  # a stop string: the engine need not go on
-                        self.backend.cancel([self.requests[k]])
+                if event.token is not None:
+                    if logprobs is not None:
+                        logprobs.push(event.token, event.logprob)
+                    if (chunk := text.push(event.token)) is not None:
+                        out.append((k, chunk, None if logprobs is None else logprobs.entries(chunk)))
+                        if chunk.finish_reason is not None:  # a stop string: the engine need not go on
+                            self.backend.cancel([self.requests[k]])
                 if event.finish_reason is not None and not text.done:
                     if event.finish_reason == "cancelled":
                         raise APIError(503, "the server is shutting down", code="unavailable")
-                    out.append((k, text.close(event.finish_reason)))
+                    chunk = text.close(event.finish_reason)
+                    out.append((k, chunk, None if logprobs is None else logprobs.entries(chunk)))
             if out:
                 yield out
 

@@ -8,10 +8,18 @@ Defaults are OpenAI's, so code written for OpenAI gets what it expects: `tempera
 - `stop`: up to 16 strings (OpenAI: 4). `seed`: any int64; a negative seed is taken modulo 2**63.
   Choice 0 of a seeded request uses the seed itself (so it equals `LLM.generate(..., seed=s)`);
   choice i > 0 a seed derived from (seed, i).
-- Accepted only at their neutral values, else a 400 naming the parameter: `logprobs`,
-  `top_logprobs`, `logit_bias`, `presence_penalty`, `frequency_penalty`, `tools`, `functions`,
-  `response_format` (other than text), and for /v1/completions `echo`, `suffix`, `best_of` != n.
-  Other fields we do not know are ignored, as vLLM does.
+- Accepted only at their neutral values, else a 400 naming the parameter: `logit_bias`,
+  `presence_penalty`, `frequency_penalty`, `tools`, `functions`, `response_format` (other than
+  text), and for /v1/completions `echo`, `suffix`, `best_of` != n. Other fields we do not know are
+  ignored, as vLLM does.
+- Log-probabilities (chat: `logprobs: true` and `top_logprobs` 0..20, which needs `logprobs`;
+  /v1/completions: `logprobs` 0..5) are the model's own, before temperature, penalties and filters
+  (vLLM's default): `log_softmax` of the logits at each position. How a token is shown (`token`,
+  `bytes`, `text_offset`) and which tokens a stop string leaves in: see `phi3.logprobs`. As OpenAI,
+  chat's `top_logprobs` are the k most likely tokens; /v1/completions' `top_logprobs` add the chosen
+  token when it is not among them (up to k + 1 entries; a text shared by two tokens keeps the more
+  likely). `text_offset` counts from the start of the completion's text (OpenAI counts the prompt's
+  characters too; a prompt of token ids has none).
 - Extensions with vLLM's names: `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`.
 """
 
@@ -22,6 +30,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .logprobs import TokenLogprob
 from .sampling import SamplingParams
 
 MAX_N = 128  # choices per request (OpenAI's cap)
@@ -116,10 +125,14 @@ class ChatRequest(_Request):
     functions: list | None = None
     response_format: dict | None = None
 
+    @property
+    def alternatives(self) -> int | None:
+        """How many alternatives per token to report, None for no log-probabilities."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def unsupported(self):
         return super().unsupported() + [
-            ("logprobs", bool(self.logprobs)), ("top_logprobs", bool(self.top_logprobs)), ("tools", bool(self.tools)),
-            ("functions", bool(self.functions)),
+            ("tools", bool(self.tools)), ("functions", bool(self.functions)),
             ("response_format", self.response_format is not None and self.response_format.get("type") != "text")]
 
 
@@ -130,9 +143,13 @@ class CompletionRequest(_Request):
     best_of: int | None = Field(None, ge=1, le=MAX_N)
     logprobs: int | None = Field(None, ge=0, le=5)
 
+    @property
+    def alternatives(self) -> int | None:
+        return self.logprobs
+
     def unsupported(self):
         return super().unsupported() + [
-            ("logprobs", self.logprobs is not None), ("echo", bool(self.echo)), ("suffix", bool(self.suffix)),
+            ("echo", bool(self.echo)), ("suffix", bool(self.suffix)),
             ("best_of", self.best_of is not None and self.best_of != (self.n or 1))]
 
 
@@ -150,6 +167,8 @@ def parse(cls: type[_Request], body: bytes) -> _Request:
         raise _bad_request(e.errors(include_url=False, include_input=False)) from None
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options")
+    if isinstance(req, ChatRequest) and req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "'top_logprobs' needs 'logprobs' to be true", param="top_logprobs", code="invalid_value")
     for name, bad in req.unsupported():
         if bad:
             raise APIError(400, f"'{name}' is not supported by this server (leave it out or at its default)",
@@ -232,39 +251,68 @@ def sampling_params(req: _Request, max_new: int, choice: int) -> SamplingParams:
         seed = req.seed % 2**63 if choice == 0 else (req.seed + choice * _GOLDEN) % 2**63
     return SamplingParams(max_new_tokens=max_new, temperature=1.0 if req.temperature is None else req.temperature,
                           top_p=top_p, top_k=top_k, min_p=req.min_p or 0.0,
-                          repetition_penalty=req.repetition_penalty or 1.0, seed=seed, stop=req.stops)
+                          repetition_penalty=req.repetition_penalty or 1.0, seed=seed, stop=req.stops,
+                          logprobs=req.alternatives)
 
 
 # -- responses -------------------------------------------------------------------------------------
 class Chat:
-    """/v1/chat/completions bodies."""
+    """/v1/chat/completions bodies. `tokens`: the choice's (or chunk's) `TokenLogprob`s, None when
+    the request did not ask for log-probabilities."""
 
     request, object, chunk_object, id_prefix = ChatRequest, "chat.completion", "chat.completion.chunk", "chatcmpl-"
 
     @staticmethod
-    def choice(index: int, text: str, finish_reason: str) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": finish_reason}
+    def choice(index: int, text: str, finish_reason: str, tokens: list[TokenLogprob] | None = None) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": text},
+                "logprobs": Chat.logprobs(tokens), "finish_reason": finish_reason}
 
     @staticmethod
-    def chunk_choice(index: int, text: str | None, finish_reason: str | None) -> dict:
+    def chunk_choice(index: int, text: str | None, finish_reason: str | None,
+                     tokens: list[TokenLogprob] | None = None) -> dict:
         """`text` None: the opening chunk, which carries the role."""
         delta = {"role": "assistant", "content": ""} if text is None else {"content": text} if text else {}
-        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": index, "delta": delta, "logprobs": Chat.logprobs(tokens), "finish_reason": finish_reason}
+
+    @staticmethod
+    def logprobs(tokens: list[TokenLogprob] | None) -> dict | None:
+        if tokens is None:
+            return None
+        return {"content": [{**_chat_token(t.text, t.bytes, t.logprob),
+                             "top_logprobs": [_chat_token(a.text, a.bytes, a.logprob) for a in t.top]}
+                            for t in tokens], "refusal": None}
+
+
+def _chat_token(text: str, data: bytes | None, logprob: float) -> dict:
+    return {"token": text, "logprob": logprob, "bytes": None if data is None else list(data)}
 
 
 class Completions:
-    """/v1/completions bodies."""
+    """/v1/completions bodies (`tokens` as for `Chat`)."""
 
     request, object, chunk_object, id_prefix = CompletionRequest, "text_completion", "text_completion", "cmpl-"
 
     @staticmethod
-    def choice(index: int, text: str, finish_reason: str | None) -> dict:
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def choice(index: int, text: str, finish_reason: str | None, tokens: list[TokenLogprob] | None = None) -> dict:
+        return {"index": index, "text": text, "logprobs": Completions.logprobs(tokens), "finish_reason": finish_reason}
 
     @staticmethod
-    def chunk_choice(index: int, text: str | None, finish_reason: str | None) -> dict:
-        return Completions.choice(index, text or "", finish_reason)
+    def chunk_choice(index: int, text: str | None, finish_reason: str | None,
+                     tokens: list[TokenLogprob] | None = None) -> dict:
+        return Completions.choice(index, text or "", finish_reason, tokens)
+
+    @staticmethod
+    def logprobs(tokens: list[TokenLogprob] | None) -> dict | None:
+        if tokens is None:
+            return None
+        top = []
+        for t in tokens:
+            alternatives = {}
+            for a in t.top + [t]:  # the chosen token too, as OpenAI: up to k + 1 entries
+                alternatives.setdefault(a.text, a.logprob)
+            top.append(alternatives)
+        return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+                "top_logprobs": top, "text_offset": [t.offset for t in tokens]}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -192,12 +192,15 @@ async def _read_body(request: Request) -> bytes:
 async def _collect(job: Job, shape, head: dict, prompt_tokens: int, request: Request) -> Response:
     """A non-streamed answer; stops early (cancelling the job) if the client disconnects."""
     texts, finish, completion = [[] for _ in job.requests], [None] * len(job.requests), 0
+    tokens = [None if lp is None else [] for lp in job.logprobs]  # log-probabilities, where asked for
 
     async def gather():
         nonlocal completion
         async for batch in job.chunks():
-            for k, chunk in batch:
+            for k, chunk, entries in batch:
                 texts[k].append(chunk.text)
+                if entries is not None:
+                    tokens[k] += entries
                 if chunk.finish_reason is not None:
                     finish[k], completion = chunk.finish_reason, completion + chunk.usage.completion_tokens
 
@@ -208,7 +211,7 @@ async def _collect(job: Job, shape, head: dict, prompt_tokens: int, request: Req
         work.cancel()
         return Response(status_code=499)  # nobody reads it: the connection is closed
     work.result()  # an APIError from the engine goes to the client
-    choices = [shape.choice(k, "".join(t), f) for k, (t, f) in enumerate(zip(texts, finish))]
+    choices = [shape.choice(k, "".join(t), f, lp) for k, (t, f, lp) in enumerate(zip(texts, finish, tokens))]
     return JSONResponse({**head, "object": shape.object, "choices": choices,
                          "usage": api.usage(prompt_tokens, completion)})
 
@@ -219,9 +222,9 @@ async def _disconnected(request: Request) -> None:
 
 
 async def _sse(job: Job, shape, head: dict, prompt_tokens: int, include_usage: bool) -> AsyncIterator[bytes]:
-    """Server-sent events: one chunk per choice with new text, the last with its finish_reason;
-    then the usage chunk (if asked) and `data: [DONE]`. An error after the 200 header is sent
-    in-band as `data: {"error": …}`, then `[DONE]`."""
+    """Server-sent events: one chunk per choice with new text (and its tokens' log-probabilities,
+    if asked), the last with its finish_reason; then the usage chunk (if asked) and `data: [DONE]`.
+    An error after the 200 header is sent in-band as `data: {"error": …}`, then `[DONE]`."""
     extra = {"usage": None} if include_usage else {}
 
     def event(body: dict) -> bytes:
@@ -236,16 +239,18 @@ async def _sse(job: Job, shape, head: dict, prompt_tokens: int, include_usage: b
     completion = 0
     try:
         async for batch in job.chunks():
-            merged: dict[int, list] = {}
-            for k, c in batch:
-                text_finish = merged.setdefault(k, ["", None])
-                text_finish[0] += c.text
+            merged: dict[int, list] = {}  # choice -> [text, finish_reason, tokens]
+            for k, c, entries in batch:
+                piece = merged.setdefault(k, ["", None, None])
+                piece[0] += c.text
+                if entries is not None:
+                    piece[2] = (piece[2] or []) + entries
                 if c.finish_reason is not None:
-                    text_finish[1] = c.finish_reason
+                    piece[1] = c.finish_reason
                     completion += c.usage.completion_tokens
-            for k, (text, finish_reason) in merged.items():
-                if text or finish_reason:
-                    yield chunk(shape.chunk_choice(k, text, finish_reason))
+            for k, (text, finish_reason, tokens) in merged.items():
+                if text or finish_reason or tokens:
+                    yield chunk(shape.chunk_choice(k, text, finish_reason, tokens))
     except APIError as e:
         yield event(e.body())
     except Exception:  # after the 200 header: the error goes in-band, the traceback to the log

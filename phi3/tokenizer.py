@@ -78,6 +78,7 @@ class Tokenizer:
         self.bos_id, self.eos_id, self.pad_id = (self._named_id(k) for k in ("bos_token", "eos_token", "pad_token"))
         self._special_ids = frozenset(i for i, t in backend.get_added_tokens_decoder().items() if t.special)
         self._anchor = backend.encode("a", add_special_tokens=False).ids[-1:]  # see StreamDecoder
+        self._anchor_text = backend.decode(self._anchor)
         if stop_ids is None:
             stop_ids = [] if self.eos_id is None else [self.eos_id]
         self.stop_ids = frozenset(stop_ids)
@@ -117,6 +118,28 @@ class Tokenizer:
     def decoder(self, skip_special_tokens: bool = False) -> StreamDecoder:
         """A fresh incremental detokenizer for one generated sequence."""
         return StreamDecoder(self, skip_special_tokens)
+
+    def token_bytes(self, id: int, first: bool = False) -> bytes | None:
+        """The bytes token ``id`` writes into decoded text (``skip_special_tokens``): after other text, or
+        as the first token of a text (``first``: a SentencePiece decoder drops its leading space there).
+
+        For a text, ``b"".join`` of its tokens' bytes is its UTF-8 (``first`` on the first token that is
+        not special). A byte-fallback token ``<0xNN>`` and a byte-level piece of a character write their
+        raw bytes (which decoding alone shows as U+FFFD). None for special tokens: they write nothing.
+        """
+        id = int(id)
+        if id in self._special_ids:
+            return None
+        alone = first or not self._anchor_text  # else decoded behind the anchor, as StreamDecoder does mid-text
+        text = self._backend.decode([id] if alone else self._anchor + [id])[0 if alone else len(self._anchor_text):]
+        if "\ufffd" not in text:
+            return text.encode()
+        piece = self._backend.id_to_token(id) or ""
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        if piece and all(c in _BYTE_LEVEL for c in piece):  # a byte-level BPE piece: one character per byte
+            return bytes(_BYTE_LEVEL[c] for c in piece)
+        return text.encode()  # a token of U+FFFD itself
 
     def token_to_id(self, token: str) -> int | None:
         """Id of a token string (vocabulary spelling, e.g. ``"▁Hello"``), or None."""
@@ -161,7 +184,7 @@ class StreamDecoder:
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
         self._backend, self._skip = tokenizer._backend, skip_special_tokens
         self._special = tokenizer._special_ids
-        self._anchor, self._anchor_text = tokenizer._anchor, self._backend.decode(tokenizer._anchor)
+        self._anchor, self._anchor_text = tokenizer._anchor, tokenizer._anchor_text
         self._window: list[int] = []  # ids since the last final boundary
         self._at_start = True  # nothing final yet: the window is decoded alone, as the start of the text
 
@@ -276,6 +299,17 @@ def _added_token(token: str | dict, **override) -> AddedToken:
     if isinstance(token, str):  # a bare special token string: transformers adds it unnormalized
         flags["normalized"] = False
     return AddedToken(_content(token), **{**flags, **override})
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: printable Latin-1 bytes stand for themselves, the
+    others for the characters from U+0100 up, in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
 
 
 def _spm_decoder(strip: bool) -> decoders.Decoder:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -336,6 +337,225 @@ def test_completions_endpoint(server, ref):
     assert chunks[-1].choices[0].finish_reason == expected.finish_reason
 
 
+# -- log-probabilities -----------------------------------------------------------------------------
+def _model_logprobs(ref, prompt_ids: list[int], ids: list[int]) -> list[torch.Tensor]:
+    """log_softmax of `LLM.logits` where each new token was drawn, each over the sequence up to there
+    (one pass without a cache; its length picks the LongRoPE set, as the engine's did there)."""
+    seq = list(prompt_ids) + list(ids)
+    return [torch.log_softmax(ref.logits(seq[:len(prompt_ids) + i])[-1], -1) for i in range(len(ids))]
+
+
+def _vocab_bytes(tok, token: int, first: bool) -> bytes | None:
+    """The bytes a Phi-3 token writes, from its vocabulary spelling: None for special tokens, the byte of
+    <0xNN>, else the piece with ▁ as a space (the decoder drops the text's first space)."""
+    if tok.is_special(token):
+        return None
+    piece = tok.id_to_token(token)
+    byte = re.fullmatch(r"<0x([0-9A-F]{2})>", piece)
+    data = bytes([int(byte[1], 16)]) if byte else piece.replace("▁", " ").encode()
+    return data[1:] if first and data[:1] == b" " else data
+
+
+def _firsts(tok, ids: list[int]) -> list[bool]:
+    """Which tokens stand at the start of the answer's text: those up to the first one that is not special."""
+    out, first = [], True
+    for token in ids:
+        out.append(first)
+        first = first and tok.is_special(token)
+    return out
+
+
+def _starts(tok, ids: list[int], text: str) -> list[int]:
+    """Where each token's text begins in `text`: what the tokens before it decode to, as far as it agrees."""
+    return [len(os.path.commonprefix([tok.decode(ids[:i], skip_special_tokens=True), text])) for i in range(len(ids))]
+
+
+def _shown(tok, token: int, first: bool) -> str:
+    data = _vocab_bytes(tok, token, first)
+    return tok.id_to_token(token) if data is None else data.decode("utf-8", errors="backslashreplace")
+
+
+def _check_chat_logprobs(ref, messages, expected, content: list[dict], top: int) -> int:
+    """`content` (entries as dicts) against the model: each token's logprob is log_softmax of the logits,
+    its alternatives the true top `top` in order, token/bytes as the vocabulary spells them. Returns
+    how many alternatives were single non-ASCII bytes (shown as \\xNN)."""
+    tok, ids = ref.tokenizer, expected.token_ids
+    assert len(content) == len(ids)
+    split = 0
+    for entry, token, logp, first in zip(content, ids, _model_logprobs(ref, ref.encode_prompt(messages), ids),
+                                         _firsts(tok, ids)):
+        assert set(entry) == {"token", "logprob", "bytes", "top_logprobs"}
+        assert entry["logprob"] == pytest.approx(float(logp[token]), abs=1e-4)
+        assert entry["token"] == _shown(tok, token, first)
+        data = _vocab_bytes(tok, token, first)
+        assert entry["bytes"] == (None if data is None else list(data))
+        best = logp.topk(top)
+        assert [a["logprob"] for a in entry["top_logprobs"]] == pytest.approx(best.values.tolist(), abs=1e-4)
+        assert [a["token"] for a in entry["top_logprobs"]] == [_shown(tok, i, first) for i in best.indices.tolist()]
+        for a, i in zip(entry["top_logprobs"], best.indices.tolist()):
+            b = _vocab_bytes(tok, i, first)
+            assert a["bytes"] == (None if b is None else list(b))
+            split += b is not None and len(b) == 1 and b[0] >= 0x80 and a["token"] == f"\\x{b[0]:02x}"
+    return split
+
+
+def test_chat_logprobs_are_the_models(server, ref):
+    """Greedy, with the official client: each token's logprob and its 5 alternatives are log_softmax of
+    `LLM.logits` (values and order), the chosen token is the most likely, and the bytes, joined, are the
+    answer's (a byte token gives its raw byte, not U+FFFD)."""
+    expected = ref.generate(CHAT, max_new_tokens=24)
+    out = server.client().chat.completions.create(model=NAME, messages=CHAT, max_tokens=24, temperature=0,
+                                                  logprobs=True, top_logprobs=5)
+    assert out.choices[0].message.content == expected.text
+    content = [e.model_dump() for e in out.choices[0].logprobs.content]
+    split = _check_chat_logprobs(ref, CHAT, expected, content, 5)
+    assert split > 0  # a byte token among the alternatives, shown as its raw byte
+    for e in content:  # greedy: the chosen token is the most likely one
+        assert (e["token"], e["logprob"]) == (e["top_logprobs"][0]["token"], e["top_logprobs"][0]["logprob"])
+    # joined, the bytes are the answer's; it holds a lone byte that is not UTF-8, which its text shows as U+FFFD
+    joined = b"".join(bytes(e["bytes"]) for e in content if e["bytes"] is not None)
+    assert "\ufffd" in expected.text and joined.decode(errors="replace") == expected.text
+
+
+def test_sampled_logprobs_are_before_temperature(server, ref):
+    """A sampled answer (temperature 1.3, seeded) reports the model's own distribution, not the tempered one;
+    the prompt is shorter than the tiny model's pre-training context, so its answer crosses into LongRoPE's
+    long factors on the way. No top_logprobs: empty lists."""
+    expected = ref.generate(QUESTION, max_new_tokens=30, temperature=1.3, seed=4)
+    assert len(ref.encode_prompt(QUESTION)) <= ref.config.original_max_position_embeddings < \
+        len(ref.encode_prompt(QUESTION)) + len(expected.token_ids)
+    out = server.client().chat.completions.create(model=NAME, messages=QUESTION, max_tokens=30, temperature=1.3,
+                                                  seed=4, logprobs=True)
+    assert out.choices[0].message.content == expected.text
+    content = [e.model_dump() for e in out.choices[0].logprobs.content]
+    _check_chat_logprobs(ref, QUESTION, expected, content, 0)
+    logps = _model_logprobs(ref, ref.encode_prompt(QUESTION), expected.token_ids)
+    assert any(int(lp.argmax()) != t for lp, t in zip(logps, expected.token_ids))  # some draws were not the top
+
+
+def test_streamed_logprobs_equal_the_answers(server, ref):
+    """Streamed chunks carry their tokens' entries; joined they are the non-streamed ones (n = 2, sampled)."""
+    client = server.client()
+    options = dict(model=NAME, messages=CHAT, max_tokens=20, temperature=1.0, seed=8, n=2, logprobs=True,
+                   top_logprobs=3)
+    out = client.chat.completions.create(**options)
+    chunks = list(client.chat.completions.create(stream=True, **options))
+    for k in range(2):
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == k]
+        assert mine[0].logprobs is None  # the role chunk
+        streamed = [e.model_dump() for c in mine[1:] for e in c.logprobs.content]
+        assert streamed == [e.model_dump() for e in out.choices[k].logprobs.content]
+        assert "".join(c.delta.content or "" for c in mine) == out.choices[k].message.content
+    assert ref.generate(CHAT, max_new_tokens=20, temperature=1.0, seed=8).text == out.choices[0].message.content
+
+
+def test_logprobs_shapes_over_raw_http(server):
+    body = {"model": NAME, "messages": QUESTION, "max_tokens": 6, "temperature": 0}
+    plain = server.post("/v1/chat/completions", body).json()["choices"][0]
+    assert plain["logprobs"] is None
+    asked = server.post("/v1/chat/completions", {**body, "logprobs": True, "top_logprobs": 2}).json()["choices"][0]
+    assert set(asked["logprobs"]) == {"content", "refusal"} and asked["logprobs"]["refusal"] is None
+    entry = asked["logprobs"]["content"][0]
+    assert set(entry) == {"token", "logprob", "bytes", "top_logprobs"} and len(entry["top_logprobs"]) == 2
+    assert set(entry["top_logprobs"][0]) == {"token", "logprob", "bytes"}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=TIMEOUT) as r:
+        assert all(c["choices"][0]["logprobs"] is None for c in _events(r)[:-1])
+    text = server.post("/v1/completions", {"model": NAME, "prompt": "Once upon a time", "max_tokens": 6,
+                                           "temperature": 0}).json()["choices"][0]
+    assert text["logprobs"] is None
+
+
+def test_a_stop_string_keeps_the_tokens_that_begin_before_it(server, ref):
+    """The stop string starts inside a token: that token is the last one reported (its text is in the
+    answer in part), the tokens after it are not; streamed, the same entries."""
+    full = ref.generate(CHAT, max_new_tokens=24)
+    tok, ids = ref.tokenizer, full.token_ids
+    starts = _starts(tok, ids, full.text)
+    j = next(i for i in range(3, len(ids) - 1) if starts[i + 1] - starts[i] >= 4)
+    stop = full.text[starts[j] + 2:starts[j + 1] + 3]  # from inside token j into the next one
+    cut = full.text.find(stop)
+    assert cut == starts[j] + 2  # it occurs there first
+    kept = sum(1 for s in starts if s < cut)
+    client = server.client()
+    options = dict(model=NAME, messages=CHAT, max_tokens=24, temperature=0, stop=stop, logprobs=True, top_logprobs=1)
+    out = client.chat.completions.create(**options)
+    assert (out.choices[0].message.content, out.choices[0].finish_reason) == (full.text[:cut], "stop")
+    content = [e.model_dump() for e in out.choices[0].logprobs.content]
+    assert len(content) == kept == j + 1 < out.usage.completion_tokens  # the tokens after the cut: left out
+    assert [e["token"] for e in content] == [_shown(tok, t, f) for t, f in zip(ids, _firsts(tok, ids))][:j + 1]
+    chunks = list(client.chat.completions.create(stream=True, **options))
+    assert [e.model_dump() for c in chunks[1:] for e in c.choices[0].logprobs.content] == content
+
+
+def test_a_token_held_back_for_a_stop_string_waits_for_its_text(ref):
+    """Stop "ab" after "Java", "a", "b": the text stream sends "Jav", then "a" (Java's) with the id of the
+    second "a", whose own text is held back and then cut. Its entry goes with no chunk: an entry goes
+    with the chunk its text begins in, and past the cut not at all."""
+    from phi3.generate import TextStream
+    from phi3.logprobs import AnswerLogprobs, TokenTexts
+
+    tok = ref.tokenizer
+    ids = [tok.token_to_id(t) for t in ("▁Java", "a", "b")]
+    text, logprobs = TextStream(tok, ["ab"], 1), AnswerLogprobs(TokenTexts(tok))
+    sent = []
+    for token in ids:
+        logprobs.push(token, (-1.0, []))
+        chunk = text.push(token)
+        sent.append((chunk.text, chunk.token_ids, [e.text for e in logprobs.entries(chunk)]))
+    assert sent == [("Jav", ids[:1], ["Java"]), ("a", ids[1:2], []), ("", ids[2:], [])]
+    assert text.done
+
+
+def test_completions_logprobs(server, ref):
+    """/v1/completions: tokens, token_logprobs, top_logprobs (the 3 most likely and the chosen one) and
+    text_offset, each against the model; streamed, the same lists in pieces."""
+    prompt = "The history of the Roman Empire"
+    expected = ref.generate(prompt, max_new_tokens=16, temperature=0.9, seed=6)
+    body = {"model": NAME, "prompt": prompt, "max_tokens": 16, "temperature": 0.9, "seed": 6, "logprobs": 3}
+    choice = server.post("/v1/completions", body).json()["choices"][0]
+    assert choice["text"] == expected.text
+    lp, tok, ids = choice["logprobs"], ref.tokenizer, expected.token_ids
+    assert set(lp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+    first = _firsts(tok, ids)
+    assert lp["tokens"] == [_shown(tok, t, f) for t, f in zip(ids, first)]
+    assert any(t.startswith("\\x") for t in lp["tokens"])  # a byte that is not a character, shown as \xNN
+    assert lp["text_offset"] == _starts(tok, ids, expected.text)
+    for i, (token, logp) in enumerate(zip(ids, _model_logprobs(ref, ref.encode_prompt(prompt), ids))):
+        assert lp["token_logprobs"][i] == pytest.approx(float(logp[token]), abs=1e-4)
+        best = logp.topk(3)
+        want = {_shown(tok, t, first[i]): v for t, v in zip(best.indices.tolist(), best.values.tolist())}
+        want.setdefault(lp["tokens"][i], float(logp[token]))
+        assert lp["top_logprobs"][i] == pytest.approx(want, abs=1e-4)
+    assert any(len(d) == 4 for d in lp["top_logprobs"])  # a drawn token outside the top 3 is added
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=TIMEOUT) as r:
+        pieces = [c["choices"][0]["logprobs"] for c in _events(r)[:-1]]
+    assert {k: [x for p in pieces for x in p[k]] for k in lp} == lp
+
+
+def test_rows_without_logprobs_are_unaffected(server, ref):
+    """Requests with and without logprobs decoding together (greedy and sampled of each): every text
+    is LLM.generate's; only the ones that asked get logprobs, and theirs are the model's."""
+    requests = [(CHAT, {"temperature": 0, "logprobs": True, "top_logprobs": 2}, {}),
+                (QUESTION, {"temperature": 0}, {}),
+                (QUESTION, {"temperature": 1.0, "seed": 5}, {"temperature": 1.0, "seed": 5}),
+                (CHAT[:2], {"temperature": 1.0, "seed": 9, "logprobs": True}, {"temperature": 1.0, "seed": 9})]
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0,
+                                      timeout=TIMEOUT) as client:
+            return await asyncio.gather(*(client.chat.completions.create(model=NAME, messages=m, max_tokens=30, **o)
+                                          for m, o, _ in requests))
+
+    for (messages, options, same), out in zip(requests, asyncio.run(main())):
+        expected = ref.generate(messages, _params(30, **{"temperature": 0.0, **same}))
+        assert out.choices[0].message.content == expected.text
+        if options.get("logprobs"):
+            content = [e.model_dump() for e in out.choices[0].logprobs.content]
+            _check_chat_logprobs(ref, messages, expected, content, options.get("top_logprobs", 0))
+        else:
+            assert out.choices[0].logprobs is None
+
+
 # -- errors ----------------------------------------------------------------------------------------
 def _chat(**kw):
     return json.dumps({"model": NAME, "messages": QUESTION, "max_tokens": 4, **kw})
@@ -376,7 +596,14 @@ BAD = [  # (path, body, status, param, code)
     ("/v1/chat/completions", _chat(stop=[""]), 400, "stop", "invalid_value"),
     ("/v1/chat/completions", _chat(stop=[str(i) for i in range(17)]), 400, "stop", "invalid_value"),
     ("/v1/chat/completions", _chat(stream_options={"include_usage": True}), 400, "stream_options", None),
-    ("/v1/chat/completions", _chat(logprobs=True), 400, "logprobs", "unsupported_parameter"),
+    ("/v1/chat/completions", _chat(top_logprobs=2), 400, "top_logprobs", "invalid_value"),  # needs logprobs: true
+    ("/v1/chat/completions", _chat(logprobs=False, top_logprobs=0), 400, "top_logprobs", "invalid_value"),
+    ("/v1/chat/completions", _chat(logprobs=True, top_logprobs=21), 400, "top_logprobs", "invalid_value"),
+    ("/v1/chat/completions", _chat(logprobs=True, top_logprobs=-1), 400, "top_logprobs", "invalid_value"),
+    ("/v1/chat/completions", _chat(logprobs="yes"), 400, "logprobs", "invalid_type"),
+    ("/v1/chat/completions", _chat(logprobs=1), 400, "logprobs", "invalid_type"),
+    ("/v1/completions", json.dumps({"model": NAME, "prompt": "x", "logprobs": 6}), 400, "logprobs", "invalid_value"),
+    ("/v1/completions", json.dumps({"model": NAME, "prompt": "x", "logprobs": True}), 400, "logprobs", "invalid_type"),
     ("/v1/chat/completions", _chat(presence_penalty=0.5), 400, "presence_penalty", "unsupported_parameter"),
     ("/v1/chat/completions", _chat(tools=[{"type": "function"}]), 400, "tools", "unsupported_parameter"),
     ("/v1/chat/completions", _chat(max_tokens=CONTEXT), 400, "max_tokens", "context_length_exceeded"),

@@ -248,3 +248,44 @@ def test_stream_decoder_on_text(tokenizers_for_streaming, name):
     ids = tok.encode("Hello there, general Kenobi. How are you today?", False)
     chunks, rest = _stream(tok, ids, False)
     assert chunks == [tok.decode(ids[:n + 1])[len(tok.decode(ids[:n])):] for n in range(len(ids))] and rest == ""
+
+
+# ---------------------------------------------------------------- one token's bytes
+
+
+def _joined_bytes(tok, ids) -> bytes:
+    """The tokens' own bytes where each stands (the first one that is not special at the start), joined."""
+    out, first = [], True
+    for i in ids:
+        data = tok.token_bytes(i, first)
+        assert (data is None) == tok.is_special(i)
+        if data is not None:
+            out.append(data)
+            first = False
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("name", ["phi3-rebuilt", "phi3-checkpoint", "phi3-gguf", "smollm2"])
+def test_token_bytes_spell_the_text(tokenizers_for_streaming, name):
+    """Joined, the tokens' bytes are the text's UTF-8: a byte token gives its raw byte (emoji and CJK
+    are split into them on Phi-3), a SentencePiece word its leading space except at the very start."""
+    tok = tokenizers_for_streaming[name][0]
+    split = 0
+    for text in TEXTS + [STREAM_TEXT]:
+        ids = tok.encode(text, False)
+        assert _joined_bytes(tok, ids) == tok.decode(ids, skip_special_tokens=True).encode(), text
+        split += sum(1 for i in ids if tok.token_bytes(i) is not None and len(tok.token_bytes(i)) == 1
+                     and tok.token_bytes(i)[0] >= 0x80)
+    assert split > 0  # some token held a single non-ASCII byte: the raw-byte path was taken
+
+
+@pytest.mark.parametrize("name", ["phi3-rebuilt", "phi3-checkpoint", "phi3-gguf", "smollm2"])
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_token_bytes_of_any_ids(tokenizers_for_streaming, name, data):
+    """Any ids whose text is valid UTF-8 (no U+FFFD in the full decode): joined bytes are that text."""
+    tok, strategy = tokenizers_for_streaming[name]
+    ids = data.draw(strategy)
+    text = tok.decode(ids, skip_special_tokens=True)
+    if "\ufffd" not in text:
+        assert _joined_bytes(tok, ids) == text.encode()
