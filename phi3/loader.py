@@ -28,7 +28,8 @@ def load(model, *, device=None, dtype=None, attn_implementation: str = "sdpa",
     `device` defaults to CUDA when present, else CPU; `dtype` to the checkpoint's on GPU and the
     fastest exact-enough choice on CPU (see `pick_dtype`). `attn_implementation`: "sdpa" (torch's
     fused flash / memory-efficient kernels where available) or "eager". `prepare(model)` runs on
-    the model built on the meta device, before the weights are read.
+    the model built on the meta device, before the weights are read. Quantized checkpoints
+    (config.json `quantization`) and GGUF files load into packed modules by themselves.
     """
     from .tokenizer import generation_stop_ids, load_tokenizer
     from .weights import build_model, load_safetensors_model, resolve
@@ -40,19 +41,37 @@ def load(model, *, device=None, dtype=None, attn_implementation: str = "sdpa",
         from .tokenizer import tokenizer_from_gguf_metadata
 
         dtype = pick_dtype(dtype, device, None)
-        config_dict, state, metadata = load_gguf(path, dtype=dtype)
+        config_dict, state, metadata = load_gguf(path, dtype=dtype, packed=True)  # Q4_0/Q4_1/Q8_0 stay packed
         config = Phi3Config.from_dict(config_dict, source=str(path))
         net = build_model(config, state, device=device, dtype=dtype, attn_implementation=attn_implementation,
-                          source=str(path), prepare=prepare)
-        return LLM(net, tokenizer_from_gguf_metadata(metadata), name=path.name)
-    config = Phi3Config.from_file(path / "config.json")
-    dtype = pick_dtype(dtype, device, config.torch_dtype)
-    net = load_safetensors_model(path, config, device=device, dtype=dtype, attn_implementation=attn_implementation,
-                                 prepare=prepare)
-    tokenizer = load_tokenizer(path) if (path / "tokenizer.json").exists() else None
-    # A tokenizer owns the stop ids; a bare checkpoint still has its generation config.
-    stop_ids = (generation_stop_ids(path) or []) if tokenizer is None else None
-    return LLM(net, tokenizer, stop_ids=stop_ids, name=str(model))
+                          source=str(path), prepare=_with_quantization(config, dtype, prepare))
+        llm = LLM(net, tokenizer_from_gguf_metadata(metadata), name=path.name)
+    else:
+        config = Phi3Config.from_file(path / "config.json")
+        dtype = pick_dtype(dtype, device, config.torch_dtype)
+        net = load_safetensors_model(path, config, device=device, dtype=dtype, attn_implementation=attn_implementation,
+                                     prepare=_with_quantization(config, dtype, prepare))
+        tokenizer = load_tokenizer(path) if (path / "tokenizer.json").exists() else None
+        # A tokenizer owns the stop ids; a bare checkpoint still has its generation config.
+        stop_ids = (generation_stop_ids(path) or []) if tokenizer is None else None
+        llm = LLM(net, tokenizer, stop_ids=stop_ids, name=str(model))
+    return llm
+
+
+def _with_quantization(config: Phi3Config, dtype: torch.dtype, prepare: Prepare | None) -> Prepare | None:
+    """The caller's `prepare`, after swapping in the packed modules a quantized checkpoint needs."""
+    if config.quantization is None:
+        return prepare
+    from .quantize import prepare as packed_modules
+
+    swap = packed_modules(config.quantization, dtype, config.source)
+
+    def both(model: Phi3) -> None:
+        swap(model)
+        if prepare is not None:
+            prepare(model)
+
+    return both
 
 
 # -- choosing device and dtype -------------------------------------------------------------------

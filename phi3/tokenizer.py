@@ -325,14 +325,26 @@ def tokenizer_from_gguf_metadata(metadata: dict[str, Any]) -> Tokenizer:
 
 
 def _merges_from_scores(tokens: list[str], scores: Sequence[float], vocab: dict[str, int]) -> list[tuple[str, str]]:
-    """BPE merges equivalent to sentencepiece's highest-score-first merging (transformers' ordering)."""
-    merges = []
-    for piece, score in dict(zip(tokens, scores)).items():
-        splits = [(piece[:i], piece[i:], score) for i in range(1, len(piece))
-                  if piece[:i] in vocab and piece[i:] in vocab]
-        merges += sorted(splits, key=lambda m: (vocab[m[0]], vocab[m[1]]))
-    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
-    return [(left, right) for left, right, _ in merges]
+    """BPE merges equivalent to sentencepiece's highest-score-first merging (transformers' ordering):
+    every split of a piece into two vocabulary pieces, by descending (score, left length, right
+    length), ties in piece order, then by (left id, right id). One sort of flat arrays: a 32k
+    vocabulary takes tens of milliseconds, not half a second of per-piece sorting."""
+    import numpy as np
+
+    get = vocab.get
+    lefts, rights, keys = [], [], []  # keys: (score, piece order, left length, left id, right id)
+    for n, (piece, score) in enumerate(dict(zip(tokens, scores)).items()):  # first place, last score
+        for i in range(1, len(piece)):
+            left_id, right_id = get(piece[:i]), get(piece[i:])
+            if left_id is not None and right_id is not None:
+                lefts.append(piece[:i])
+                rights.append(piece[i:])
+                keys.append((score, n, i, len(piece) - i, left_id, right_id))
+    if not keys:
+        return []
+    score, n, left_len, right_len, left_id, right_id = np.array(keys, dtype=np.float64).T
+    order = np.lexsort((right_id, left_id, n, -right_len, -left_len, -score))  # last key sorts first
+    return [(lefts[k], rights[k]) for k in order.tolist()]
 
 
 def _check_messages(messages: Any) -> None:
