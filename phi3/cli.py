@@ -128,6 +128,16 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from .convert import quantize_checkpoint
+
+    group_size = ... if args.group_size is None else args.group_size  # ...: the default for the bit width
+    out = quantize_checkpoint(args.model, args.out, args.bits, args.method, group_size, args.calibration,
+                              args.keep_lm_head, args.device)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="phi3", description="Run Phi-3 models: generate, chat, info.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(i)
     i.add_argument("--context", type=int, default=None, help="tokens of context for the KV-cache estimate")
     i.set_defaults(func=cmd_info)
+    q = sub.add_parser("quantize", help="write an int8 / int4 weight-only quantized checkpoint")
+    q.add_argument("--model", "-m", required=True, help="directory, .gguf file, hub id or alias to quantize")
+    q.add_argument("--out", required=True, help="the new checkpoint directory (must not exist or be empty)")
+    q.add_argument("--bits", required=True, help="8 (per-channel symmetric) or 4 (group-wise affine)")
+    q.add_argument("--method", default="rtn", help="rtn (round to nearest, default) or awq (activation-aware)")
+    q.add_argument("--group-size", type=int, default=None, help="columns per scale: int4 32 (default), 64, 128; "
+                   "int8 one scale per row unless given")
+    q.add_argument("--calibration", default=None, help="AWQ: a UTF-8 text file (default: a built-in mixed set)")
+    q.add_argument("--keep-lm-head", action="store_true", help="leave lm_head (tied: the embedding) unquantized")
+    q.add_argument("--device", default=None, help="where to run the quantization (default: cuda when present)")
+    q.set_defaults(func=cmd_quantize)
     return parser
 
 

@@ -22,19 +22,25 @@ Prepare = Callable[[Phi3], None]
 
 
 def load(model, *, device=None, dtype=None, attn_implementation: str = "sdpa",
-         prepare: Prepare | None = None) -> LLM:
+         prepare: Prepare | None = None, quantize: str | None = None) -> LLM:
     """Load a model: a local directory, a .gguf file, a hub id or an alias (see `phi3.weights.resolve`).
 
     `device` defaults to CUDA when present, else CPU; `dtype` to the checkpoint's on GPU and the
     fastest exact-enough choice on CPU (see `pick_dtype`). `attn_implementation`: "sdpa" (torch's
     fused flash / memory-efficient kernels where available) or "eager". `prepare(model)` runs on
-    the model built on the meta device, before the weights are read. Quantized checkpoints
-    (config.json `quantization`) and GGUF files load into packed modules by themselves.
+    the model built on the meta device, before the weights are read. `quantize` ("int8" or "int4")
+    quantizes a floating-point checkpoint on the fly (round to nearest, the defaults of
+    `phi3.convert.quantize_model`); quantized checkpoints (config.json `quantization`) and GGUF
+    files load into packed modules by themselves.
     """
     from .tokenizer import generation_stop_ids, load_tokenizer
     from .weights import build_model, load_safetensors_model, resolve
 
     device = pick_device(device)  # checked before anything slow
+    if quantize is not None:
+        from .convert import parse_bits
+
+        parse_bits(quantize)
     path = resolve(model)
     if path.suffix == ".gguf":
         from .gguf import load_gguf
@@ -55,6 +61,10 @@ def load(model, *, device=None, dtype=None, attn_implementation: str = "sdpa",
         # A tokenizer owns the stop ids; a bare checkpoint still has its generation config.
         stop_ids = (generation_stop_ids(path) or []) if tokenizer is None else None
         llm = LLM(net, tokenizer, stop_ids=stop_ids, name=str(model))
+    if quantize is not None:
+        from .convert import quantize_model
+
+        quantize_model(llm, bits=quantize)
     return llm
 
 

@@ -155,7 +155,8 @@ class QuantLinear(nn.Module):
     Built on the meta device with the checkpoint's tensors (module docstring); when they are loaded
     (`load_state_dict(..., assign=True)`) or set with `set_packed`, they are converted once to the
     layout of the kernel `choose_kernel` picks for their device and `dtype` (or `kernel`, if given:
-    "dense", "int8" or "int4", for tests and benchmarks).
+    "dense", "int8", "int4", or "packed": keep the checkpoint layout and dequantize on every call,
+    exact in fp32 with a quarter of the memory but slow; for tests and benchmarks).
     """
 
     def __init__(self, in_features: int, out_features: int, scheme: Scheme, dtype: torch.dtype = torch.float32,
@@ -204,6 +205,8 @@ class QuantLinear(nn.Module):
     def _convert(self) -> None:
         N, K, device = self.out_features, self.in_features, self.weight.device
         self.kernel = self.requested_kernel or choose_kernel(self.scheme, N, K, device, self.dtype)
+        if self.kernel == "packed":
+            return
         if self.kernel == "dense":
             w = dequantize(self.weight, self.scales, self.biases)
             if self.input_scale is not None:  # folded in once

@@ -112,6 +112,23 @@ class Tokenizer:
         """True for added tokens flagged special (the ones ``skip_special_tokens`` drops)."""
         return id in self._special_ids
 
+    def save(self, folder: str | Path) -> None:
+        """Write Hugging Face tokenizer files (tokenizer.json, tokenizer_config.json, and
+        generation_config.json with the stop ids) that `load_tokenizer(folder)` reads back as this
+        tokenizer: how a GGUF's vocabulary travels into a safetensors checkpoint."""
+        folder = Path(folder)
+        self._backend.save(str(folder / "tokenizer.json"))
+        added = {str(i): {"content": t.content, **{k: getattr(t, k) for k in _ADDED_TOKEN_FLAGS}}
+                 for i, t in sorted(self._backend.get_added_tokens_decoder().items())}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **self._special_tokens,
+                  "added_tokens_decoder": added, "add_bos_token": self.add_bos, "add_eos_token": self.add_eos}
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                                      encoding="utf-8")
+        generation = {"bos_token_id": self.bos_id, "eos_token_id": sorted(self.stop_ids)}
+        (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
         """Render ``messages`` with the chat template, as transformers' ``apply_chat_template(tokenize=False)``.
 
