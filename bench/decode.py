@@ -3,6 +3,10 @@
     python bench/decode.py                       # SmolLM2-135M-Instruct (Q4_1 GGUF) on this machine
     python bench/decode.py --model DIR_OR_GGUF --device cuda --peers transformers
 
+Our rows: each of --dtypes (a GGUF's Q4_0/Q4_1/Q8_0 blocks stay packed: fp32 computes on their
+exact dequantized values, bf16 runs the packed int kernels), then each of --quantize (round to
+nearest on the fly, `phi3.load(..., quantize=...)`) with --quantize-dtype (bf16: the int kernels).
+
 Peers: transformers (`generate`, greedy, same dequantized weights), llama.cpp through
 llama-cpp-python when it is installed (on the GGUF file itself), and the memory-bandwidth floor:
 measured copy bandwidth (read + write, as gpt-fast and our H100 anchors count it) / bytes of
@@ -43,8 +47,8 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def bench_ours(model, device, dtype, new_tokens) -> tuple[float, int]:
-    llm = phi3.load(model, device=device, dtype=dtype)
+def bench_ours(model, device, dtype, new_tokens, quantize=None) -> tuple[float, int]:
+    llm = phi3.load(model, device=device, dtype=dtype, quantize=quantize)
     llm.stop_ids = frozenset()  # measure exactly new_tokens steps
     ids = llm.encode_prompt(PROMPT)
     llm.generate(ids, max_new_tokens=8)  # warm-up
@@ -52,8 +56,9 @@ def bench_ours(model, device, dtype, new_tokens) -> tuple[float, int]:
     t = time.perf_counter()
     llm.generate(ids, max_new_tokens=new_tokens)
     _sync(llm.device)
-    weight_bytes = sum(p.numel() * p.element_size() for p in llm.model.parameters())
-    return new_tokens / (time.perf_counter() - t), weight_bytes
+    tps = new_tokens / (time.perf_counter() - t)
+    weights = [*llm.model.parameters(), *(b for n, b in llm.model.named_buffers() if not n.startswith("rope."))]
+    return tps, sum(t.numel() * t.element_size() for t in weights)
 
 
 def bench_transformers(model, device, dtype, new_tokens) -> float:
@@ -104,6 +109,8 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--quantize", default="int8,int4", help="on-the-fly quantizations to add ('' for none)")
+    ap.add_argument("--quantize-dtype", default="bfloat16")
     ap.add_argument("--peers", default="transformers,llama.cpp")
     args = ap.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -113,24 +120,26 @@ def main() -> None:
     print(f"# device {device} ({card}), torch {torch.__version__}, {threads} threads, {time.strftime('%Y-%m-%d')}")
     bw = bandwidth_gbs(device)
     rows = []
-    for name in args.dtypes.split(","):
-        dtype = getattr(torch, name)
-        tps, weight_bytes = bench_ours(args.model, device, dtype, args.new_tokens)
-        rows.append((f"phi3 {name}", tps))
-        rows.append((f"bandwidth ceiling {name} ({weight_bytes / 1e6:.0f} MB/token at {bw:.0f} GB/s)", bw * 1e9 / weight_bytes))
+    ours = [(name, None) for name in args.dtypes.split(",")]
+    ours += [(args.quantize_dtype, q) for q in args.quantize.split(",") if q]
+    for name, quantize in ours:
+        tps, weight_bytes = bench_ours(args.model, device, getattr(torch, name), args.new_tokens, quantize)
+        label = f"phi3 {name}" + (f", {quantize} (RTN)" if quantize else "")
+        rows.append((f"{label} ({weight_bytes / 1e6:.0f} MB of weights)", tps))
+        rows.append((f"bandwidth ceiling, {label} at {bw:.0f} GB/s", bw * 1e9 / weight_bytes))
     peers = args.peers.split(",")
     if "transformers" in peers:
         rows.append(("transformers float32", bench_transformers(args.model, device, torch.float32, args.new_tokens)))
     if "llama.cpp" in peers and device.type == "cpu":
         tps = bench_llama_cpp(args.model, args.new_tokens, threads)
         rows.append(("llama.cpp (llama-cpp-python)", tps))
-    ours = rows[0][1]
-    print(f"{'engine':<60} {'tok/s':>8} {'vs ' + rows[0][0]:>18}")
+    first = rows[0][1]
+    print(f"{'engine':<64} {'tok/s':>8}   vs {rows[0][0]}")
     for name, tps in rows:
         if tps is None:
-            print(f"{name:<60} {'n/a':>8}   (not installed)")
+            print(f"{name:<64} {'n/a':>8}   (not installed)")
         else:
-            print(f"{name:<60} {tps:8.1f} {tps / ours:17.2f}x")
+            print(f"{name:<64} {tps:8.1f} {tps / first:8.2f}x")
 
 
 if __name__ == "__main__":

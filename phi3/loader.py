@@ -50,13 +50,13 @@ def load(model, *, device=None, dtype=None, attn_implementation: str = "sdpa",
         config_dict, state, metadata = load_gguf(path, dtype=dtype, packed=True)  # Q4_0/Q4_1/Q8_0 stay packed
         config = Phi3Config.from_dict(config_dict, source=str(path))
         net = build_model(config, state, device=device, dtype=dtype, attn_implementation=attn_implementation,
-                          source=str(path), prepare=_with_quantization(config, dtype, prepare))
+                          source=str(path), prepare=_prepare(config, dtype, prepare, quantize))
         llm = LLM(net, tokenizer_from_gguf_metadata(metadata), name=path.name)
     else:
         config = Phi3Config.from_file(path / "config.json")
         dtype = pick_dtype(dtype, device, config.torch_dtype)
         net = load_safetensors_model(path, config, device=device, dtype=dtype, attn_implementation=attn_implementation,
-                                     prepare=_with_quantization(config, dtype, prepare))
+                                     prepare=_prepare(config, dtype, prepare, quantize))
         tokenizer = load_tokenizer(path) if (path / "tokenizer.json").exists() else None
         # A tokenizer owns the stop ids; a bare checkpoint still has its generation config.
         stop_ids = (generation_stop_ids(path) or []) if tokenizer is None else None
@@ -68,8 +68,13 @@ def load(model, *, device=None, dtype=None, attn_implementation: str = "sdpa",
     return llm
 
 
-def _with_quantization(config: Phi3Config, dtype: torch.dtype, prepare: Prepare | None) -> Prepare | None:
-    """The caller's `prepare`, after swapping in the packed modules a quantized checkpoint needs."""
+def _prepare(config: Phi3Config, dtype: torch.dtype, prepare: Prepare | None, quantize: str | None) -> Prepare | None:
+    """The caller's `prepare`, after swapping in the packed modules a quantized checkpoint needs.
+    An on-the-fly `quantize` request is checked against the config here, before the weights are read."""
+    if quantize is not None:
+        from .convert import check_request
+
+        check_request(config, quantize)
     if config.quantization is None:
         return prepare
     from .quantize import prepare as packed_modules

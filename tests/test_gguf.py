@@ -85,7 +85,7 @@ def test_smollm2_stays_packed_and_bit_exact(smollm2):
     for dtype in ("float32", "bfloat16"):
         model = phi3.load(path, dtype=dtype).model
         sizes[dtype] = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    assert sizes["float32"] > 500e6 and sizes["bfloat16"] < 0.3 * sizes["float32"], sizes
+    assert sizes["float32"] > 500e6 and sizes["bfloat16"] < 110e6, sizes  # Q4_1 + Q8_0 as in the file, ~100 MB
 
 
 def test_metadata_matches_gguf_reader(smollm2, tmp_path):

@@ -85,9 +85,10 @@ def test_kernels_choice_on_this_machine():
     s4 = Scheme(4, 32)
     cpu = torch.device("cpu")
     assert phi3.quantize.choose_kernel(s4, 96, 128, cpu, torch.float32) == "dense"  # fp32: exact
-    avx512 = "AVX512" in torch.backends.cpu.get_cpu_capability()
-    assert phi3.quantize.choose_kernel(s4, 96, 128, cpu, torch.bfloat16) == ("int4" if avx512 else "int8")
+    assert phi3.quantize.choose_kernel(s4, 96, 128, cpu, torch.bfloat16) == "int4"
+    assert phi3.quantize.choose_kernel(s4, 40, 128, cpu, torch.bfloat16) == "int8"  # int4 kernel: rows in 16s
     assert phi3.quantize.choose_kernel(Scheme(8), 96, 128, cpu, torch.bfloat16) == "int8"
+    assert phi3.quantize.choose_kernel(Scheme(8, 32), 96, 128, cpu, torch.bfloat16) == "int8"  # re-rounded per row
 
 
 # ---------------------------------------------------------------- whole models against transformers
