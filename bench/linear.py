@@ -64,6 +64,7 @@ def rows(N: int, K: int, device: torch.device, compile_: bool):
             except RuntimeError as e:  # a kernel this device or torch build lacks
                 yield f"{label[kernel]}, {str(dtype)[6:]} activations ({str(e).splitlines()[0][:60]})", None
             if compile_ and kernel == "packed":
+                torch._dynamo.reset()  # a fresh compile per layer (dynamo caps recompilations of one function)
                 yield f"int4 compiled dequant+matmul, {str(dtype)[6:]}", timed(_bind(torch.compile(m.forward), x), device)
 
 

@@ -96,7 +96,7 @@ def quantize_int8(w: torch.Tensor, group_size: int | None = None, scale_dtype=to
     rounded to `scale_dtype` first and q computed against the rounded scales."""
     N, K = w.shape
     g = group_size or K
-    wg = w.float().reshape(N, K // g, g)
+    wg = w.float().contiguous().view(N, K // g, g)
     scales = wg.abs().amax(-1) / 127
     scales = _fp16_scales(scales, what) if scale_dtype == torch.float16 else scales.to(scale_dtype)
     s = scales.float().clamp_min(_TINY)[..., None]
@@ -108,7 +108,7 @@ def quantize_int4(w: torch.Tensor, group_size: int, what: str = "weight"):
     """Affine (min/max) round-to-nearest per group: (N, K) float -> (packed uint8 (N, K/2), scales, biases),
     scales and biases fp16 (N, K/g); w ~ scales * q + biases."""
     N, K = w.shape
-    wg = w.float().reshape(N, K // group_size, group_size)
+    wg = w.float().contiguous().view(N, K // group_size, group_size)
     lo, hi = wg.amin(-1), wg.amax(-1)
     scales, biases = _fp16_scales((hi - lo) / 15, what), _fp16_scales(lo, what)
     s, b = scales.float().clamp_min(_TINY)[..., None], biases.float()[..., None]
@@ -198,7 +198,7 @@ class QuantLinear(nn.Module):
             w = self.q8.float() * self.s8.float()[:, None]
         elif self.kernel == "int4":
             eye = torch.eye(self.in_features, dtype=self.dtype, device=self.sz.device)
-            w = self._int4(eye).float().T  # row i of eye @ W^T is column i of W
+            w = self._int4(eye).float().T.contiguous()  # row i of eye @ W^T is column i of W
         else:
             w = dequantize(self.weight, self.scales, self.biases)
         return (w * self.input_scale.float() if self.input_scale is not None else w).to(dtype)
@@ -218,8 +218,8 @@ class QuantLinear(nn.Module):
                 q, s = self.weight, self.scales.to(self.dtype)
             else:
                 q, s = quantize_int8(dequantize(self.weight, self.scales, self.biases), None, self.dtype)
-            self.register_buffer("q8", q, persistent=False)  # (N, K) int8
-            self.register_buffer("s8", s.view(N), persistent=False)  # (N,)
+            self.register_buffer("q8", q.contiguous(), persistent=False)  # (N, K) int8
+            self.register_buffer("s8", s.reshape(N).contiguous(), persistent=False)  # (N,)
         else:  # int4, tinygemm's layout: w = (q - 8) * scale + zero, scales_and_zeros (K/g, N, 2)
             s, b = self.scales.float(), self.biases.float()
             sz = torch.stack([s, b + 8 * s], dim=-1).transpose(0, 1).contiguous().to(self.dtype)

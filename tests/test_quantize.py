@@ -286,3 +286,19 @@ def test_cuda_kernels(bits):
     ref = x @ dequantize(*packed).cuda().T
     y = module(x.bfloat16()).float()
     assert (y - ref).abs().max() / ref.abs().max() < 2e-2
+
+
+def test_requantizing_a_gguf_loaded_for_the_int_kernels(tmp_path):
+    """A GGUF loaded in bf16 holds kernel layouts (int4 read back through the kernel); quantizing it
+    again must still produce layouts the int8 kernel takes."""
+    from gguf import GGMLQuantizationType
+    from gguf_fixture import tiny_phi3, write_gguf
+
+    config, state = tiny_phi3(hidden_size=64, intermediate_size=96, vocab_size=64)
+    write_gguf(tmp_path / "q.gguf", config, state, qtype=GGMLQuantizationType.Q4_1)
+    packed = phi3.load(tmp_path / "q.gguf", dtype="bfloat16")
+    assert packed.model.model.layers[0].self_attn.qkv_proj.kernel == "int4"
+    requantized = phi3.load(tmp_path / "q.gguf", dtype="bfloat16", quantize="int8")
+    assert requantized.model.model.layers[0].self_attn.qkv_proj.kernel == "int8"
+    ids = [1, 2, 3, 4, 5]
+    assert (requantized.logits(ids) - packed.logits(ids)).abs().max() < 0.05 * packed.logits(ids).abs().max()
