@@ -316,7 +316,7 @@ def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, -1).transpose(1, 2).reshape(w.shape)
 
 
-# GGUF types kept packed: bits and the byte layout of a 32-weight block (scale d, then min m for Q4_1)
+# GGUF types kept packed, with their bit width (blocks of 32 weights: fp16 scale d, Q4_1 an fp16 min m, then q)
 _PACKED = {GGMLQuantizationType.Q8_0: 8, GGMLQuantizationType.Q4_0: 4, GGMLQuantizationType.Q4_1: 4}
 
 

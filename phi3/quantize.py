@@ -122,7 +122,7 @@ def dequantize(weight: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor 
     q = unpack_int4(weight) if weight.dtype == torch.uint8 else weight
     N, K = q.shape
     G = scales.shape[1]
-    w = q.float().view(N, G, K // G) * scales.float()[..., None]
+    w = q.float().view(N, G, K // G).mul_(scales.float()[..., None])  # in place: one (N, K) fp32 buffer
     if biases is not None:
         w += biases.float()[..., None]
     return w.view(N, K).to(dtype)
