@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import awq
 from .quantize import (LINEAR_SUFFIXES, QuantEmbedding, QuantizationError, QuantLinear, Scheme, TiedHead,
-                       dequantize, quantize_int4, quantize_int8)
+                       quantize_int4, quantize_int8)
 
 METHODS = ("rtn", "awq")
 DEFAULT_GROUP_SIZE = {4: 32, 8: None}  # int4: chosen from the measurements in docs/QUANTIZATION.md
@@ -91,7 +91,7 @@ def quantize_weights(llm, bits: int = 4, group_size: int | None = ..., method: s
         w = float_weight(model, name)
         input_scale = None
         if name in stats:
-            s = awq.search_scale(w, *stats[name], group_size, lambda v: _round_trip(v, bits, group_size, name))
+            s = awq.search_scale(w, *stats[name], group_size, lambda v: _round_trip(v, bits, group_size))
             w, input_scale = w * s, (1 / s)
         packed[name] = _quantize(w, bits, group_size, name)
         if input_scale is not None:
@@ -110,7 +110,7 @@ def _quantize(w: torch.Tensor, bits: int, group_size: int | None, name: str) -> 
     return {"weight": q, "scales": scales, "biases": biases}
 
 
-def _round_trip(w: torch.Tensor, bits: int, group_size: int | None, name: str) -> torch.Tensor:
+def _round_trip(w: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
     """`dequantize(_quantize(w))` without packing (AWQ's search calls it ~20 times per layer)."""
     N, K = w.shape
     wg = w.view(N, K // (group_size or K), -1)

@@ -1,20 +1,17 @@
 """GGUF files (llama.cpp's format) → Hugging Face config dict + Phi-3 state dict.
 
-The header is parsed and validated here by a small bounded reader (`gguf.GGUFReader` trusts every
-count and offset, so a hostile or truncated file could make it crash, allocate without bound or
-loop for hours, and it takes seconds to parse a vocabulary). Tensor data is then read from the
-memory-mapped file at the validated offsets. Q4_0, Q4_1 and Q8_0 blocks are kept packed on request
-(`phi3.quantize`'s layout, bit-exact with the format's own dequantization) or dequantized in torch;
-other types go through `gguf.quants.dequantize`, the format's own code.
+The header is validated first by `phi3.gguf_header`'s bounded reader; tensor data is then read from
+the memory-mapped file at the offsets it checked. Q4_0, Q4_1 and Q8_0 blocks are kept packed on
+request (`phi3.quantize`'s layout, bit-exact with the format's own dequantization) or dequantized in
+torch; other types go through `gguf.quants.dequantize`, the format's own code.
 """
 
 from __future__ import annotations
 
 import math
 import mmap
-import struct
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,180 +20,13 @@ from gguf.quants import dequantize
 from tqdm.auto import tqdm
 
 from . import quantize
+from .gguf_header import GGUFError, _read_header, _Tensor, read_metadata
 
 __all__ = ["GGUFError", "read_metadata", "read_config_dict", "load_gguf"]
-
-
-class GGUFError(ValueError):
-    """A GGUF file is malformed or not loadable; the message names the file and what is wrong."""
-
-
-# Value types of the GGUF spec: id -> numpy dtype (little-endian); 8 is a string, 9 an array.
-_NUMERIC = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
-_STRING, _ARRAY = 8, 9
-_UINT32, _UINT64 = 4, 10
-_U64 = struct.Struct("<Q")
-_MAX_KEY = 1 << 16  # the spec's limit on key length
-_MAX_STRING = 1 << 24  # a chat template is kilobytes; 16 MiB is far beyond any real value
-_MAX_NAME = 1 << 10  # llama.cpp caps tensor names at 64 bytes
-# GGUFReader keeps one numpy view per array element (~25 µs each); the largest real vocabularies
-# need < 1M elements (tokens + scores + types + merges), so this bounds its work on hostile files.
-_MAX_ITEMS = 1 << 21
 
 _SUPPORTED = {GGMLQuantizationType[n] for n in (
     "F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K "
     "IQ1_S IQ1_M IQ2_XXS IQ2_XS IQ2_S IQ3_XXS IQ3_S IQ4_NL IQ4_XS").split()}
-
-
-class _Tensor(NamedTuple):
-    shape: tuple[int, ...]  # torch order, (out, in): GGUF lists the contiguous dimension first
-    ggml_type: GGMLQuantizationType
-    offset: int = 0  # of its data from the start of the file, validated against the file size
-    nbytes: int = 0
-
-
-class _Header:
-    """Walks a GGUF header in `buf` without trusting any count, length, type or offset in it."""
-
-    def __init__(self, path: Path, buf: Any):
-        self.path, self.buf, self.pos, self.items = path, buf, 0, 0
-
-    def fail(self, what: str) -> None:
-        raise GGUFError(f"{self.path}: {what}")
-
-    def take(self, n: int, what: str) -> int:
-        left = len(self.buf) - self.pos
-        if n > left:
-            self.fail(f"truncated: {what} needs {n} bytes at offset {self.pos}, {left} left in the file")
-        self.pos += n
-        return self.pos - n
-
-    def nums(self, vtype: int, count: int, what: str) -> list:
-        dt = np.dtype(_NUMERIC[vtype])
-        start = self.take(count * dt.itemsize, what)
-        return np.frombuffer(self.buf, dt, count, start).tolist()
-
-    def u32(self, what: str) -> int:
-        return self.nums(_UINT32, 1, what)[0]
-
-    def u64(self, what: str) -> int:
-        return self.nums(_UINT64, 1, what)[0]
-
-    def string(self, what: str, cap: int = _MAX_STRING) -> str:
-        n = self.u64(f"length of {what}")
-        if n > cap:
-            self.fail(f"{what} claims {n} bytes (limit {cap})")
-        start = self.take(n, what)
-        try:
-            return self.buf[start : start + n].decode("utf-8")
-        except UnicodeDecodeError as e:
-            self.fail(f"{what} is not UTF-8 ({e.reason} at byte {e.start})")
-
-    def value(self, vtype: int, what: str) -> Any:
-        if vtype in _NUMERIC:
-            return self.nums(vtype, 1, what)[0]
-        if vtype == _STRING:
-            return self.string(what)
-        if vtype != _ARRAY:
-            self.fail(f"{what} has unknown value type {vtype}")
-        itype, n = self.u32(f"element type of {what}"), self.u64(f"length of {what}")
-        if itype not in _NUMERIC and itype != _STRING:  # arrays of arrays occur in no model file
-            self.fail(f"{what} is an array of unsupported element type {itype}")
-        # every element takes at least one byte, so a length past the bytes left is a lie
-        if n > len(self.buf) - self.pos or self.items + n > _MAX_ITEMS:
-            self.fail(f"{what} claims {n} elements, more than the file can hold (or over {_MAX_ITEMS})")
-        self.items += n
-        if itype in _NUMERIC:
-            return self.nums(itype, n, what)
-        return self.strings(n, what)
-
-    def strings(self, n: int, what: str) -> list[str]:
-        """n strings in a row: a tight loop over well-formed ones (a vocabulary has ~10^5); the first
-        that is not is re-read by `string`, which says what is wrong with it."""
-        buf, pos, size, out = self.buf, self.pos, len(self.buf), []
-        length_at = _U64.unpack_from
-        try:
-            for _ in range(n):
-                (length,) = length_at(buf, pos)
-                end = pos + 8 + length
-                if length > _MAX_STRING or end > size:
-                    break
-                out.append(str(buf[pos + 8 : end], "utf-8"))
-                pos = end
-        except (struct.error, UnicodeDecodeError):
-            pass
-        self.pos = pos
-        out += [self.string(f"{what}[{i}]") for i in range(len(out), n)]
-        return out
-
-
-def _read_header(path: Path) -> tuple[dict[str, Any], dict[str, _Tensor]]:
-    """Validate the whole header and tensor table of `path`; return (metadata, tensors by name)."""
-    with open(path, "rb") as f:
-        if f.seek(0, 2) == 0:  # mmap refuses empty files
-            return _parse(_Header(path, b""))
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            return _parse(_Header(path, m))
-
-
-def _parse(h: _Header) -> tuple[dict[str, Any], dict[str, _Tensor]]:
-    size = len(h.buf)
-    magic = bytes(h.buf[h.take(4, "magic") : 4])
-    if magic != b"GGUF":
-        h.fail(f"not a GGUF file (magic {magic!r}, expected b'GGUF')")
-    version = h.u32("version")
-    if version not in (2, 3):
-        swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
-        h.fail("big-endian GGUF files are not supported" if swapped in (2, 3) else f"unsupported GGUF version {version}")
-    n_tensors, n_kv = h.u64("tensor count"), h.u64("metadata count")
-    # smallest possible entries: a key/value is 8+4+1 bytes, a tensor info 8+4+8+4+8
-    if n_kv * 13 + n_tensors * 32 > size - h.pos:
-        h.fail(f"header claims {n_kv} metadata entries and {n_tensors} tensors, more than {size} bytes can hold")
-    metadata: dict[str, Any] = {}
-    for _ in range(n_kv):
-        key = h.string("metadata key", _MAX_KEY)
-        vtype = h.u32(f"type of {key!r}")
-        if key in metadata:
-            h.fail(f"duplicate metadata key {key!r}")
-        if key == "general.alignment" and vtype != _UINT32:
-            h.fail(f"general.alignment has value type {vtype}, expected uint32")
-        metadata[key] = h.value(vtype, repr(key))
-    align = metadata.get("general.alignment", 32)
-    if align <= 0 or align & (align - 1):
-        h.fail(f"general.alignment {align} is not a power of two")
-    infos = []
-    for _ in range(n_tensors):
-        name = h.string("tensor name", _MAX_NAME)
-        n_dims = h.u32(f"dimension count of {name!r}")
-        if not 1 <= n_dims <= 4:
-            h.fail(f"tensor {name!r} has {n_dims} dimensions (expected 1 to 4)")
-        dims = h.nums(_UINT64, n_dims, f"dimensions of {name!r}")
-        raw_type, offset = h.u32(f"type of {name!r}"), h.u64(f"offset of {name!r}")
-        if raw_type not in GGML_QUANT_SIZES:
-            h.fail(f"tensor {name!r} has unknown ggml type {raw_type}")
-        infos.append((name, dims, GGMLQuantizationType(raw_type), offset))
-    data_start = -(-h.pos // align) * align
-    tensors: dict[str, _Tensor] = {}
-    for name, dims, qtype, offset in infos:
-        block, type_size = GGML_QUANT_SIZES[qtype]
-        if name in tensors:
-            h.fail(f"duplicate tensor {name!r}")
-        if min(dims) < 1 or dims[0] % block:
-            h.fail(f"tensor {name!r} of type {qtype.name} has invalid shape {dims} (rows of {block}-element blocks)")
-        nbytes = int(np.prod(dims, dtype=object)) // block * type_size
-        if offset % align or data_start + offset + nbytes > size:
-            h.fail(f"tensor {name!r} ({qtype.name}, shape {dims}) at data offset {offset} needs {nbytes} bytes "
-                   f"from byte {data_start + offset}, but the file has {size} bytes (alignment {align})")
-        tensors[name] = _Tensor(tuple(reversed(dims)), qtype, data_start + offset, nbytes)
-    return metadata, tensors
-
-
-def read_metadata(path) -> dict[str, Any]:
-    """All key/value metadata of the GGUF file at `path` as Python values, after validating the header.
-
-    Raises GGUFError for any malformed file (truncated, wrong magic, absurd counts or lengths, ...).
-    """
-    return _read_header(Path(path))[0]
 
 
 # The one name table: Hugging Face key <- GGUF tensors, concatenated along rows in this order from
@@ -339,37 +169,44 @@ def load_gguf(path, dtype: torch.dtype = torch.float32, packed: bool = False) ->
     # only llama.cpp's Llama converter permutes; its Phi-3 converter keeps rotate-half order
     llama = cfg["model_type"] == "llama"
     permuted = {"attn_q": cfg["num_attention_heads"], "attn_k": cfg["num_key_value_heads"]} if llama else {}
-    state, schemes = {}, {}
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
         data = np.frombuffer(m, np.uint8)
-
-        def read(name: str, as_packed: bool) -> dict[str, torch.Tensor] | None:
-            t = tensors[name]
-            raw = data[t.offset : t.offset + t.nbytes]
-            return _packed(raw, t) if as_packed else {"weight": _dequantized(raw, t).to(dtype)}
-
         try:
-            for hf, parts in tqdm(plan.items(), desc="reading GGUF", unit="tensor", disable=None, leave=False):
-                types = {tensors[n].ggml_type for n in parts}
-                as_packed = packed and len(types) == 1 and types <= set(_PACKED) and len(tensors[parts[0]].shape) == 2
-                loaded = [read(n, as_packed) for n in parts]
-                if None in loaded:  # blocks whose biases do not fit fp16: dequantize the module instead
-                    as_packed, loaded = False, [read(n, False) for n in parts]
-                for name, part in zip(parts, loaded):
-                    role = name.split(".")[-2]  # attn_q, ffn_up, ...
-                    if role in permuted:
-                        part.update((k, _unpermute(v, permuted[role])) for k, v in part.items())
-                prefix = hf.removesuffix("weight")
-                for key in loaded[0]:
-                    state[prefix + key] = loaded[0][key] if len(loaded) == 1 else torch.cat([p[key] for p in loaded])
-                if as_packed:
-                    schemes[prefix.rstrip(".")] = {"bits": _PACKED[types.pop()], "group_size": quantize.BLOCK}
+            state, schemes = _read_tensors(data, tensors, plan, permuted, dtype, packed)
             _add_rope_factors(cfg, tensors, data)
         finally:
             del data  # the mmap closes only once no array looks into it
     if schemes:
         cfg["quantization"] = _quantization(schemes, cfg)
     return cfg, state, md
+
+
+def _read_tensors(data: np.ndarray, tensors: dict[str, _Tensor], plan: dict[str, list[str]], permuted: dict[str, int],
+                  dtype: torch.dtype, packed: bool) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """The state dict from the file's bytes `data` (copied out), and the schemes of the modules kept packed."""
+    state, schemes = {}, {}
+
+    def read(name: str, as_packed: bool) -> dict[str, torch.Tensor] | None:
+        t = tensors[name]
+        raw = data[t.offset : t.offset + t.nbytes]
+        return _packed(raw, t) if as_packed else {"weight": _dequantized(raw, t).to(dtype)}
+
+    for hf, parts in tqdm(plan.items(), desc="reading GGUF", unit="tensor", disable=None, leave=False):
+        types = {tensors[n].ggml_type for n in parts}
+        as_packed = packed and len(types) == 1 and types <= set(_PACKED) and len(tensors[parts[0]].shape) == 2
+        loaded = [read(n, as_packed) for n in parts]
+        if None in loaded:  # blocks whose biases do not fit fp16: dequantize the module instead
+            as_packed, loaded = False, [read(n, False) for n in parts]
+        for name, part in zip(parts, loaded):
+            role = name.split(".")[-2]  # attn_q, ffn_up, ...
+            if role in permuted:
+                part.update((k, _unpermute(v, permuted[role])) for k, v in part.items())
+        prefix = hf.removesuffix("weight")
+        for key in loaded[0]:
+            state[prefix + key] = loaded[0][key] if len(loaded) == 1 else torch.cat([p[key] for p in loaded])
+        if as_packed:
+            schemes[prefix.rstrip(".")] = {"bits": _PACKED[types.pop()], "group_size": quantize.BLOCK}
+    return state, schemes
 
 
 def _dequantized(raw: np.ndarray, t: _Tensor) -> torch.Tensor:

@@ -11,7 +11,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import write_checkpoint
 from safetensors.torch import load_file, save_file
 
 import phi3
