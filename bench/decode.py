@@ -4,6 +4,10 @@
     python bench/decode.py --dtypes default --peers transformers   # the default against transformers fp32
     python bench/decode.py --model DIR_OR_GGUF --device cuda --peers transformers
 
+Our rows: each of --dtypes (a GGUF's Q4_0/Q4_1/Q8_0 blocks stay packed: fp32 computes on their
+exact dequantized values, bf16 runs the packed int kernels), then each of --quantize (round to
+nearest on the fly, `phi3.load(..., quantize=...)`) with --quantize-dtype (bf16: the int kernels).
+
 Peers: transformers (`generate`, greedy, same dequantized weights), llama.cpp through
 llama-cpp-python when it is installed (on the GGUF file itself), and the memory-bandwidth floor:
 measured copy bandwidth (read + write, as gpt-fast and our H100 anchors count it) / bytes of
@@ -44,9 +48,9 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def bench_ours(model, device, dtype, new_tokens) -> tuple[float, int, torch.dtype]:
-    """tok/s, bytes of weights, and the dtype it ran in (`dtype=None`: the default)."""
-    llm = phi3.load(model, device=device, dtype=dtype)
+def bench_ours(model, device, dtype, new_tokens, quantize=None) -> tuple[float, int, torch.dtype]:
+    """tok/s, bytes of weights read per token, and the dtype it ran in (`dtype=None`: the default)."""
+    llm = phi3.load(model, device=device, dtype=dtype, quantize=quantize)
     llm.stop_ids = frozenset()  # measure exactly new_tokens steps
     ids = llm.encode_prompt(PROMPT)
     llm.generate(ids, max_new_tokens=8)  # warm-up
@@ -54,8 +58,9 @@ def bench_ours(model, device, dtype, new_tokens) -> tuple[float, int, torch.dtyp
     t = time.perf_counter()
     llm.generate(ids, max_new_tokens=new_tokens)
     _sync(llm.device)
-    weight_bytes = sum(p.numel() * p.element_size() for p in llm.model.parameters())
-    return new_tokens / (time.perf_counter() - t), weight_bytes, llm.dtype
+    tps = new_tokens / (time.perf_counter() - t)
+    weights = [*llm.model.parameters(), *(b for n, b in llm.model.named_buffers() if not n.startswith("rope."))]
+    return tps, sum(t.numel() * t.element_size() for t in weights), llm.dtype
 
 
 def bench_transformers(model, device, dtype, new_tokens) -> float:
@@ -106,6 +111,8 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtypes", default="default,bfloat16", help="'default' (phi3.load's choice), float32, bfloat16 …")
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--quantize", default="int8,int4", help="on-the-fly quantizations to add ('' for none)")
+    ap.add_argument("--quantize-dtype", default="bfloat16")
     ap.add_argument("--peers", default="transformers,llama.cpp")
     args = ap.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -115,25 +122,28 @@ def main() -> None:
     print(f"# device {device} ({card}), torch {torch.__version__}, {threads} threads, {time.strftime('%Y-%m-%d')}")
     bw = bandwidth_gbs(device)
     rows = []
-    for name in args.dtypes.split(","):
+    ours = [(name, None) for name in args.dtypes.split(",")]
+    ours += [(args.quantize_dtype, q) for q in args.quantize.split(",") if q]
+    for name, quantize in ours:
         tps, weight_bytes, dtype = bench_ours(args.model, device, None if name == "default" else getattr(torch, name),
-                                              args.new_tokens)
-        label = str(dtype).removeprefix("torch.") + (" (the default)" if name == "default" else "")
-        rows.append((f"phi3 {label}", tps))
-        rows.append((f"bandwidth ceiling {label} ({weight_bytes / 1e6:.0f} MB/token at {bw:.0f} GB/s)", bw * 1e9 / weight_bytes))
+                                              args.new_tokens, quantize)
+        label = "phi3 " + str(dtype).removeprefix("torch.") + (" (the default)" if name == "default" else "") + \
+            (f", {quantize} (RTN)" if quantize else "")
+        rows.append((f"{label} ({weight_bytes / 1e6:.0f} MB of weights)", tps))
+        rows.append((f"bandwidth ceiling, {label} at {bw:.0f} GB/s", bw * 1e9 / weight_bytes))
     peers = args.peers.split(",")
     if "transformers" in peers:
         rows.append(("transformers float32", bench_transformers(args.model, device, torch.float32, args.new_tokens)))
     if "llama.cpp" in peers and device.type == "cpu":
         tps = bench_llama_cpp(args.model, args.new_tokens, threads)
         rows.append(("llama.cpp (llama-cpp-python)", tps))
-    ours = rows[0][1]
-    print(f"{'engine':<60} {'tok/s':>8} {'vs ' + rows[0][0]:>18}")
+    first = rows[0][1]
+    print(f"{'engine':<64} {'tok/s':>8}   vs {rows[0][0]}")
     for name, tps in rows:
         if tps is None:
-            print(f"{name:<60} {'n/a':>8}   (not installed)")
+            print(f"{name:<64} {'n/a':>8}   (not installed)")
         else:
-            print(f"{name:<60} {tps:8.1f} {tps / ours:17.2f}x")
+            print(f"{name:<64} {tps:8.1f} {tps / first:8.2f}x")
 
 
 if __name__ == "__main__":

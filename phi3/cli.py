@@ -1,4 +1,4 @@
-"""`phi3 generate · chat · info · serve · bench · finetune · merge`: thin argparse subcommands over the library.
+"""`phi3 generate · chat · info · serve · quantize · bench · finetune · merge`: thin argparse subcommands over the library.
 
 A subcommand is a pair, `_add_<name>_args(parser)` (its flags; each help says the default) and
 `cmd_<name>(args) -> int` (the work), listed in COMMANDS. A command checks its input before the
@@ -287,6 +287,30 @@ def cmd_bench(args) -> int:
     return run(args)
 
 
+# -- quantize ------------------------------------------------------------------------------------
+def _add_quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", required=True, help="directory, .gguf file, hub id or alias to quantize (required)")
+    p.add_argument("--out", required=True, help="the new checkpoint directory, new or empty (required)")
+    p.add_argument("--bits", required=True, help="8 (per-channel symmetric) or 4 (group-wise affine) (required)")
+    p.add_argument("--method", default="rtn", help="rtn (round to nearest) or awq (activation-aware) (default: %(default)s)")
+    p.add_argument("--group-size", type=int, default=None, help="columns per scale: int4 32, 64 or 128; int8 one "
+                   "scale per row unless given (default: 32 for int4)")
+    p.add_argument("--calibration", default=None, help="AWQ: a UTF-8 text file (default: a built-in mixed set)")
+    p.add_argument("--keep-lm-head", action="store_true", help="leave lm_head (tied: the embedding) unquantized "
+                   "(default: off)")
+    p.add_argument("--device", default=None, help="where to run the quantization (default: cuda when present, else cpu)")
+
+
+def cmd_quantize(args) -> int:
+    from .convert import quantize_checkpoint
+
+    group_size = ... if args.group_size is None else args.group_size  # ...: the default for the bit width
+    out = quantize_checkpoint(args.model, args.out, args.bits, args.method, group_size, args.calibration,
+                              args.keep_lm_head, args.device)
+    print(f"phi3 quantize: wrote {out}", file=sys.stderr)
+    return 0
+
+
 # -- finetune · merge ------------------------------------------------------------------------------
 def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     _add_model_arg(p)
@@ -359,6 +383,8 @@ COMMANDS = {  # name: (what it does, its flags, its work)
     "chat": ("an interactive multi-turn chat", _add_chat_args, cmd_chat),
     "info": ("config summary, parameter count, memory needs", _add_info_args, cmd_info),
     "serve": ("an OpenAI-compatible HTTP server (chat and text completions)", _add_serve_args, cmd_serve),
+    "quantize": ("write an int8 / int4 weight-only quantized checkpoint (RTN or AWQ)", _add_quantize_args,
+                 cmd_quantize),
     "bench": ("prefill/decode speed, first-token time, memory, fraction of the floor", _add_bench_args, cmd_bench),
     "finetune": ("LoRA or full fine-tuning on chat or prompt/completion JSONL (data-parallel under torchrun)",
                  _add_finetune_args, cmd_finetune),

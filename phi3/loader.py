@@ -22,49 +22,83 @@ Prepare = Callable[[Phi3], None]
 
 
 def load(model, *, device=None, dtype=None, attn_implementation: str = "sdpa",
-         prepare: Prepare | None = None, adapter=None) -> LLM:
+         prepare: Prepare | None = None, quantize: str | None = None, adapter=None) -> LLM:
     """Load a model: a local directory, a .gguf file, a hub id or an alias (see `phi3.weights.resolve`).
 
     `device` defaults to CUDA when present, else CPU; `dtype` to fp32 on CPU and the checkpoint's
-    own on GPU (see `pick_dtype`). `attn_implementation`: "sdpa" (torch's
-    fused flash / memory-efficient kernels where available) or "eager". `prepare(model)` runs on
-    the model built on the meta device, before the weights are read. `adapter`: a PEFT LoRA adapter
-    directory (`adapter_config.json` + `adapter_model.safetensors`) applied on top (see `phi3.lora`).
+    own on GPU (see `pick_dtype`). `attn_implementation`: "sdpa" (torch's fused flash /
+    memory-efficient kernels where available) or "eager". `prepare(model)` runs on the model built
+    on the meta device, before the weights are read. `quantize` ("int8" or "int4") quantizes a
+    floating-point checkpoint on the fly (round to nearest, the defaults of
+    `phi3.convert.quantize_model`); quantized checkpoints (config.json `quantization`) and GGUF
+    files load into packed modules by themselves. `adapter`: a PEFT LoRA adapter directory
+    (`adapter_config.json` + `adapter_model.safetensors`) applied on top (see `phi3.lora`).
     """
     from .lora import apply_adapter, read_adapter
 
     lora = read_adapter(adapter) if adapter is not None else None  # a bad adapter fails before the slow part
-    llm = _load(model, device, dtype, attn_implementation, prepare)
+    llm = _load(model, device, dtype, attn_implementation, prepare, quantize)
     if lora is not None:
         apply_adapter(llm.model, lora)
     return llm
 
 
-def _load(model, device, dtype, attn_implementation, prepare) -> LLM:
+def _load(model, device, dtype, attn_implementation, prepare, quantize) -> LLM:
     from .tokenizer import generation_stop_ids, load_tokenizer
     from .weights import build_model, load_safetensors_model, resolve
 
-    device = pick_device(device)  # both checked before anything slow
+    device = pick_device(device)  # device, dtype and quantize checked before anything slow
     pick_dtype(dtype, device, None)
+    if quantize is not None:
+        from .convert import parse_bits
+
+        parse_bits(quantize)
     path = resolve(model)
     if path.suffix == ".gguf":
         from .gguf import load_gguf
         from .tokenizer import tokenizer_from_gguf_metadata
 
         dtype = pick_dtype(dtype, device, None)
-        config_dict, state, metadata = load_gguf(path, dtype=dtype)
+        config_dict, state, metadata = load_gguf(path, dtype=dtype, packed=True)  # Q4_0/Q4_1/Q8_0 stay packed
         config = Phi3Config.from_dict(config_dict, source=str(path))
         net = build_model(config, state, device=device, dtype=dtype, attn_implementation=attn_implementation,
-                          source=str(path), prepare=prepare)
-        return LLM(net, tokenizer_from_gguf_metadata(metadata), name=path.name)
-    config = Phi3Config.from_file(path / "config.json")
-    dtype = pick_dtype(dtype, device, config.torch_dtype)
-    net = load_safetensors_model(path, config, device=device, dtype=dtype, attn_implementation=attn_implementation,
-                                 prepare=prepare)
-    tokenizer = load_tokenizer(path) if (path / "tokenizer.json").exists() else None
-    # A tokenizer owns the stop ids; a bare checkpoint still has its generation config.
-    stop_ids = (generation_stop_ids(path) or []) if tokenizer is None else None
-    return LLM(net, tokenizer, stop_ids=stop_ids, name=str(model))
+                          source=str(path), prepare=_prepare(config, dtype, prepare, quantize))
+        llm = LLM(net, tokenizer_from_gguf_metadata(metadata), name=path.name)
+    else:
+        config = Phi3Config.from_file(path / "config.json")
+        dtype = pick_dtype(dtype, device, config.torch_dtype)
+        net = load_safetensors_model(path, config, device=device, dtype=dtype, attn_implementation=attn_implementation,
+                                     prepare=_prepare(config, dtype, prepare, quantize))
+        tokenizer = load_tokenizer(path) if (path / "tokenizer.json").exists() else None
+        # A tokenizer owns the stop ids; a bare checkpoint still has its generation config.
+        stop_ids = (generation_stop_ids(path) or []) if tokenizer is None else None
+        llm = LLM(net, tokenizer, stop_ids=stop_ids, name=str(model))
+    if quantize is not None:
+        from .convert import quantize_model
+
+        quantize_model(llm, bits=quantize)
+    return llm
+
+
+def _prepare(config: Phi3Config, dtype: torch.dtype, prepare: Prepare | None, quantize: str | None) -> Prepare | None:
+    """The caller's `prepare`, after swapping in the packed modules a quantized checkpoint needs.
+    An on-the-fly `quantize` request is checked against the config here, before the weights are read."""
+    if quantize is not None:
+        from .convert import check_request
+
+        check_request(config, quantize)
+    if config.quantization is None:
+        return prepare
+    from .quantize import prepare as packed_modules
+
+    swap = packed_modules(config.quantization, dtype, config.source)
+
+    def both(model: Phi3) -> None:
+        swap(model)
+        if prepare is not None:
+            prepare(model)
+
+    return both
 
 
 # -- choosing device and dtype -------------------------------------------------------------------

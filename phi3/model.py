@@ -128,7 +128,7 @@ class Phi3(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.rope = RotaryEmbedding(config)
+        self.rope = RotaryEmbedding(config, device="cpu")  # small; real even when the model is built on meta
         self.set_attn_implementation(attn_implementation)
         self.gradient_checkpointing = False  # training: recompute each block's activations in backward
 

@@ -153,6 +153,23 @@ class Tokenizer:
         """True for added tokens flagged special (the ones ``skip_special_tokens`` drops)."""
         return id in self._special_ids
 
+    def save(self, folder: str | Path) -> None:
+        """Write Hugging Face tokenizer files (tokenizer.json, tokenizer_config.json, and
+        generation_config.json with the stop ids) that `load_tokenizer(folder)` reads back as this
+        tokenizer: how a GGUF's vocabulary travels into a safetensors checkpoint."""
+        folder = Path(folder)
+        self._backend.save(str(folder / "tokenizer.json"))
+        added = {str(i): {"content": t.content, **{k: getattr(t, k) for k in _ADDED_TOKEN_FLAGS}}
+                 for i, t in sorted(self._backend.get_added_tokens_decoder().items())}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **self._special_tokens,
+                  "added_tokens_decoder": added, "add_bos_token": self.add_bos, "add_eos_token": self.add_eos}
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                                      encoding="utf-8")
+        generation = {"bos_token_id": self.bos_id, "eos_token_id": sorted(self.stop_ids)}
+        (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
         """Render ``messages`` with the chat template, as transformers' ``apply_chat_template(tokenize=False)``.
 
@@ -377,14 +394,26 @@ def tokenizer_from_gguf_metadata(metadata: dict[str, Any]) -> Tokenizer:
 
 
 def _merges_from_scores(tokens: list[str], scores: Sequence[float], vocab: dict[str, int]) -> list[tuple[str, str]]:
-    """BPE merges equivalent to sentencepiece's highest-score-first merging (transformers' ordering)."""
-    merges = []
-    for piece, score in dict(zip(tokens, scores)).items():
-        splits = [(piece[:i], piece[i:], score) for i in range(1, len(piece))
-                  if piece[:i] in vocab and piece[i:] in vocab]
-        merges += sorted(splits, key=lambda m: (vocab[m[0]], vocab[m[1]]))
-    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
-    return [(left, right) for left, right, _ in merges]
+    """BPE merges equivalent to sentencepiece's highest-score-first merging (transformers' ordering):
+    every split of a piece into two vocabulary pieces, by descending (score, left length, right
+    length), ties in piece order, then by (left id, right id). One sort of flat arrays: a 32k
+    vocabulary takes tens of milliseconds, not half a second of per-piece sorting."""
+    import numpy as np
+
+    get = vocab.get
+    lefts, rights, keys = [], [], []  # keys: (score, piece order, left length, left id, right id)
+    for n, (piece, score) in enumerate(dict(zip(tokens, scores)).items()):  # first place, last score
+        for i in range(1, len(piece)):
+            left_id, right_id = get(piece[:i]), get(piece[i:])
+            if left_id is not None and right_id is not None:
+                lefts.append(piece[:i])
+                rights.append(piece[i:])
+                keys.append((score, n, i, len(piece) - i, left_id, right_id))
+    if not keys:
+        return []
+    score, n, left_len, right_len, left_id, right_id = np.array(keys, dtype=np.float64).T
+    order = np.lexsort((right_id, left_id, n, -right_len, -left_len, -score))  # last key sorts first
+    return [(lefts[k], rights[k]) for k in order.tolist()]
 
 
 def _check_messages(messages: Any) -> None:

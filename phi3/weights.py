@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -40,6 +40,10 @@ FUSED_PROJECTIONS = {
     "self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
     "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
 }
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8}
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -134,10 +138,11 @@ class LazyTensor:
     floating: bool
     load: Callable[[], torch.Tensor]
     origin: Path | None = None  # the file it lives in, for error messages
+    dtype: torch.dtype | None = None  # as stored; None when unknown
 
     @classmethod
     def of(cls, t: torch.Tensor) -> "LazyTensor":
-        return cls(tuple(t.shape), t.is_floating_point(), lambda: t)
+        return cls(tuple(t.shape), t.is_floating_point(), lambda: t, dtype=t.dtype)
 
 
 def read_safetensors(files: list[Path], stack: ExitStack) -> dict[str, LazyTensor]:
@@ -151,7 +156,8 @@ def read_safetensors(files: list[Path], stack: ExitStack) -> dict[str, LazyTenso
                     raise WeightsError(f"{f}: tensor {name} is also in {tensors[name].origin}")
                 info = st.get_slice(name)
                 floating = info.get_dtype().startswith(("F", "BF"))
-                tensors[name] = LazyTensor(tuple(info.get_shape()), floating, partial(_read, st, f, name), f)
+                tensors[name] = LazyTensor(tuple(info.get_shape()), floating, partial(_read, st, f, name), f,
+                                           _SAFETENSORS_DTYPES.get(info.get_dtype()))
         except SafetensorError as e:
             raise WeightsError(f"{f}: cannot read safetensors file ({e})") from None
     return tensors
@@ -181,7 +187,8 @@ def fuse_projections(tensors: dict[str, LazyTensor]) -> dict[str, LazyTensor]:
                                        f"{[p.shape for p in pieces]}")
                 out[prefix + fused] = LazyTensor(
                     (sum(p.shape[0] for p in pieces), *pieces[0].shape[1:]), all(p.floating for p in pieces),
-                    lambda pieces=pieces: torch.cat([p.load() for p in pieces]), pieces[0].origin)
+                    lambda pieces=pieces: torch.cat([p.load() for p in pieces]), pieces[0].origin,
+                    pieces[0].dtype if len({p.dtype for p in pieces}) == 1 else None)
     return out
 
 
@@ -190,31 +197,51 @@ def build_model(config: Phi3Config, tensors: dict[str, LazyTensor | torch.Tensor
                 prepare: Callable[[Phi3], None] | None = None) -> Phi3:
     """A Phi3 with exactly these weights: built on the meta device, `prepare(model)` (which may swap
     modules, e.g. for packed quantized ones), every shape checked, then the tensors read one at a
-    time, cast, and assigned. Floating-point tensors take `dtype`; others (packed integers) keep theirs."""
+    time, cast, and assigned. Floating-point tensors take `dtype`, except those a prepared module
+    declares in another floating dtype (packed modules' fp16 scales), which take that one; integer
+    (packed) tensors must have the dtype the module declares."""
     tensors = {k: t if isinstance(t, LazyTensor) else LazyTensor.of(t) for k, t in tensors.items()}
-    with torch.device("meta"):
+    with torch.device("meta"), _skip_init():
         model = Phi3(config, attn_implementation)
         if prepare is not None:
             prepare(model)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    meta = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in meta.items()}
     if config.tie_word_embeddings:
-        expected.pop("lm_head.weight")
+        expected.pop("lm_head.weight", None)  # absent when a packed embedding is tied (phi3.quantize.TiedHead)
         tensors.pop("lm_head.weight", None)  # some tied checkpoints still carry a copy
-    floating = {k: v.is_floating_point() for k, v in model.state_dict().items()}
-    _check(config, expected, tensors, source, floating)
+    floating = {k: v.is_floating_point() for k, v in meta.items()}
+    target = {k: dtype if v.dtype == torch.float32 else v.dtype for k, v in meta.items()}  # meta is built in fp32
+    _check(config, expected, tensors, source, floating, target)
     state = {}
     for k in tqdm(list(tensors), desc="loading weights", unit="tensor", disable=None, leave=False):
         t = tensors.pop(k).load()  # pop: the source copy can go
-        state[k] = t.to(device=device, dtype=dtype if floating[k] else t.dtype)
+        state[k] = t.to(device=device, dtype=target[k])
     model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and isinstance(model.lm_head, torch.nn.Linear):
         model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_rope(device)
     return model.eval().requires_grad_(False)
 
 
+@contextmanager
+def _skip_init():
+    """No random init for modules built on meta (the weights replace it): `normal_` on a meta
+    tensor (nn.Embedding's init) runs a Python reference that imports torch._dynamo, seconds of
+    start-up. transformers' `no_init_weights` does the same."""
+    names = ("normal_", "uniform_", "kaiming_uniform_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for n in names:
+        setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
+
+
 def _check(config: Phi3Config, expected: dict[str, tuple], tensors: dict[str, LazyTensor], source: str,
-           floating: dict[str, bool]) -> None:
+           floating: dict[str, bool], target: dict[str, torch.dtype]) -> None:
     def where(k: str) -> str:
         return f" ({tensors[k].origin.name})" if tensors[k].origin is not None else ""
 
@@ -236,6 +263,8 @@ def _check(config: Phi3Config, expected: dict[str, tuple], tensors: dict[str, La
             want = "floating-point" if floating[k] else "integer (packed)"
             raise WeightsError(f"{source}: tensor {k}{where(k)} is {'' if t.floating else 'not '}floating point; "
                                f"expected {want} values")
+        if not t.floating and t.dtype is not None and t.dtype != target[k]:
+            raise WeightsError(f"{source}: tensor {k}{where(k)} is {t.dtype}; expected {target[k]} (packed weights)")
 
 
 def load_safetensors_model(folder: Path, config: Phi3Config, *, device, dtype, attn_implementation="sdpa",

@@ -19,7 +19,8 @@ from gguf_fixture import gguf_string, raw_gguf, tiny_phi3, write_gguf
 from transformers import Phi3Config
 from transformers.modeling_rope_utils import _compute_longrope_parameters
 
-from phi3 import assets
+import phi3
+from phi3 import assets, quantize
 from phi3.gguf import GGUFError, load_gguf, read_metadata
 
 
@@ -66,6 +67,25 @@ def test_smollm2_state_dict_matches_transformers(smollm2):
     for k in fused:
         assert ours[k].dtype == torch.float32 and ours[k].shape == fused[k].shape, k
         assert torch.equal(ours[k], fused[k]), k
+
+
+def test_smollm2_stays_packed_and_bit_exact(smollm2):
+    path, _, theirs, (_, dense, _) = smollm2
+    cfg, packed, _ = load_gguf(path, packed=True)
+    assert cfg["quantization"] == {"method": "gguf", "bits": 4, "group_size": 32,
+                                   "modules": {"model.embed_tokens": {"bits": 8, "group_size": 32}}}  # Q4_1, Q8_0
+    for k, w in dense.items():
+        prefix = k.removesuffix("weight")
+        if w.ndim == 2:
+            assert torch.equal(quantize.dequantize(packed[prefix + "weight"], packed[prefix + "scales"],
+                                                   packed.get(prefix + "biases")), w), k
+    assert torch.equal(dense["model.embed_tokens.weight"], theirs["model.embed_tokens.weight"])
+    # in memory: fp32 holds the dequantized weights (exact); bf16 keeps them packed for the int kernels
+    sizes = {}
+    for dtype in ("float32", "bfloat16"):
+        model = phi3.load(path, dtype=dtype).model
+        sizes[dtype] = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    assert sizes["float32"] > 500e6 and sizes["bfloat16"] < 110e6, sizes  # Q4_1 + Q8_0 as in the file, ~100 MB
 
 
 def test_metadata_matches_gguf_reader(smollm2, tmp_path):
@@ -182,6 +202,56 @@ def test_tensor_types(qtype, wide_phi3, tmp_path):
             err = (ours[hf] - state[hf]).abs().max() / state[hf].abs().max()
             assert err < TOLERANCE[qtype], (hf, err)
     assert torch.equal(ours["model.norm.weight"], state["model.norm.weight"])
+
+
+PACKED = {T.Q4_0: 4, T.Q4_1: 4, T.Q8_0: 8}
+
+
+@pytest.mark.parametrize("arch", ["phi3", "llama"])
+@pytest.mark.parametrize("qtype", list(PACKED), ids=lambda t: t.name)
+def test_packed_blocks_dequantize_bit_exactly(qtype, arch, wide_phi3, tmp_path):
+    """Q4_0/Q4_1/Q8_0 stay packed (repacked, fused, Llama rows un-permuted) and the packed modules'
+    weights are exactly gguf.quants.dequantize of the same blocks."""
+    config, state = wide_phi3
+    written = write_gguf(tmp_path / "q.gguf", config, state, qtype=qtype, arch=arch)
+    _, dense, _ = load_gguf(tmp_path / "q.gguf")  # checked against gguf's dequantize above (and here, for phi3)
+    cfg, packed, _ = load_gguf(tmp_path / "q.gguf", packed=True)
+    bits = PACKED[qtype]
+    assert cfg["quantization"] == {"method": "gguf", "bits": bits, "group_size": 32,
+                                   "modules": {"model.embed_tokens": {"bits": bits, "group_size": 32}}}
+    llm = phi3.load(tmp_path / "q.gguf", dtype="float32")
+    for k, w in dense.items():
+        if w.ndim == 1:
+            assert torch.equal(packed[k], w)
+            continue
+        prefix = k.removesuffix("weight")
+        assert packed[prefix + "weight"].dtype == (torch.uint8 if bits == 4 else torch.int8)
+        assert packed[prefix + "scales"].dtype == torch.float16
+        assert torch.equal(quantize.dequantize(packed[prefix + "weight"], packed[prefix + "scales"],
+                                               packed.get(prefix + "biases")), w), k
+        module = llm.model.get_submodule(prefix.rstrip("."))
+        assert isinstance(module, quantize.QuantLinear) and torch.equal(module.dequantized(), w), k
+    if arch == "phi3":
+        data, _ = written["blk.1.ffn_down.weight"]
+        w = llm.model.get_submodule("model.layers.1.mlp.down_proj").dequantized()
+        assert torch.equal(w, torch.from_numpy(dequantize(data, qtype)))
+
+
+def test_q4_0_scales_beyond_fp16_biases_are_dequantized(tmp_path):
+    config, state = tiny_phi3(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              num_key_value_heads=1, vocab_size=16, longrope=False)
+    path = tmp_path / "big.gguf"
+    write_gguf(path, config, state, qtype=T.Q4_0)
+    tensor = next(t for t in gguf.GGUFReader(path).tensors if t.name == "blk.0.ffn_down.weight")
+    blob = bytearray(path.read_bytes())
+    blob[tensor.data_offset : tensor.data_offset + 2] = np.float16(20000).tobytes()  # -8 d overflows fp16
+    path.write_bytes(bytes(blob))
+    data = next(t for t in gguf.GGUFReader(path).tensors if t.name == "blk.0.ffn_down.weight")
+    cfg, packed, _ = load_gguf(path, packed=True)
+    assert cfg["quantization"]["modules"]["model.layers.0.mlp.down_proj"] is None
+    ref = torch.from_numpy(dequantize(data.data, T.Q4_0))
+    assert torch.equal(packed["model.layers.0.mlp.down_proj.weight"], ref) and ref.abs().max() > 1e4
+    assert torch.equal(phi3.load(path, dtype="float32").model.get_submodule("model.layers.0.mlp.down_proj").weight, ref)
 
 
 def test_dtype_argument(wide_phi3, tmp_path):

@@ -64,6 +64,7 @@ def check(blob: bytes) -> None:
         try:
             with np.errstate(all="ignore"):  # damaged scales dequantize to inf/NaN, which is no error of ours
                 load_gguf(path)
+                load_gguf(path, packed=True)
             event("loaded")
         except GGUFError:
             event("header ok, model rejected")

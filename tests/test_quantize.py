@@ -1,0 +1,303 @@
+"""Weight-only quantization on tiny checkpoints: the schemes against an independent numpy rounding,
+whole models against transformers running the same rounded weights, the kernels against the
+dense weight, checkpoints written and read back, and every bad input's one-line error."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import phi3
+from phi3.convert import quantize_weights
+from phi3.quantize import QuantEmbedding, QuantizationError, QuantLinear, Scheme, dequantize, quantize_int4, quantize_int8
+from phi3.weights import WeightsError
+
+
+# ---------------------------------------------------------------- the schemes, by their definition in numpy
+
+
+def numpy_int4(w: np.ndarray, g: int) -> np.ndarray:
+    """Affine min/max rounding per group, scale and min stored in fp16: the scheme as documented."""
+    wg = w.astype(np.float32).reshape(w.shape[0], -1, g)
+    lo, hi = wg.min(-1, keepdims=True), wg.max(-1, keepdims=True)
+    s, b = ((hi - lo) / 15).astype(np.float16).astype(np.float32), lo.astype(np.float16).astype(np.float32)
+    q = np.clip(np.round((wg - b) / np.maximum(s, 2.0 ** -24)), 0, 15)
+    return (q * s + b).reshape(w.shape)
+
+
+def numpy_int8(w: np.ndarray, g: int | None) -> np.ndarray:
+    wg = w.astype(np.float32).reshape(w.shape[0], -1, g or w.shape[1])
+    s = (np.abs(wg).max(-1, keepdims=True) / 127).astype(np.float16).astype(np.float32)
+    return (np.clip(np.round(wg / np.maximum(s, 2.0 ** -24)), -127, 127) * s).reshape(w.shape)
+
+
+@pytest.mark.parametrize("bits,g", [(4, 32), (4, 64), (8, None), (8, 32)])
+def test_rounding_matches_the_numpy_definition(bits, g):
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(bits)) * 0.05
+    w[3, :32] = 0.25  # a constant group: zero range
+    packed = quantize_int4(w, g) if bits == 4 else quantize_int8(w, g)
+    ours = dequantize(*packed).numpy()
+    ref = numpy_int4(w.numpy(), g) if bits == 4 else numpy_int8(w.numpy(), g)
+    np.testing.assert_array_equal(ours, ref)
+    assert packed[0].dtype == (torch.uint8 if bits == 4 else torch.int8)
+    assert packed[0].shape == ((48, 64) if bits == 4 else (48, 128))  # two weights per byte
+    wg = w.view(48, -1, g or 128)
+    step = (wg.amax(-1) - wg.amin(-1)) / 15 if bits == 4 else wg.abs().amax(-1) / 127
+    err = (torch.from_numpy(ours) - w).abs().view(48, -1, g or 128).amax(-1)
+    assert (err <= step * 0.5 + 1e-3 * step.max()).all()  # half a step, give or take fp16 scales
+
+
+KERNELS = [(bits, kernel, dtype) for bits in (4, 8) for kernel, dtype in
+           [("dense", torch.float32), ("dense", torch.bfloat16), ("int8", torch.bfloat16), ("int4", torch.bfloat16)]
+           if not (kernel == "int4" and bits == 8)]  # the int4 kernels take int4 weights only
+
+
+@pytest.mark.parametrize("bits,kernel,dtype", KERNELS, ids=lambda x: str(x).removeprefix("torch."))
+def test_kernels_against_the_dense_weight(bits, kernel, dtype):
+    """Every kernel, on (B, T, C) inputs of several shapes, computes x @ dequantized(w).T (to bf16 precision)."""
+    torch.manual_seed(0)
+    w = torch.randn(96, 128) * 0.1
+    scheme = Scheme(bits, 32)
+    packed = quantize_int4(w, 32) if bits == 4 else quantize_int8(w, 32)
+    names = ("weight", "scales", "biases")
+    module = QuantLinear(128, 96, scheme, dtype, kernel).set_packed(**dict(zip(names, [t.clone() for t in packed])))
+    table = QuantEmbedding(96, 128, scheme, dtype, kernel).set_packed(**dict(zip(names, [t.clone() for t in packed])))
+    ref = dequantize(*packed)
+    tol = 1e-6 if dtype == torch.float32 else 2e-2  # bf16: activations and (for int8 from int4) re-rounded rows
+    for shape in [(1, 1), (1, 7), (3, 5)]:
+        x = torch.randn(*shape, 128)
+        y = module(x.to(dtype)).float()
+        assert y.shape == (*shape, 96) and module.kernel == kernel
+        assert ((y - x @ ref.T).abs().max() / (x @ ref.T).abs().max()) <= tol
+        tokens = torch.randint(0, 96, shape)
+        assert (table(tokens).float() - ref[tokens]).abs().max() <= tol * ref.abs().max()
+    assert (module.dequantized() - ref).abs().max() <= tol * ref.abs().max()
+
+
+def test_kernels_choice_on_this_machine():
+    s4 = Scheme(4, 32)
+    cpu = torch.device("cpu")
+    assert phi3.quantize.choose_kernel(s4, 96, 128, cpu, torch.float32) == "dense"  # fp32: exact
+    assert phi3.quantize.choose_kernel(s4, 96, 128, cpu, torch.bfloat16) == "int4"
+    assert phi3.quantize.choose_kernel(s4, 40, 128, cpu, torch.bfloat16) == "int8"  # int4 kernel: rows in 16s
+    assert phi3.quantize.choose_kernel(Scheme(8), 96, 128, cpu, torch.bfloat16) == "int8"
+    assert phi3.quantize.choose_kernel(Scheme(8, 32), 96, 128, cpu, torch.bfloat16) == "int8"  # re-rounded per row
+
+
+# ---------------------------------------------------------------- whole models against transformers
+
+
+def fake_quantized_reference(folder, ref_model, bits: int, g: int | None, keep_lm_head: bool = False):
+    """transformers' own model with every linear (and lm_head) replaced by its numpy-rounded weights."""
+    model = type(ref_model).from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and not (keep_lm_head and name == "lm_head"):
+                w = module.weight.numpy()
+                module.weight.copy_(torch.from_numpy(numpy_int4(w, g) if bits == 4 else numpy_int8(w, g)))
+    return model
+
+
+@pytest.mark.parametrize("bits,g", [(4, 32), (8, None)])
+def test_on_the_fly_quantization_equals_transformers_on_rounded_weights(checkpoints, bits, g):
+    folder, ref = checkpoints["gqa"]
+    theirs = fake_quantized_reference(folder, ref, bits, g)
+    ours = phi3.load(folder, dtype="float32", quantize=f"int{bits}")
+    assert isinstance(ours.model.lm_head, QuantLinear) and isinstance(ours.model.model.embed_tokens, torch.nn.Embedding)
+    assert ours.config.quantization == {"method": "rtn", "bits": bits, "group_size": g, "modules": {}}
+    ids = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]
+    with torch.no_grad():
+        expected = theirs(torch.tensor([ids])).logits[0]
+        assert not torch.allclose(expected, ref(torch.tensor([ids])).logits[0], atol=1e-3)  # rounding shows
+    torch.testing.assert_close(ours.logits(ids), expected, atol=2e-4, rtol=0)
+    greedy = ours.generate(ids, max_new_tokens=12).token_ids
+    with torch.no_grad():
+        out = theirs.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                              pad_token_id=0, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    assert greedy == out[0, len(ids):].tolist()
+
+
+def run_cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "phi3", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_writes_a_checkpoint_that_loads_into_packed_modules(checkpoints, tmp_path):
+    folder, ref = checkpoints["longrope"]
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 8]}))
+    out = tmp_path / "int4"
+    done = run_cli("quantize", "--model", folder, "--out", out, "--bits", "4", "--keep-lm-head")
+    assert done.returncode == 0, done.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"] == {"method": "rtn", "bits": 4, "group_size": 32, "modules": {"lm_head": None}}
+    source = json.loads((folder / "config.json").read_text())
+    assert {k: v for k, v in config.items() if k in source and "dtype" not in k} == \
+        {k: v for k, v in source.items() if "dtype" not in k}  # the source's config, LongRoPE factors included
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [7, 8]
+    tensors = load_file(out / "model.safetensors")
+    qkv = "model.layers.0.self_attn.qkv_proj"
+    assert tensors[f"{qkv}.weight"].dtype == torch.uint8 and tensors[f"{qkv}.weight"].shape == (192, 32)
+    assert tensors[f"{qkv}.scales"].shape == tensors[f"{qkv}.biases"].shape == (192, 2)
+    assert tensors["lm_head.weight"].dtype == torch.float32  # kept, in the source's dtype
+    loaded = phi3.load(out, dtype="float32")
+    assert isinstance(loaded.model.model.layers[1].mlp.down_proj, QuantLinear)
+    assert isinstance(loaded.model.lm_head, torch.nn.Linear) and loaded.stop_ids == {7, 8}
+    ids = [5, 4, 3, 2, 1, 40, 41]
+    theirs = fake_quantized_reference(folder, ref, 4, 32, keep_lm_head=True)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.logits(ids), theirs(torch.tensor([ids])).logits[0], atol=2e-4, rtol=0)
+    on_the_fly = phi3.load(folder, dtype="float32")
+    phi3.convert.quantize_model(on_the_fly, 4, keep_lm_head=True)
+    assert torch.equal(loaded.logits(ids), on_the_fly.logits(ids))
+    # bf16 loads run the packed kernels: answers close to the fp32 ones, weights a fraction of the bytes
+    fast = phi3.load(out, dtype="bfloat16")
+    assert fast.model.model.layers[0].self_attn.qkv_proj.kernel in ("int8", "int4")
+    assert (fast.logits(ids) - loaded.logits(ids)).abs().max() < 0.1 * loaded.logits(ids).abs().max()
+
+
+def test_tied_embeddings_are_packed_once(checkpoints, tmp_path):
+    folder, ref = checkpoints["partial"]  # tied embeddings
+    quantization, packed = quantize_weights(phi3.load(folder, dtype="float32"), bits=8)
+    assert set(packed) == {f"model.layers.{i}.{s}" for i in range(2) for s in phi3.quantize.LINEAR_SUFFIXES} | \
+        {"model.embed_tokens"}
+    assert quantization["modules"] == {"model.embed_tokens": {"bits": 8, "group_size": None}}
+    out = tmp_path / "tied"
+    assert run_cli("quantize", "--model", folder, "--out", out, "--bits", "8").returncode == 0
+    assert not any(k.startswith("lm_head") for k in load_file(out / "model.safetensors"))
+    loaded = phi3.load(out, dtype="float32")
+    assert isinstance(loaded.model.model.embed_tokens, QuantEmbedding)
+    theirs = fake_quantized_reference(folder, ref, 8, None)  # its lm_head is the tied embedding
+    with torch.no_grad():
+        theirs.model.embed_tokens.weight.copy_(theirs.lm_head.weight)
+        ids = [9, 8, 7, 100, 200, 300]
+        torch.testing.assert_close(loaded.logits(ids), theirs(torch.tensor([ids])).logits[0], atol=2e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- bad input: one clear line each
+
+
+def test_bad_requests(checkpoints, tmp_path):
+    folder, _ = checkpoints["window"]  # hidden 64, intermediate 96
+    llm = phi3.load(folder, dtype="float32")
+    cases = {"unsupported quantization 3": dict(bits=3), "unsupported method 'gptq'": dict(bits=4, method="gptq"),
+             "group size 64 does not divide the input dimension 96": dict(bits=4, group_size=64),
+             "group size 48 is not a positive multiple of 32": dict(bits=8, group_size=48),
+             "AWQ needs the model's tokenizer": dict(bits=4, method="awq")}
+    for needle, kw in cases.items():
+        with pytest.raises(QuantizationError, match=needle):
+            quantize_weights(llm, **kw)
+    with pytest.raises(QuantizationError, match="unsupported quantization 'int3'"):
+        phi3.load(folder, quantize="int3")
+
+
+def test_bad_calibration_files(tmp_path):
+    from phi3.awq import CalibrationError, calibration_text
+
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "binary.bin").write_bytes(b"\x00\x01\x02text")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    for name, needle in [("empty.txt", "empty"), ("binary.bin", "not text"), ("latin1.txt", "not UTF-8"),
+                         ("missing.txt", "cannot read")]:
+        with pytest.raises(CalibrationError, match=needle) as e:
+            calibration_text(tmp_path / name)
+        assert str(tmp_path / name) in str(e.value)
+    assert "photosynthesis" in calibration_text().lower()  # the built-in set
+
+
+def test_cli_errors_are_one_line_and_come_before_loading(checkpoints, tmp_path):
+    folder, _ = checkpoints["window"]
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    out = tmp_path / "out"
+    cases = [(["--bits", "3"], "unsupported quantization '3'"), (["--bits", "4", "--method", "gptq"], "unsupported method"),
+             (["--bits", "4", "--group-size", "64"], "does not divide the input dimension 96"),
+             (["--bits", "4", "--method", "awq", "--calibration", tmp_path / "empty.txt"], "empty"),
+             (["--bits", "4", "--out", tmp_path / "full"], "not an empty directory")]
+    for args, needle in cases:
+        args = args if "--out" in args else [*args, "--out", out]
+        done = run_cli("quantize", "--model", folder, *args)
+        assert done.returncode == 2 and needle in done.stderr, (args, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert not out.exists()
+    assert run_cli("quantize", "--model", folder, "--out", out, "--bits", "8").returncode == 0
+    again = run_cli("quantize", "--model", out, "--out", tmp_path / "again", "--bits", "4")
+    assert again.returncode == 2 and "already quantized" in again.stderr and len(again.stderr.splitlines()) == 1
+    with pytest.raises(QuantizationError, match="already quantized"):
+        phi3.load(out, quantize="int4")
+
+
+@pytest.fixture(scope="module")
+def int4_checkpoint(checkpoints, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "int4"
+    assert run_cli("quantize", "--model", checkpoints["gqa"][0], "--out", out, "--bits", "4").returncode == 0
+    return out
+
+
+@pytest.mark.parametrize("key,tensor,needle", [
+    ("model.layers.1.mlp.down_proj.weight", torch.zeros(128, 40, dtype=torch.uint8), "(128, 40) in the file, (128, 48)"),
+    ("model.layers.1.mlp.down_proj.weight", torch.zeros(128, 48, dtype=torch.int8), "is torch.int8; expected torch.uint8"),
+    ("model.layers.0.self_attn.o_proj.scales", torch.zeros(128, 3, dtype=torch.float16), "o_proj.scales"),
+    ("model.layers.0.self_attn.o_proj.biases", torch.zeros(128, 4, dtype=torch.int32), "is not floating point"),
+])
+def test_damaged_packed_tensors_name_the_file(int4_checkpoint, tmp_path, key, tensor, needle):
+    tensors = load_file(int4_checkpoint / "model.safetensors")
+    assert key in tensors
+    tensors[key] = tensor
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    save_file(tensors, bad / "model.safetensors")
+    (bad / "config.json").write_text((int4_checkpoint / "config.json").read_text())
+    with pytest.raises(WeightsError) as e:
+        phi3.load(bad, dtype="float32")
+    assert str(bad / "model.safetensors") in str(e.value) and needle in str(e.value), str(e.value)
+
+
+def test_bad_quantization_entries(int4_checkpoint, tmp_path):
+    config = json.loads((int4_checkpoint / "config.json").read_text())
+    for change, needle in [({"bits": 3}, "3-bit weights are not supported"), ({"method": "magic"}, "method 'magic'"),
+                           ({"group_size": 48}, "not a positive multiple of 32"),
+                           ({"modules": {"model.norm": None}}, "'model.norm', which is not a linear")]:
+        bad = tmp_path / f"bad{len(needle)}"
+        bad.mkdir()
+        (bad / "model.safetensors").symlink_to(int4_checkpoint / "model.safetensors")
+        (bad / "config.json").write_text(json.dumps({**config, "quantization": {**config["quantization"], **change}}))
+        with pytest.raises(QuantizationError, match=needle) as e:
+            phi3.load(bad, dtype="float32")
+        assert str(bad / "config.json") in str(e.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cuda_kernels(bits):
+    torch.manual_seed(0)
+    w = torch.randn(256, 512) * 0.05
+    scheme = Scheme(bits, 128 if bits == 4 else None)
+    packed = quantize_int4(w, 128) if bits == 4 else quantize_int8(w, None)
+    module = QuantLinear(512, 256, scheme, torch.bfloat16).set_packed(*[t.cuda() for t in packed])
+    assert module.kernel == ("int4" if bits == 4 else "int8")
+    x = torch.randn(2, 3, 512, device="cuda")
+    ref = x @ dequantize(*packed).cuda().T
+    y = module(x.bfloat16()).float()
+    assert (y - ref).abs().max() / ref.abs().max() < 2e-2
+
+
+def test_requantizing_a_gguf_loaded_for_the_int_kernels(tmp_path):
+    """A GGUF loaded in bf16 holds kernel layouts (int4 read back through the kernel); quantizing it
+    again must still produce layouts the int8 kernel takes."""
+    from gguf import GGMLQuantizationType
+    from gguf_fixture import tiny_phi3, write_gguf
+
+    config, state = tiny_phi3(hidden_size=64, intermediate_size=96, vocab_size=64)
+    write_gguf(tmp_path / "q.gguf", config, state, qtype=GGMLQuantizationType.Q4_1)
+    packed = phi3.load(tmp_path / "q.gguf", dtype="bfloat16")
+    assert packed.model.model.layers[0].self_attn.qkv_proj.kernel == "int4"
+    requantized = phi3.load(tmp_path / "q.gguf", dtype="bfloat16", quantize="int8")
+    assert requantized.model.model.layers[0].self_attn.qkv_proj.kernel == "int8"
+    ids = [1, 2, 3, 4, 5]
+    assert (requantized.logits(ids) - packed.logits(ids)).abs().max() < 0.05 * packed.logits(ids).abs().max()
