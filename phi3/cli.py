@@ -342,6 +342,8 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", choices=("linear", "constant", "cosine"), default="linear",
                    help="learning-rate schedule, as transformers' (default: %(default)s)")
     p.add_argument("--full", action="store_true", help="train every weight instead of a LoRA (default: off)")
+    p.add_argument("--quantize", default=None, help="int4 or int8: a LoRA on the base quantized on the fly "
+                                                    "(QLoRA; a GGUF's packed blocks stay packed anyway) (default: off)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in backward: less memory, more compute (default: off)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint "

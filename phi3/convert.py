@@ -122,8 +122,8 @@ def _round_trip(w: torch.Tensor, bits: int, group_size: int | None) -> torch.Ten
     return ((wg - b).div_(s).round_().clamp_(0, 15).mul_(s).add_(b)).view(N, K)
 
 
-def install(llm, quantization: dict, packed: dict[str, dict[str, torch.Tensor]]) -> None:
-    """Swap the quantized modules into `llm.model` (packed kernels for its device and dtype)."""
+def install(llm, quantization: dict, packed: dict[str, dict[str, torch.Tensor]], kernel: str | None = None) -> None:
+    """Swap the quantized modules into `llm.model` (packed kernels for its device and dtype, or `kernel`)."""
     model, dtype = llm.model, llm.dtype
     scheme = Scheme(quantization["bits"], quantization["group_size"], quantization["method"] == "awq")
     for name, tensors in packed.items():
@@ -131,10 +131,10 @@ def install(llm, quantization: dict, packed: dict[str, dict[str, torch.Tensor]])
         device = llm.device
         tensors = {k: v.to(device) for k, v in tensors.items()}
         if isinstance(old, (nn.Embedding, QuantEmbedding)):
-            new = QuantEmbedding(model.config.vocab_size, model.config.hidden_size, scheme, dtype)
+            new = QuantEmbedding(model.config.vocab_size, model.config.hidden_size, scheme, dtype, kernel)
         else:
             new = QuantLinear(model.config.hidden_size if name == "lm_head" else old.in_features,
-                              model.config.vocab_size if name == "lm_head" else old.out_features, scheme, dtype)
+                              model.config.vocab_size if name == "lm_head" else old.out_features, scheme, dtype, kernel)
         new.set_packed(**tensors)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
@@ -144,9 +144,10 @@ def install(llm, quantization: dict, packed: dict[str, dict[str, torch.Tensor]])
 
 
 def quantize_model(llm, bits: int = 4, group_size: int | None = ..., method: str = "rtn",
-                   calibration: str | Path | None = None, keep_lm_head: bool = False) -> None:
-    """Quantize `llm` in place (see `quantize_weights`); its answers are then the quantized model's."""
-    install(llm, *quantize_weights(llm, bits, group_size, method, calibration, keep_lm_head))
+                   calibration: str | Path | None = None, keep_lm_head: bool = False, kernel: str | None = None) -> None:
+    """Quantize `llm` in place (see `quantize_weights`); its answers are then the quantized model's.
+    `kernel` as for `QuantLinear` (default: the fastest for the device and dtype)."""
+    install(llm, *quantize_weights(llm, bits, group_size, method, calibration, keep_lm_head), kernel=kernel)
 
 
 # -- writing a checkpoint ------------------------------------------------------------------------

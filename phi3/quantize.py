@@ -332,6 +332,38 @@ def module_schemes(quantization: dict, num_layers: int, tied: bool, source: str 
     return out
 
 
+def dequantize_per_call(model: nn.Module) -> None:
+    """A `phi3.load(prepare=...)` hook for training on a packed base (QLoRA): its packed modules keep
+    the checkpoint layout and dequantize on every call, so gradients flow to their inputs (torch's
+    int kernels have no backward) while the base stays a quarter (int4) of its float size."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.requested_kernel = "packed"
+
+
+def dequantize_model(model: nn.Module) -> None:
+    """Put float modules back in place of packed ones, holding the dequantized weights in each
+    module's dtype (exact: what the packed module computes with in fp32), so every weight is a
+    trainable parameter and `state_dict` has the plain Hugging Face keys: for full fine-tuning,
+    merging an adapter and writing a plain checkpoint."""
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, QuantLinear):
+            continue
+        with torch.no_grad():
+            w = module.dequantized(module.dtype)
+        if isinstance(module, QuantEmbedding):
+            new = nn.Embedding(module.out_features, module.in_features, _weight=w, _freeze=True)
+        else:
+            new = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+            new.weight = nn.Parameter(w, requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    if isinstance(getattr(model, "lm_head", None), TiedHead):
+        model.lm_head = nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False, device="meta")
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.config.quantization = None
+
+
 def prepare(quantization: dict, dtype: torch.dtype, source: str = "config"):
     """The `phi3.load(prepare=...)` hook for a quantized checkpoint: swap the listed modules of the
     meta-built model for packed ones, checking each scheme against the module's shape."""

@@ -88,14 +88,20 @@ def merge(model, adapter, out, *, dtype=None, device=None) -> Path:
     (weights in the base's layout, config, tokenizer files). `dtype`: the saved
     weights' (default: the base checkpoint's, fp32 for a GGUF base). Merging is done in fp32."""
     from .loader import load, pick_device, pick_dtype
-    from .lora import merge_lora
+    from .lora import apply_adapter, merge_lora, read_adapter
+    from .quantize import dequantize_model, dequantize_per_call
     from .weights import resolve
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {out} exists and is not empty; pick a new or empty directory")
     base = resolve(model)
-    llm = load(base, device=pick_device(device), dtype=torch.float32, adapter=adapter)
+    lora = read_adapter(adapter)
+    # A packed base (a GGUF's blocks, a quantized checkpoint) is dequantized first: the merged
+    # checkpoint is plain, its weights the base's exact values plus the adapter's.
+    llm = load(base, device=pick_device(device), dtype=torch.float32, prepare=dequantize_per_call)
+    dequantize_model(llm.model)
+    apply_adapter(llm.model, lora)
     merge_lora(llm.model)
     if dtype is None:
         saved = llm.config.torch_dtype if base.is_dir() else None

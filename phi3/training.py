@@ -55,6 +55,7 @@ class FinetuneConfig:
     lora_dropout: float = 0.05
     targets: list[str] = field(default_factory=lambda: list(lora.ALL_TARGETS))
     full: bool = False  # train every weight instead of a LoRA
+    quantize: str | None = None  # "int4" or "int8": LoRA on a base quantized on the fly (QLoRA)
     seed: int = 0
     resume: bool = False
     gradient_checkpointing: bool = False
@@ -87,6 +88,12 @@ class FinetuneConfig:
             raise ValueError("lr and lora-alpha must be positive, weight-decay and max-grad-norm non-negative")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora-dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.quantize is not None:
+            from .convert import parse_bits
+
+            parse_bits(self.quantize)
+            if self.full:
+                raise ValueError("--quantize trains a LoRA on a quantized base; it cannot be combined with --full")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
 
@@ -105,7 +112,9 @@ class FinetuneResult:
 
 
 def finetune(model, data, out, **options) -> FinetuneResult:
-    """Fine-tune `model` (anything `phi3.load` accepts; a GGUF base is dequantized) on the JSONL file
+    """Fine-tune `model` (anything `phi3.load` accepts; a packed base, such as a GGUF's int4 blocks,
+    stays packed under a LoRA (QLoRA; `quantize="int4"` packs a float one) and is dequantized for
+    full fine-tuning) on the JSONL file
     `data`, writing to the directory `out`: a PEFT adapter (LoRA, the default) or a full checkpoint
     (`full=True`), checkpoints `checkpoint-<step>/`, and `log.jsonl` (one line per step).
 
@@ -161,7 +170,19 @@ class _Run:
 
         # Full fine-tuning keeps fp32 master weights and computes under autocast; a LoRA trains
         # fp32 adapters beside a base held in the compute dtype.
-        llm = load(cfg.model, device=self.device, dtype=torch.float32 if cfg.full else self.compute_dtype)
+        # A packed base (a GGUF, a quantized checkpoint, or `quantize`) dequantizes per call: QLoRA.
+        from .quantize import dequantize_per_call
+
+        llm = load(cfg.model, device=self.device, dtype=torch.float32 if cfg.full else self.compute_dtype,
+                   prepare=dequantize_per_call)
+        if cfg.quantize is not None:
+            from .convert import quantize_model
+
+            quantize_model(llm, bits=cfg.quantize, kernel="packed")
+        if cfg.full:  # every weight trains: a packed base becomes float (its exact dequantized values)
+            from .quantize import dequantize_model
+
+            dequantize_model(llm.model)
         if llm.tokenizer is None:
             raise ValueError(f"{cfg.model}: fine-tuning needs the model's tokenizer, and none was found")
         data = read_jsonl(cfg.data, llm.tokenizer, cfg.max_len)

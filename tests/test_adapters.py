@@ -184,6 +184,51 @@ def test_merge_onto_a_gguf_llama_base(tmp_path):
     assert merged_tok.stop_ids == base_tok.stop_ids and merged_tok.bos_id == base_tok.bos_id
 
 
+def test_packed_gguf_base_takes_a_lora_and_merges_into_a_plain_checkpoint(tmp_path):
+    """A GGUF whose weights stay packed (Q4_0 blocks, tied Q4_0 embedding): a LoRA on its packed
+    linears, merged, is a plain transformers checkpoint with base + adapter's logits."""
+    from gguf.constants import GGMLQuantizationType
+    from gguf_fixture import tiny_phi3, write_gguf
+    from transformers import AutoModelForCausalLM
+
+    from phi3.quantize import QuantLinear
+
+    config, state = tiny_phi3(longrope=False, tied=True, num_key_value_heads=2)
+    write_gguf(tmp_path / "q4.gguf", config, state, arch="llama", qtype=GGMLQuantizationType.Q4_0)
+    llm = _random_lora(tmp_path / "q4.gguf", "q_proj,k_proj,gate_proj,down_proj")
+    assert isinstance(llm.model.model.layers[0].mlp.down_proj.base, QuantLinear)  # the base stayed packed
+    save_adapter(llm.model, tmp_path / "adapter")
+    ids = torch.tensor([[1, 5, 9, 33, 2, 60, 17, 4]])
+    ours = _logits(llm.model, ids)
+    base = _logits(phi3.load(tmp_path / "q4.gguf", dtype="float32").model, ids)
+    assert (ours - base).abs().max() > 1e-2  # the adapter does something
+    phi3.merge(tmp_path / "q4.gguf", tmp_path / "adapter", tmp_path / "merged")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert torch.allclose(_logits(hf, ids), ours, atol=1e-4), (_logits(hf, ids) - ours).abs().max()
+    merged = phi3.load(tmp_path / "merged", dtype="float32")
+    assert not any(isinstance(m, QuantLinear) for m in merged.model.modules())
+    assert torch.allclose(_logits(merged.model, ids), ours, atol=1e-4)
+
+
+def test_dequantized_packed_model_is_the_same_model_in_float_modules(tmp_path):
+    """Full fine-tuning and merging put float modules back: same logits, every weight a parameter."""
+    from gguf.constants import GGMLQuantizationType
+    from gguf_fixture import tiny_phi3, write_gguf
+
+    from phi3.quantize import dequantize_model, dequantize_per_call
+
+    config, state = tiny_phi3(longrope=False, tied=True, num_key_value_heads=2)
+    write_gguf(tmp_path / "q8.gguf", config, state, arch="phi3", qtype=GGMLQuantizationType.Q8_0)
+    llm = phi3.load(tmp_path / "q8.gguf", dtype="float32", prepare=dequantize_per_call)
+    ids = torch.tensor([[1, 5, 9, 33, 2, 60, 17, 4]])
+    packed = _logits(llm.model, ids)
+    assert sum(p.numel() for p in llm.model.parameters()) < llm.config.num_parameters() / 10
+    dequantize_model(llm.model)
+    assert torch.equal(_logits(llm.model, ids), packed)
+    assert sum(p.numel() for p in llm.model.parameters()) == llm.config.num_parameters()
+    assert llm.model.lm_head.weight is llm.model.model.embed_tokens.weight
+
+
 @pytest.mark.parametrize("asset", [assets.SMOLLM2_GGUF, assets.PHI3_VOCAB_GGUF], ids=["smollm2", "phi3-vocab"])
 def test_gguf_tokenizer_saved_as_hugging_face_files(asset, tmp_path):
     """A GGUF vocabulary written as tokenizer files tokenizes and renders chats the same in transformers."""

@@ -150,6 +150,25 @@ def test_learns_a_made_up_task_and_answers_it(base, tmp_path):
     assert cli.returncode == 0 and cli.stdout == "The blue owl.\n", cli.stderr
 
 
+def test_qlora_learns_the_task_on_an_int4_base(base, tmp_path):
+    """QLoRA: the base quantized to int4 on the fly (it dequantizes per call in training), a LoRA on
+    top learns the task, and the adapter on the same int4 base answers it."""
+    data = _chats(tmp_path / "task.jsonl")
+    run = phi3.finetune(base, data, tmp_path / "qlora", quantize="int4", epochs=30, batch_size=3, lr=1e-2,
+                        lora_r=8, lora_alpha=16, lora_dropout=0.0, save_every=0)
+    assert run.steps == 30 and run.losses[-1] < run.losses[0] / 3
+    float_base, int4_base = phi3.load(base, dtype="float32"), phi3.load(base, dtype="float32", quantize="int4")
+    ids = float_base.encode_prompt(TASK[0][:-1])
+    assert (float_base.logits(ids) - int4_base.logits(ids)).abs().max() > 1e-3  # the base really is int4
+    llm = phi3.load(base, dtype="float32", quantize="int4", adapter=tmp_path / "qlora")
+    for chat in TASK:
+        assert llm.generate(chat[:-1], max_new_tokens=8).text == chat[-1]["content"]
+    with pytest.raises(ValueError, match="--full"):
+        phi3.finetune(base, data, tmp_path / "bad", quantize="int4", full=True)
+    with pytest.raises(ValueError, match="int8 or int4"):
+        phi3.finetune(base, data, tmp_path / "bad", quantize="int3")
+
+
 def _adapter(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "adapter_model.safetensors")
 
