@@ -80,6 +80,16 @@ def random_llm(preset_name: str, layers: int | None, device, dtype, seed: int = 
     return LLM(model, name=f"{key} (random weights, {config.num_hidden_layers} layers)"), raw
 
 
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights a decode step reads: parameters and buffers (packed weights are buffers),
+    not the RoPE tables, nor the embedding table (one row per token) unless lm_head reads it too."""
+    skip = set() if model.config.tie_word_embeddings else \
+        {t.data_ptr() for t in (*model.model.embed_tokens.parameters(), *model.model.embed_tokens.buffers())}
+    tensors = {t.data_ptr(): t for t in model.parameters()}
+    tensors.update({t.data_ptr(): t for n, t in model.named_buffers() if not n.startswith("rope.")})
+    return sum(t.numel() * t.element_size() for p, t in tensors.items() if p not in skip)
+
+
 def peak_memory(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated"
@@ -111,7 +121,7 @@ def bench_ours(llm: LLM, *, prompt_len: int, new: int, batches: list[int], prefi
         t = time_ours(llm, batch, 1)
         rows += [Row("phi3", f"prefill {prefill} tokens", prefill / t, "tok/s"),
                  Row("phi3", f"time to first token, {prefill}-token prompt", t, "s")]
-    weights = sum(p.numel() * p.element_size() for p in llm.model.parameters())
+    weights = weight_bytes(llm.model)
     kv_per_token = llm.config.kv_cache_bytes(1, llm.dtype.itemsize)
     bandwidth = copy_bandwidth(device)
     for b in batches:

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .model import Linear, linear
+
 __all__ = ["Scheme", "QuantLinear", "QuantEmbedding", "QuantizationError", "quantize_int8", "quantize_int4",
            "dequantize", "module_schemes", "prepare", "choose_kernel"]
 
@@ -243,7 +245,7 @@ class QuantLinear(nn.Module):
         if self.input_scale is not None:
             x = x * self.input_scale
         if self.kernel == "dense":
-            y = F.linear(x, self.w)
+            y = linear(x, self.w)
         elif self.kernel == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x, self.q8, self.s8)
         elif self.kernel == "int4":
@@ -354,12 +356,12 @@ def dequantize_model(model: nn.Module) -> None:
         if isinstance(module, QuantEmbedding):
             new = nn.Embedding(module.out_features, module.in_features, _weight=w, _freeze=True)
         else:
-            new = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+            new = Linear(module.in_features, module.out_features, device="meta")
             new.weight = nn.Parameter(w, requires_grad=False)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
     if isinstance(getattr(model, "lm_head", None), TiedHead):
-        model.lm_head = nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False, device="meta")
+        model.lm_head = Linear(model.config.hidden_size, model.config.vocab_size, device="meta")
         model.lm_head.weight = model.model.embed_tokens.weight
     model.config.quantization = None
 

@@ -132,8 +132,8 @@ def test_lora_forward_has_no_graph_breaks(phi3_base):
     assert isinstance(layer, LoRALinear)
     compiled = torch.compile(layer, backend="eager", fullgraph=True)
     x = torch.randn(2, 3, 128)
-    with torch.no_grad():
-        assert torch.equal(compiled(x), layer(x))
+    with torch.no_grad():  # eager fp32 CPU linears run oneDNN, compiled ones F.linear: equal up to rounding
+        assert torch.allclose(compiled(x), layer(x), atol=1e-5, rtol=1e-5)
 
 
 def _cli(*args):
