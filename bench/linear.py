@@ -4,7 +4,8 @@
     python bench/linear.py --shapes 1536x576 --compile
 
 Rows (microseconds per call, best of several runs; ratios against fp32 `F.linear` on the dense weight):
-  dense fp32 / bf16        F.linear on the dequantized weight (what phi3 runs in fp32: exact)
+  dense fp32 / bf16        F.linear on the dequantized weight
+  dense fp32 oneDNN        phi3.model.linear: what phi3 runs in fp32 on a CPU (exact up to rounding)
   int8 kernel              torch.ops.aten._weight_int8pack_mm, per-row int8
   int4 kernel              _weight_int4pack_mm_for_cpu (CPU) / _weight_int4pack_mm (CUDA), group 32
   packed, per call         the weight kept packed, dequantized to the activation dtype every call
@@ -20,6 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from phi3.model import linear
 from phi3.quantize import QuantLinear, Scheme, dequantize, quantize_int4, quantize_int8
 
 SHAPES = {"1536x576": "SmolLM2 gate_up", "576x1536": "SmolLM2 down", "49152x576": "SmolLM2 lm_head",
@@ -46,15 +48,17 @@ def timed(fn, device, min_time: float = 0.3) -> float:
     return best * 1e6
 
 
-def rows(N: int, K: int, device: torch.device, compile_: bool):
+def rows(N: int, K: int, device: torch.device, compile_: bool, batch: int = 1):
     torch.manual_seed(0)
     w = torch.randn(N, K) / K ** 0.5
     int4, int8 = quantize_int4(w, 32), quantize_int8(w, None)
     dense = dequantize(*int4).to(device)
-    x32 = torch.randn(1, 1, K, device=device)  # (B, T, C)
+    x32 = torch.randn(batch, 1, K, device=device)  # (B, T, C)
     for dtype in (torch.float32, torch.bfloat16):
         x = x32.to(dtype)
         yield f"dense {str(dtype)[6:]} F.linear", timed(_bind(F.linear, x, dense.to(dtype)), device)
+        if dtype == torch.float32 and device.type == "cpu":
+            yield "dense float32 oneDNN (phi3.model.linear)", timed(_bind(linear, x, dense), device)
         for kernel, scheme, packed in [("int8", Scheme(8), int8), ("int4", Scheme(4, 32), int4),
                                        ("packed", Scheme(4, 32), int4)]:
             m = QuantLinear(K, N, scheme, dtype, kernel).set_packed(*[t.to(device) for t in packed])
@@ -75,18 +79,19 @@ def _bind(fn, *args):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="1536x576,576x1536,49152x576,16384x3072,3072x8192")
+    ap.add_argument("--batch", type=int, default=1, help="rows of activations (default: %(default)s)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd dequantize+matmul (slow to build)")
     args = ap.parse_args()
     device = torch.device(args.device)
     isa = torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else torch.cuda.get_device_name(device)
-    print(f"# batch-1 linear, {platform.processor() or platform.machine()} ({isa}), torch {torch.__version__}, "
+    print(f"# batch-{args.batch} linear, {platform.processor() or platform.machine()} ({isa}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
     with torch.inference_mode():
         for shape in args.shapes.split(","):
             N, K = map(int, shape.split("x"))
             print(f"\n{N} x {K} ({SHAPES.get(shape, 'out x in')})")
-            results = list(rows(N, K, device, args.compile))
+            results = list(rows(N, K, device, args.compile, args.batch))
             base = results[0][1]
             for name, us in results:
                 print(f"  {name:<58} {'n/a' if us is None else f'{us:10.0f} us  {base / us:5.2f}x'}")
