@@ -26,13 +26,21 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 
 
 def checkpoint_state(llm: LLM, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The model's tensors under the base layout's Hugging Face keys, in `dtype`."""
+    """The model's tensors under the base layout's Hugging Face keys, in `dtype` (packed weights
+    dequantized: a plain checkpoint; `phi3 quantize` writes packed ones)."""
     from .lora import LoRALinear
 
     if any(isinstance(m, LoRALinear) for m in llm.model.modules()):
         raise ValueError("the model carries a LoRA adapter: merge it first (phi3.lora.merge_lora)")
+    from .quantize import QuantLinear
+
     config = llm.config
     state = dict(llm.model.state_dict())
+    for name, module in llm.model.named_modules():  # packed modules are written as plain weights
+        if isinstance(module, QuantLinear):
+            for key in [k for k in state if k.startswith(name + ".")]:
+                del state[key]
+            state[name + ".weight"] = module.dequantized(torch.float32)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     if config.model_type == "llama":  # split the projections we fused on load

@@ -268,3 +268,20 @@ def test_bad_adapters(phi3_base, tmp_path):
     save_file(tensors, tmp_path / "adapter_model.safetensors")
     with pytest.raises(AdapterError, match="layers.7.self_attn.o_proj.lora_A.weight is not a LoRA on a linear layer"):
         phi3.load(folder, adapter=tmp_path)
+
+
+def test_save_pretrained_writes_a_packed_model_as_a_plain_checkpoint(tmp_path):
+    """A GGUF whose Q8_0 blocks stay packed saves as float weights that transformers reads back."""
+    from gguf.constants import GGMLQuantizationType
+    from gguf_fixture import tiny_phi3, write_gguf
+    from transformers import AutoModelForCausalLM
+
+    from phi3.save import save_pretrained
+
+    config, state = tiny_phi3(longrope=False, num_key_value_heads=2)
+    write_gguf(tmp_path / "q8.gguf", config, state, arch="phi3", qtype=GGMLQuantizationType.Q8_0)
+    llm = phi3.load(tmp_path / "q8.gguf", dtype="float32")
+    ids = torch.tensor([[1, 5, 9, 33, 2, 60, 17, 4]])
+    save_pretrained(llm, tmp_path / "plain", base=tmp_path / "q8.gguf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", dtype=torch.float32).eval()
+    assert torch.allclose(_logits(hf, ids), _logits(llm.model, ids), atol=1e-4)
