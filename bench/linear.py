@@ -59,6 +59,9 @@ def rows(N: int, K: int, device: torch.device, compile_: bool, batch: int = 1):
         yield f"dense {str(dtype)[6:]} F.linear", timed(_bind(F.linear, x, dense.to(dtype)), device)
         if dtype == torch.float32 and device.type == "cpu":
             yield "dense float32 oneDNN (phi3.model.linear)", timed(_bind(linear, x, dense), device)
+            for kernel, scheme, packed in [("int8", Scheme(8), int8), ("int4", Scheme(4, 32), int4)]:
+                m = QuantLinear(K, N, scheme, dtype, "cpu-fp32").set_packed(*packed)
+                yield f"phi3 kernel {kernel}{' g32' if kernel == 'int4' else ''}, float32 activations", timed(_bind(m, x), device)
         for kernel, scheme, packed in [("int8", Scheme(8), int8), ("int4", Scheme(4, 32), int4),
                                        ("packed", Scheme(4, 32), int4)]:
             m = QuantLinear(K, N, scheme, dtype, kernel).set_packed(*[t.to(device) for t in packed])

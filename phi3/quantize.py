@@ -14,11 +14,12 @@ safetensors; the scheme is recorded in config.json under `quantization`, see `mo
 GGUF's Q8_0 is int8 with g = 32, Q4_1 is int4 with g = 32 (biases = its mins), Q4_0 the same with
 biases = -8 * scales; `dequantize` in fp32 reproduces `gguf.quants.dequantize` bit for bit.
 
-At load each module picks a kernel for its device and dtype (`choose_kernel`): in fp32 the weight is
-dequantized once and `F.linear` runs on it, exact (the CPU int kernels take 8-40x longer than fp32
-`F.linear` with fp32 activations, and every per-call dequantization measured slower than the
-dense weight; docs/QUANTIZATION.md); in bf16/fp16 the weights stay packed and torch's int8/int4
-weight-only matmuls run on them.
+At load each module picks a kernel for its device and dtype (`choose_kernel`): in fp32 on the CPU
+the weights stay packed and phi3's own kernels (`kernels.py`, `csrc/packed.c`) dequantize them in
+registers, exact (the same as `x @ dequantize(W).T` up to fp32 summation order) and ~2x faster than
+dense fp32 weights at decode; without a C compiler, and in fp32 elsewhere, the weight is dequantized
+once and `F.linear` runs on it, also exact; in bf16/fp16 the weights stay packed and torch's
+int8/int4 weight-only matmuls run on them (approximate: bf16 activations).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .model import Linear, linear
 
 __all__ = ["Scheme", "QuantLinear", "QuantEmbedding", "QuantizationError", "quantize_int8", "quantize_int4",
@@ -132,10 +134,16 @@ def dequantize(weight: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor 
 
 # -- kernels -------------------------------------------------------------------------------------
 def choose_kernel(scheme: Scheme, out_features: int, in_features: int, device: torch.device, dtype: torch.dtype) -> str:
-    """'dense' (dequantized once, F.linear: exact in fp32), 'int8' (`_weight_int8pack_mm`) or 'int4'
+    """'cpu-fp32' (phi3's own kernels on the packed blocks, fp32 activations: exact), 'dense'
+    (dequantized once, F.linear: exact in fp32), 'int8' (`_weight_int8pack_mm`) or 'int4'
     (`_weight_int4pack_mm[_for_cpu]`), by what each device's kernels accept and what measured fastest.
-    fp32 is always dense: the int kernels are 8-40x slower than F.linear with fp32 activations."""
+    torch's int kernels are 8-40x slower than F.linear with fp32 activations, so fp32 never uses them."""
     if dtype == torch.float32:
+        if device.type == "cpu" and (scheme.bits == 4 or in_features // scheme.groups(in_features) % 16 == 0):
+            ok, _ = kernels.available()
+            if ok:
+                return "cpu-fp32"
+            kernels.warn_unavailable()
         return "dense"
     g = scheme.group_size
     int4_ok = scheme.bits == 4 and g in (32, 64, 128, 256) and (
@@ -159,7 +167,8 @@ class QuantLinear(nn.Module):
     (`load_state_dict(..., assign=True)`) or set with `set_packed`, they are converted once to the
     layout of the kernel `choose_kernel` picks for their device and `dtype` (or `kernel`, if given:
     "dense", "int8", "int4", or "packed": keep the checkpoint layout and dequantize on every call,
-    exact in fp32 with a quarter of the memory but slow; for tests and benchmarks).
+    exact in fp32 with a quarter of the memory but slow; for training, where gradients flow through it)
+    or "cpu-fp32" (phi3's kernels, the same layout; gradients take the "packed" path).
     """
 
     def __init__(self, in_features: int, out_features: int, scheme: Scheme, dtype: torch.dtype = torch.float32,
@@ -208,7 +217,11 @@ class QuantLinear(nn.Module):
     def _convert(self) -> None:
         N, K, device = self.out_features, self.in_features, self.weight.device
         self.kernel = self.requested_kernel or choose_kernel(self.scheme, N, K, device, self.dtype)
-        if self.kernel == "packed":
+        if self.kernel in ("packed", "cpu-fp32"):
+            if self.kernel == "cpu-fp32":  # phi3's own kernels read the checkpoint layout as it is
+                self.weight, self.scales = self.weight.contiguous(), self.scales.to(torch.float16).contiguous()
+                if self.biases is not None:
+                    self.biases = self.biases.to(torch.float16).contiguous()
             return
         if self.kernel == "dense":
             w = dequantize(self.weight, self.scales, self.biases)
@@ -250,6 +263,9 @@ class QuantLinear(nn.Module):
             y = torch.ops.aten._weight_int8pack_mm(x, self.q8, self.s8)
         elif self.kernel == "int4":
             y = self._int4(x)
+        elif self.kernel == "cpu-fp32" and not (torch.is_grad_enabled() and x.requires_grad):
+            y = (kernels.q4_linear(x, self.weight, self.scales, self.biases) if self.biases is not None
+                 else kernels.q8_linear(x, self.weight, self.scales))
         else:
             y = F.linear(x, self.dequantized(x.dtype))
         return y.view(*lead, self.out_features)  # (..., N)

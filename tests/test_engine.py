@@ -127,6 +127,16 @@ def test_compiled_step_equals_eager(longrope):
     assert compiled == eager
 
 
+def test_compiled_step_with_packed_weights_equals_eager(checkpoints):
+    """phi3's CPU kernels for packed weights are opaque ops inside the compiled step."""
+    llm = phi3.load(checkpoints["longrope"][0], dtype="float32", quantize="int4")
+    assert llm.model.model.layers[0].mlp.gate_up_proj.kernel == ("cpu-fp32" if llm.device.type == "cpu" else "dense")
+    prompt, params = _ids(20, 5), SamplingParams(max_new_tokens=24)
+    eager = list(Engine(llm.model, slots=2, max_len=64).generate_step(prompt, params))
+    compiled = list(Engine(llm.model, slots=2, max_len=64, compile=True).generate_step(prompt, params))
+    assert compiled == eager
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graph_step_equals_eager(checkpoints):
     folder, ref = checkpoints["longrope"]

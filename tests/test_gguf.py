@@ -80,12 +80,13 @@ def test_smollm2_stays_packed_and_bit_exact(smollm2):
             assert torch.equal(quantize.dequantize(packed[prefix + "weight"], packed[prefix + "scales"],
                                                    packed.get(prefix + "biases")), w), k
     assert torch.equal(dense["model.embed_tokens.weight"], theirs["model.embed_tokens.weight"])
-    # in memory: fp32 holds the dequantized weights (exact); bf16 keeps them packed for the int kernels
+    # in memory, the blocks as in the file (~100 MB, not 538 MB of fp32): fp32 runs phi3's own kernels on
+    # them (exact), bf16 torch's int kernels
     sizes = {}
     for dtype in ("float32", "bfloat16"):
         model = phi3.load(path, dtype=dtype).model
         sizes[dtype] = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    assert sizes["float32"] > 500e6 and sizes["bfloat16"] < 110e6, sizes  # Q4_1 + Q8_0 as in the file, ~100 MB
+    assert sizes["float32"] < 110e6 and sizes["bfloat16"] < 110e6, sizes
 
 
 def test_metadata_matches_gguf_reader(smollm2, tmp_path):

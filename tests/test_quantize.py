@@ -54,7 +54,8 @@ def test_rounding_matches_the_numpy_definition(bits, g):
 
 
 KERNELS = [(bits, kernel, dtype) for bits in (4, 8) for kernel, dtype in
-           [("dense", torch.float32), ("dense", torch.bfloat16), ("int8", torch.bfloat16), ("int4", torch.bfloat16)]
+           [("dense", torch.float32), ("cpu-fp32", torch.float32), ("dense", torch.bfloat16), ("int8", torch.bfloat16),
+            ("int4", torch.bfloat16)]
            if not (kernel == "int4" and bits == 8)]  # the int4 kernels take int4 weights only
 
 
@@ -70,7 +71,7 @@ def test_kernels_against_the_dense_weight(bits, kernel, dtype):
     table = QuantEmbedding(96, 128, scheme, dtype, kernel).set_packed(**dict(zip(names, [t.clone() for t in packed])))
     ref = dequantize(*packed)
     tol = 1e-6 if dtype == torch.float32 else 2e-2  # bf16: activations and (for int8 from int4) re-rounded rows
-    for shape in [(1, 1), (1, 7), (3, 5)]:
+    for shape in [(1, 1), (1, 7), (3, 5), (2, 40)]:
         x = torch.randn(*shape, 128)
         y = module(x.to(dtype)).float()
         assert y.shape == (*shape, 96) and module.kernel == kernel
@@ -83,11 +84,75 @@ def test_kernels_against_the_dense_weight(bits, kernel, dtype):
 def test_kernels_choice_on_this_machine():
     s4 = Scheme(4, 32)
     cpu = torch.device("cpu")
-    assert phi3.quantize.choose_kernel(s4, 96, 128, cpu, torch.float32) == "dense"  # fp32: exact
+    assert phi3.kernels.available() == (True, "")  # the machine's C compiler built phi3/csrc/packed.c
+    assert phi3.kernels.build_info()["simd"] == ("avx2" in open("/proc/cpuinfo").read())
+    assert phi3.quantize.choose_kernel(s4, 96, 128, cpu, torch.float32) == "cpu-fp32"  # fp32: exact, stays packed
+    assert phi3.quantize.choose_kernel(Scheme(8, 32), 96, 128, cpu, torch.float32) == "cpu-fp32"
+    assert phi3.quantize.choose_kernel(Scheme(8), 96, 120, cpu, torch.float32) == "dense"  # rows not in 16s
     assert phi3.quantize.choose_kernel(s4, 96, 128, cpu, torch.bfloat16) == "int4"
     assert phi3.quantize.choose_kernel(s4, 40, 128, cpu, torch.bfloat16) == "int8"  # int4 kernel: rows in 16s
     assert phi3.quantize.choose_kernel(Scheme(8), 96, 128, cpu, torch.bfloat16) == "int8"
     assert phi3.quantize.choose_kernel(Scheme(8, 32), 96, 128, cpu, torch.bfloat16) == "int8"  # re-rounded per row
+
+
+@pytest.mark.parametrize("bits,g", [(4, 32), (4, 64), (4, 128), (8, None), (8, 32)])
+def test_cpu_kernels_against_the_dequantized_weight(bits, g):
+    """phi3's own fp32 kernels (phi3/csrc/packed.c) compute x @ dequantize(W).T to fp32 rounding, for any
+    number of rows (the register blocks of 4 rows, their remainders, and the dense path from
+    kernels.DENSE_ROWS rows on), odd output counts and each group size."""
+    gen = torch.Generator().manual_seed(bits * 1000 + (g or 0))
+    N, K = 37, 256
+    w = torch.randn(N, K, generator=gen) * 0.05
+    packed = quantize_int4(w, g) if bits == 4 else quantize_int8(w, g)
+    ref = dequantize(*packed).double()
+    fn = phi3.kernels.q4_linear if bits == 4 else phi3.kernels.q8_linear
+    for M in (1, 3, 4, 5, 9, phi3.kernels.DENSE_ROWS - 1, phi3.kernels.DENSE_ROWS, 70):
+        x = torch.randn(M, K, generator=gen)
+        y = fn(x, *packed)
+        expected = x.double() @ ref.T
+        assert y.shape == (M, N) and y.dtype == torch.float32
+        assert (y.double() - expected).abs().max() <= 1e-5 * expected.abs().max(), M
+    with pytest.raises(ValueError, match="fp32 CPU activations"):
+        fn(x.bfloat16(), *packed)
+    with pytest.raises(ValueError, match="do not match"):
+        fn(x[:, :128], *packed)
+
+
+def test_portable_cpu_kernels_against_the_dequantized_weight(tmp_path):
+    """The plain C path of phi3/csrc/packed.c (CPUs without AVX2), built with PHI3_KERNELS=portable."""
+    code = """if True:
+        import torch, phi3.kernels as k
+        from phi3.quantize import quantize_int4, quantize_int8, dequantize
+        assert k.build_info() == {"simd": False, "flags": ["-O3", "-fopenmp"]}, k.build_info()
+        g = torch.Generator().manual_seed(0)
+        for bits, gs, M in [(4, 32, 1), (4, 64, 5), (8, None, 3), (8, 32, 1), (4, 32, 60), (8, 32, 60)]:
+            w = torch.randn(37, 256, generator=g)
+            packed = quantize_int4(w, gs) if bits == 4 else quantize_int8(w, gs)
+            x = torch.randn(M, 256, generator=g)
+            y = (k.q4_linear if bits == 4 else k.q8_linear)(x, *packed).double()
+            ref = x.double() @ dequantize(*packed).double().T
+            assert (y - ref).abs().max() <= 1e-5 * ref.abs().max(), (bits, gs, M)
+        print("ok")
+    """
+    env = {**__import__("os").environ, "PHI3_KERNELS": "portable", "PHI3_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_without_a_compiler_packed_weights_run_dequantized_and_say_so(checkpoints, tmp_path):
+    """No C compiler: the same logits through the dequantized fp32 weights, and one line on stderr."""
+    folder, _ = checkpoints["gqa"]
+    code = ("import sys, phi3; llm = phi3.load(sys.argv[1], dtype='float32', quantize='int4'); "
+            "print(llm.model.model.layers[0].mlp.down_proj.kernel); print(llm.logits([3, 1, 4, 1, 5])[-1].tolist())")
+    env = {**__import__("os").environ, "CC": str(tmp_path / "no-such-cc"), "PHI3_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    kernel, logits = done.stdout.splitlines()
+    assert kernel == "dense"
+    assert done.stderr.count("packed weights run dequantized to fp32") == 1 and "no-such-cc" in done.stderr
+    ours = phi3.load(folder, dtype="float32", quantize="int4")
+    assert ours.model.model.layers[0].mlp.down_proj.kernel == "cpu-fp32"
+    torch.testing.assert_close(ours.logits([3, 1, 4, 1, 5])[-1], torch.tensor(json.loads(logits)), atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------- whole models against transformers

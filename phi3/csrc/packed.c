@@ -1,0 +1,247 @@
+/* phi3's CPU kernels for packed weights: y = x @ W^T with W stored as int4 or int8 blocks.
+ *
+ * Exact in fp32: each weight is dequantized in registers exactly as `phi3.quantize.dequantize` does
+ * (q * scale + bias, in fp32) and multiplied with fp32 activations, so the result equals
+ * `x @ dequantize(W).T` up to the order of the fp32 sums. Decoding reads 0.56 (int4) or 1.06 (int8)
+ * bytes per weight instead of 4.
+ *
+ * Layouts (phi3/quantize.py): int4 `w` uint8 (N, K/2), per block of 32 columns byte j holds column
+ * j (low nibble) and j + 16 (high nibble) (GGUF's Q4); int8 `w` int8 (N, K); `scales` and `biases`
+ * fp16 (N, G), G groups of K/G columns. x (M, K) and y (M, N) fp32, contiguous.
+ *
+ * Built on first use by phi3/kernels.py with the machine's C compiler (-O3 -march=native
+ * -fopenmp); AVX2+FMA+F16C where the CPU has them, portable C otherwise.
+ */
+#include <stdint.h>
+
+#define MR 4 /* rows of x that share one pass over the weights */
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+
+static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* One row of x (decoding one sequence): four accumulators, so no fma waits on the one before it. */
+static float q4_dot1(const float *x, const uint8_t *wr, const uint16_t *sr, const uint16_t *br, int64_t K, int64_t G) {
+    const int64_t bpg = K / 32 / G;
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t g = 0; g < G; g++) {
+        const __m256 s = _mm256_set1_ps(half_to_float(sr[g])), b = _mm256_set1_ps(half_to_float(br[g]));
+        for (int64_t j = g * bpg; j < (g + 1) * bpg; j++) {
+            const __m128i raw = _mm_loadu_si128((const __m128i *)(wr + j * 16));
+            const __m128i lo = _mm_and_si128(raw, low4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
+            const float *xr = x + j * 32;
+            a0 = _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), s, b),
+                                 _mm256_loadu_ps(xr), a0);
+            a1 = _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), s, b),
+                                 _mm256_loadu_ps(xr + 8), a1);
+            a2 = _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s, b),
+                                 _mm256_loadu_ps(xr + 16), a2);
+            a3 = _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), s, b),
+                                 _mm256_loadu_ps(xr + 24), a3);
+        }
+    }
+    return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+}
+
+static float q8_dot1(const float *x, const int8_t *wr, const uint16_t *sr, int64_t K, int64_t G) {
+    const int64_t gs = K / G;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (int64_t g = 0; g < G; g++) {
+        const __m256 s = _mm256_set1_ps(half_to_float(sr[g]));
+        for (k = g * gs; k + 32 <= (g + 1) * gs; k += 32) {
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(wr + k));
+            const __m128i r0 = _mm256_castsi256_si128(raw), r1 = _mm256_extracti128_si256(raw, 1);
+            a0 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(r0)), s), _mm256_loadu_ps(x + k), a0);
+            a1 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(r0, 8))), s),
+                                 _mm256_loadu_ps(x + k + 8), a1);
+            a2 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(r1)), s), _mm256_loadu_ps(x + k + 16), a2);
+            a3 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(r1, 8))), s),
+                                 _mm256_loadu_ps(x + k + 24), a3);
+        }
+        for (; k < (g + 1) * gs; k += 16) { /* a group of 16 (per-row int8 with K = 16 mod 32) */
+            const __m128i raw = _mm_loadu_si128((const __m128i *)(wr + k));
+            a0 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), s), _mm256_loadu_ps(x + k), a0);
+            a1 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8))), s),
+                                 _mm256_loadu_ps(x + k + 8), a1);
+        }
+    }
+    return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+}
+
+/* rows m0 .. m0+mr-1 of y, column n, from one int4 weight row */
+static void q4_row(const float *x, const uint8_t *wr, const uint16_t *sr, const uint16_t *br, float *y,
+                   int64_t m0, int mr, int64_t n, int64_t N, int64_t K, int64_t G) {
+    if (mr == 1) {
+        y[m0 * N + n] = q4_dot1(x + m0 * K, wr, sr, br, K, G);
+        return;
+    }
+    const int64_t bpg = K / 32 / G; /* blocks of 32 columns per group */
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    __m256 a0[MR], a1[MR];
+    for (int i = 0; i < MR; i++) a0[i] = a1[i] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        const __m256 s = _mm256_set1_ps(half_to_float(sr[g])), b = _mm256_set1_ps(half_to_float(br[g]));
+        for (int64_t j = g * bpg; j < (g + 1) * bpg; j++) {
+            const __m128i raw = _mm_loadu_si128((const __m128i *)(wr + j * 16));
+            const __m128i lo = _mm_and_si128(raw, low4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
+            /* w = q * s + b, the same fp32 operations as dequantize (rounded once, by the fma) */
+            const __m256 w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), s, b);
+            const __m256 w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), s, b);
+            const __m256 w2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s, b);
+            const __m256 w3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), s, b);
+            for (int i = 0; i < mr; i++) {
+                const float *xr = x + (m0 + i) * K + j * 32;
+                a0[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), a0[i]);
+                a1[i] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), a1[i]);
+                a0[i] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), a0[i]);
+                a1[i] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), a1[i]);
+            }
+        }
+    }
+    for (int i = 0; i < mr; i++) y[(m0 + i) * N + n] = hsum(_mm256_add_ps(a0[i], a1[i]));
+}
+
+static void q8_row(const float *x, const int8_t *wr, const uint16_t *sr, float *y,
+                   int64_t m0, int mr, int64_t n, int64_t N, int64_t K, int64_t G) {
+    if (mr == 1) {
+        y[m0 * N + n] = q8_dot1(x + m0 * K, wr, sr, K, G);
+        return;
+    }
+    const int64_t gs = K / G;
+    __m256 a0[MR], a1[MR];
+    for (int i = 0; i < MR; i++) a0[i] = a1[i] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        const __m256 s = _mm256_set1_ps(half_to_float(sr[g]));
+        for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
+            const __m128i raw = _mm_loadu_si128((const __m128i *)(wr + k));
+            const __m256 w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), s);
+            const __m256 w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8))), s);
+            for (int i = 0; i < mr; i++) {
+                const float *xr = x + (m0 + i) * K + k;
+                a0[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), a0[i]);
+                a1[i] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), a1[i]);
+            }
+        }
+    }
+    for (int i = 0; i < mr; i++) y[(m0 + i) * N + n] = hsum(_mm256_add_ps(a0[i], a1[i]));
+}
+
+static void q4_dequant_row(const uint8_t *wr, const uint16_t *sr, const uint16_t *br, float *out, int64_t K, int64_t G) {
+    const int64_t bpg = K / 32 / G;
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    for (int64_t g = 0; g < G; g++) {
+        const __m256 s = _mm256_set1_ps(half_to_float(sr[g])), b = _mm256_set1_ps(half_to_float(br[g]));
+        for (int64_t j = g * bpg; j < (g + 1) * bpg; j++) {
+            const __m128i raw = _mm_loadu_si128((const __m128i *)(wr + j * 16));
+            const __m128i lo = _mm_and_si128(raw, low4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
+            float *o = out + j * 32;
+            _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), s, b));
+            _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), s, b));
+            _mm256_storeu_ps(o + 16, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s, b));
+            _mm256_storeu_ps(o + 24, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), s, b));
+        }
+    }
+}
+
+int phi3_simd(void) { return 1; }
+
+#else /* portable C: the compiler vectorizes what it can */
+
+static float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+    union { uint32_t u; float f; } v;
+    if (exp == 0) { /* zero or subnormal: man * 2^-24 */
+        v.f = (float)man * (1.0f / 16777216.0f);
+        v.u |= sign;
+        return v.f;
+    }
+    v.u = sign | (exp == 31 ? 0x7F800000u | (man << 13) : ((exp + 112) << 23) | (man << 13));
+    return v.f;
+}
+
+static void q4_row(const float *x, const uint8_t *wr, const uint16_t *sr, const uint16_t *br, float *y,
+                   int64_t m0, int mr, int64_t n, int64_t N, int64_t K, int64_t G) {
+    const int64_t gs = K / G;
+    float acc[MR] = {0};
+    for (int64_t k = 0; k < K; k += 32) {
+        const float s = half_to_float(sr[k / gs]), b = half_to_float(br[k / gs]);
+        float w[32];
+        for (int j = 0; j < 16; j++) {
+            w[j] = (float)(wr[k / 2 + j] & 15) * s + b;
+            w[j + 16] = (float)(wr[k / 2 + j] >> 4) * s + b;
+        }
+        for (int i = 0; i < mr; i++)
+            for (int j = 0; j < 32; j++) acc[i] += w[j] * x[(m0 + i) * K + k + j];
+    }
+    for (int i = 0; i < mr; i++) y[(m0 + i) * N + n] = acc[i];
+}
+
+static void q8_row(const float *x, const int8_t *wr, const uint16_t *sr, float *y,
+                   int64_t m0, int mr, int64_t n, int64_t N, int64_t K, int64_t G) {
+    const int64_t gs = K / G;
+    float acc[MR] = {0};
+    for (int64_t k = 0; k < K; k++) {
+        const float w = (float)wr[k] * half_to_float(sr[k / gs]);
+        for (int i = 0; i < mr; i++) acc[i] += w * x[(m0 + i) * K + k];
+    }
+    for (int i = 0; i < mr; i++) y[(m0 + i) * N + n] = acc[i];
+}
+
+static void q4_dequant_row(const uint8_t *wr, const uint16_t *sr, const uint16_t *br, float *out, int64_t K, int64_t G) {
+    const int64_t gs = K / G;
+    for (int64_t k = 0; k < K; k += 32) {
+        const float s = half_to_float(sr[k / gs]), z = half_to_float(br[k / gs]);
+        for (int j = 0; j < 16; j++) {
+            out[k + j] = (float)(wr[k / 2 + j] & 15) * s + z;
+            out[k + j + 16] = (float)(wr[k / 2 + j] >> 4) * s + z;
+        }
+    }
+}
+
+int phi3_simd(void) { return 0; }
+
+#endif
+
+/* Output columns are split across threads; each thread passes over its weight rows once per MR rows of x. */
+void phi3_q4_linear(const float *x, const uint8_t *w, const uint16_t *scales, const uint16_t *biases, float *y,
+                    int64_t M, int64_t N, int64_t K, int64_t G, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t m0 = 0; m0 < M; m0 += MR)
+            q4_row(x, w + n * (K / 2), scales + n * G, biases + n * G, y, m0, M - m0 < MR ? (int)(M - m0) : MR,
+                   n, N, K, G);
+}
+
+void phi3_q8_linear(const float *x, const int8_t *w, const uint16_t *scales, float *y,
+                    int64_t M, int64_t N, int64_t K, int64_t G, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t m0 = 0; m0 < M; m0 += MR)
+            q8_row(x, w + n * K, scales + n * G, y, m0, M - m0 < MR ? (int)(M - m0) : MR, n, N, K, G);
+}
+
+/* out (N, K) fp32 = the dequantized weight, for calls with many rows of x (prefill), where a dense
+ * fp32 matmul on a transient copy is faster than passing over the packed blocks once per MR rows. */
+void phi3_q4_dequantize(const uint8_t *w, const uint16_t *scales, const uint16_t *biases, float *out,
+                        int64_t N, int64_t K, int64_t G, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) q4_dequant_row(w + n * (K / 2), scales + n * G, biases + n * G, out + n * K, K, G);
+}
+
+void phi3_q8_dequantize(const int8_t *w, const uint16_t *scales, float *out, int64_t N, int64_t K, int64_t G,
+                        int threads) {
+    const int64_t gs = K / G;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t k = 0; k < K; k++) out[n * K + k] = (float)w[n * K + k] * half_to_float(scales[n * G + k / gs]);
+}

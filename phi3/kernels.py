@@ -1,0 +1,218 @@
+"""phi3's own CPU kernels for packed int4/int8 weights with fp32 activations (`csrc/packed.c`).
+
+Decoding on a CPU streams every weight once per token. Torch's packed-weight kernels want bf16
+activations, which change a small model's answers; its fp32 linear wants fp32 weights, 4 bytes
+each. These kernels read the packed blocks (0.56 bytes per int4 weight) and compute in fp32, so a
+GGUF or quantized checkpoint decodes ~2x faster than its dequantized fp32 copy with the same
+answers (`x @ dequantize(W).T` up to the order of fp32 sums), in a fifth of the memory.
+
+The C file is compiled once per machine with its C compiler (`$CC`, else `cc`; `-O3 -march=native
+-fopenmp`) into `$PHI3_CACHE/kernels/` and loaded with ctypes. Without a compiler, or with
+`PHI3_KERNELS=0`, `available()` says why and packed modules dequantize to fp32 at load instead
+(the same answers, slower; a warning says so once). `PHI3_KERNELS=portable` builds the plain C
+path without -march=native (what a CPU without AVX2/FMA/F16C runs).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from .assets import cache_dir
+from .model import linear
+
+__all__ = ["available", "build_info", "q4_linear", "q8_linear"]
+
+SOURCE = Path(__file__).parent / "csrc" / "packed.c"
+_lock = threading.Lock()
+_state: dict = {}  # "lib": ctypes.CDLL | None, "why": str (why not), "simd": bool
+
+
+def _cpu_id() -> str:
+    """What -march=native compiles for: the CPU's model and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "|".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _build() -> tuple[ctypes.CDLL | None, str]:
+    mode = os.environ.get("PHI3_KERNELS", "1")
+    if mode == "0":
+        return None, "PHI3_KERNELS=0"
+    if mode not in ("1", "portable"):
+        return None, f"PHI3_KERNELS={mode!r} is not 0, 1 or portable"
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        return None, "no C compiler found (install gcc or clang, or set CC)"
+    source = SOURCE.read_bytes()
+    attempts = [["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"]]
+    if mode == "portable":  # the plain C path, for machines (and tests) without AVX2
+        attempts = [["-O3", "-fopenmp"], ["-O3"]]
+    key = hashlib.sha256(source + cc.encode() + _cpu_id().encode() + platform.machine().encode()).hexdigest()[:16]
+    folder = cache_dir() / "kernels"
+    errors = []
+    for flags in attempts:
+        lib = folder / f"packed-{key}-{'-'.join(f.strip('-=') for f in flags)}.so"
+        if not lib.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=folder) as tmp:  # built aside, renamed: no half-written .so
+                out = Path(tmp) / lib.name
+                try:
+                    proc = subprocess.run([cc, *flags, "-shared", "-fPIC", str(SOURCE), "-o", str(out)],
+                                          capture_output=True, text=True, timeout=300)
+                except (OSError, subprocess.TimeoutExpired) as e:
+                    return None, f"the C compiler {cc} did not run ({e})"
+                if proc.returncode != 0:
+                    errors.append(f"{cc} {' '.join(flags)}: {proc.stderr.strip().splitlines()[-1:]}")
+                    continue
+                os.replace(out, lib)
+        try:
+            _state["flags"] = flags
+            return _declare(ctypes.CDLL(str(lib))), ""
+        except OSError as e:
+            errors.append(f"{lib}: {e}")
+    return None, "could not build phi3/csrc/packed.c: " + "; ".join(errors)
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    P, I, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.phi3_q4_linear.argtypes = [P, P, P, P, P, I, I, I, I, C]
+    lib.phi3_q8_linear.argtypes = [P, P, P, P, I, I, I, I, C]
+    lib.phi3_q4_dequantize.argtypes = [P, P, P, P, I, I, I, C]
+    lib.phi3_q8_dequantize.argtypes = [P, P, P, I, I, I, C]
+    for f in (lib.phi3_q4_linear, lib.phi3_q8_linear, lib.phi3_q4_dequantize, lib.phi3_q8_dequantize):
+        f.restype = None
+    lib.phi3_simd.restype = C
+    return lib
+
+
+def _lib() -> ctypes.CDLL | None:
+    if "lib" not in _state:
+        with _lock:
+            if "lib" not in _state:
+                lib, why = _build()
+                _state.update(lib=lib, why=why, simd=bool(lib and lib.phi3_simd()))
+    return _state["lib"]
+
+
+def available() -> tuple[bool, str]:
+    """(True, "") when the kernels are built and loaded (building them on first call), else (False, why)."""
+    return _lib() is not None, _state["why"]
+
+
+def build_info() -> dict:
+    """How the loaded kernels were built: {"simd": AVX2+FMA+F16C code or portable C, "flags": [...]}."""
+    return {"simd": bool(_lib() and _state["simd"]), "flags": _state.get("flags") if _lib() else None}
+
+
+_warned = False
+
+
+def warn_unavailable() -> None:
+    """Say once, on stderr, that packed weights are being dequantized because the kernels are missing."""
+    global _warned
+    if not _warned and os.environ.get("PHI3_KERNELS", "1") != "0":
+        _warned = True
+        print(f"phi3: packed weights run dequantized to fp32 (same answers, ~2x slower, 5x the memory): "
+              f"{_state.get('why')}", file=sys.stderr)
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> None:
+    if x.dtype != torch.float32 or x.device.type != "cpu" or weight.device.type != "cpu" or x.dim() != 2:
+        raise ValueError(f"phi3.kernels: (M, K) fp32 CPU activations expected, got {tuple(x.shape)} {x.dtype} on {x.device}")
+    if (x.shape[1] != weight.shape[1] * (2 if weight.dtype == torch.uint8 else 1) or scales.dtype != torch.float16
+            or not (weight.is_contiguous() and scales.is_contiguous())):
+        raise ValueError("phi3.kernels: packed tensors do not match the activations (shape, fp16 scales, contiguous)")
+
+
+def q4_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor) -> torch.Tensor:
+    """(M, K) fp32 @ int4 W (N, K/2) uint8, scales/biases (N, G) fp16 -> (M, N) fp32."""
+    if torch.compiler.is_compiling():  # an opaque op to the compiler; in eager a direct call (4x less overhead)
+        return torch.ops.phi3.q4_linear(x, weight, scales, biases)
+    return _q4(x, weight, scales, biases)
+
+
+def q8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(M, K) fp32 @ int8 W (N, K), scales (N, G) fp16 -> (M, N) fp32."""
+    if torch.compiler.is_compiling():
+        return torch.ops.phi3.q8_linear(x, weight, scales)
+    return _q8(x, weight, scales)
+
+
+DENSE_ROWS = 48  # from this many rows of x on (prefill), dequantize into a reused fp32 buffer and run oneDNN (measured)
+
+
+_scratch_buf = threading.local()
+
+
+def _scratch(numel: int) -> torch.Tensor:
+    """A per-thread fp32 buffer reused across calls: a fresh 100+ MB tensor per linear costs more in page
+    faults than the dequantization itself."""
+    buf = getattr(_scratch_buf, "t", None)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch_buf.t = torch.empty(numel, dtype=torch.float32)
+    return buf[:numel]
+
+
+def _dequantize(weight: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor | None) -> torch.Tensor:
+    lib, N, G = _lib(), weight.shape[0], scales.shape[1]
+    K = weight.shape[1] * (2 if biases is not None else 1)
+    out = _scratch(N * K).view(N, K)
+    if biases is not None:
+        lib.phi3_q4_dequantize(weight.data_ptr(), scales.data_ptr(), biases.data_ptr(), out.data_ptr(), N, K, G,
+                               torch.get_num_threads())
+    else:
+        lib.phi3_q8_dequantize(weight.data_ptr(), scales.data_ptr(), out.data_ptr(), N, K, G, torch.get_num_threads())
+    return out
+
+
+def _q4(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor) -> torch.Tensor:
+    _check(x, weight, scales)
+    lib = _lib()
+    if x.shape[0] >= DENSE_ROWS:
+        return linear(x, _dequantize(weight, scales, biases))
+    x = x.contiguous()
+    (M, K), N, G = x.shape, weight.shape[0], scales.shape[1]
+    y = torch.empty(M, N, dtype=torch.float32)
+    lib.phi3_q4_linear(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), biases.data_ptr(), y.data_ptr(),
+                       M, N, K, G, torch.get_num_threads())
+    return y
+
+
+def _q8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    _check(x, weight, scales)
+    lib = _lib()
+    if x.shape[0] >= DENSE_ROWS:
+        return linear(x, _dequantize(weight, scales, None))
+    x = x.contiguous()
+    (M, K), N, G = x.shape, weight.shape[0], scales.shape[1]
+    y = torch.empty(M, N, dtype=torch.float32)
+    lib.phi3_q8_linear(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), y.data_ptr(),
+                       M, N, K, G, torch.get_num_threads())
+    return y
+
+
+_q4_op = torch.library.custom_op("phi3::q4_linear", _q4, mutates_args=())
+_q8_op = torch.library.custom_op("phi3::q8_linear", _q8, mutates_args=())
+
+
+@_q4_op.register_fake
+def _(x, weight, scales, biases):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@_q8_op.register_fake
+def _(x, weight, scales):
+    return x.new_empty(x.shape[0], weight.shape[0])
