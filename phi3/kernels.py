@@ -31,7 +31,7 @@ import torch
 from .assets import cache_dir
 from .model import linear
 
-__all__ = ["available", "build_info", "q4_linear", "q8_linear"]
+__all__ = ["available", "build_info", "packed_linear", "q4_linear", "q8_linear"]
 
 SOURCE = Path(__file__).parent / "csrc" / "packed.c"
 _lock = threading.Lock()
@@ -139,20 +139,22 @@ def _check(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> None:
 
 def q4_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor) -> torch.Tensor:
     """(M, K) fp32 @ int4 W (N, K/2) uint8, scales/biases (N, G) fp16 -> (M, N) fp32."""
-    if torch.compiler.is_compiling():  # an opaque op to the compiler; in eager a direct call (4x less overhead)
-        return torch.ops.phi3.q4_linear(x, weight, scales, biases)
-    return _q4(x, weight, scales, biases)
+    return packed_linear(x, weight, scales, biases)
 
 
 def q8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """(M, K) fp32 @ int8 W (N, K), scales (N, G) fp16 -> (M, N) fp32."""
-    if torch.compiler.is_compiling():
-        return torch.ops.phi3.q8_linear(x, weight, scales)
-    return _q8(x, weight, scales)
+    return packed_linear(x, weight, scales, None)
+
+
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor | None) -> torch.Tensor:
+    """int4 weights when `biases` is given (the module docstring's layouts), int8 otherwise."""
+    if torch.compiler.is_compiling():  # an opaque op to the compiler; in eager a direct call (4x less overhead)
+        return torch.ops.phi3.packed_linear(x, weight, scales, biases)
+    return _packed_linear(x, weight, scales, biases)
 
 
 DENSE_ROWS = 48  # from this many rows of x on (prefill), dequantize into a reused fp32 buffer and run oneDNN (measured)
-
 
 _scratch_buf = threading.local()
 
@@ -166,53 +168,31 @@ def _scratch(numel: int) -> torch.Tensor:
     return buf[:numel]
 
 
-def _dequantize(weight: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor | None) -> torch.Tensor:
-    lib, N, G = _lib(), weight.shape[0], scales.shape[1]
-    K = weight.shape[1] * (2 if biases is not None else 1)
-    out = _scratch(N * K).view(N, K)
+def _packed_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+                   biases: torch.Tensor | None) -> torch.Tensor:
+    _check(x, weight, scales)
+    lib, threads = _lib(), torch.get_num_threads()
+    (M, K), N, G = x.shape, weight.shape[0], scales.shape[1]
+    w, s = weight.data_ptr(), scales.data_ptr()
+    if M >= DENSE_ROWS:
+        dense = _scratch(N * K).view(N, K)
+        if biases is not None:
+            lib.phi3_q4_dequantize(w, s, biases.data_ptr(), dense.data_ptr(), N, K, G, threads)
+        else:
+            lib.phi3_q8_dequantize(w, s, dense.data_ptr(), N, K, G, threads)
+        return linear(x, dense)
+    x = x.contiguous()
+    y = torch.empty(M, N, dtype=torch.float32)
     if biases is not None:
-        lib.phi3_q4_dequantize(weight.data_ptr(), scales.data_ptr(), biases.data_ptr(), out.data_ptr(), N, K, G,
-                               torch.get_num_threads())
+        lib.phi3_q4_linear(x.data_ptr(), w, s, biases.data_ptr(), y.data_ptr(), M, N, K, G, threads)
     else:
-        lib.phi3_q8_dequantize(weight.data_ptr(), scales.data_ptr(), out.data_ptr(), N, K, G, torch.get_num_threads())
-    return out
-
-
-def _q4(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor) -> torch.Tensor:
-    _check(x, weight, scales)
-    lib = _lib()
-    if x.shape[0] >= DENSE_ROWS:
-        return linear(x, _dequantize(weight, scales, biases))
-    x = x.contiguous()
-    (M, K), N, G = x.shape, weight.shape[0], scales.shape[1]
-    y = torch.empty(M, N, dtype=torch.float32)
-    lib.phi3_q4_linear(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), biases.data_ptr(), y.data_ptr(),
-                       M, N, K, G, torch.get_num_threads())
+        lib.phi3_q8_linear(x.data_ptr(), w, s, y.data_ptr(), M, N, K, G, threads)
     return y
 
 
-def _q8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    _check(x, weight, scales)
-    lib = _lib()
-    if x.shape[0] >= DENSE_ROWS:
-        return linear(x, _dequantize(weight, scales, None))
-    x = x.contiguous()
-    (M, K), N, G = x.shape, weight.shape[0], scales.shape[1]
-    y = torch.empty(M, N, dtype=torch.float32)
-    lib.phi3_q8_linear(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), y.data_ptr(),
-                       M, N, K, G, torch.get_num_threads())
-    return y
+_op = torch.library.custom_op("phi3::packed_linear", _packed_linear, mutates_args=())
 
 
-_q4_op = torch.library.custom_op("phi3::q4_linear", _q4, mutates_args=())
-_q8_op = torch.library.custom_op("phi3::q8_linear", _q8, mutates_args=())
-
-
-@_q4_op.register_fake
+@_op.register_fake
 def _(x, weight, scales, biases):
-    return x.new_empty(x.shape[0], weight.shape[0])
-
-
-@_q8_op.register_fake
-def _(x, weight, scales):
     return x.new_empty(x.shape[0], weight.shape[0])

@@ -264,8 +264,7 @@ class QuantLinear(nn.Module):
         elif self.kernel == "int4":
             y = self._int4(x)
         elif self.kernel == "cpu-fp32" and not (torch.is_grad_enabled() and x.requires_grad):
-            y = (kernels.q4_linear(x, self.weight, self.scales, self.biases) if self.biases is not None
-                 else kernels.q8_linear(x, self.weight, self.scales))
+            y = kernels.packed_linear(x, self.weight, self.scales, self.biases)
         else:
             y = F.linear(x, self.dequantized(x.dtype))
         return y.view(*lead, self.out_features)  # (..., N)
