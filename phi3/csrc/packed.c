@@ -79,7 +79,7 @@ static float q8_dot1(const float *x, const int8_t *wr, const uint16_t *sr, int64
 }
 
 /* rows m0 .. m0+mr-1 of y, column n, from one int4 weight row */
-static void q4_row(const float *x, const uint8_t *wr, const uint16_t *sr, const uint16_t *br, float *y,
+static inline __attribute__((always_inline)) void q4_row_mr(const float *x, const uint8_t *wr, const uint16_t *sr, const uint16_t *br, float *y,
                    int64_t m0, int mr, int64_t n, int64_t N, int64_t K, int64_t G) {
     if (mr == 1) {
         y[m0 * N + n] = q4_dot1(x + m0 * K, wr, sr, br, K, G);
@@ -111,7 +111,13 @@ static void q4_row(const float *x, const uint8_t *wr, const uint16_t *sr, const 
     for (int i = 0; i < mr; i++) y[(m0 + i) * N + n] = hsum(_mm256_add_ps(a0[i], a1[i]));
 }
 
-static void q8_row(const float *x, const int8_t *wr, const uint16_t *sr, float *y,
+static void q4_row(const float *x, const uint8_t *wr, const uint16_t *sr, const uint16_t *br, float *y,
+                   int64_t m0, int mr, int64_t n, int64_t N, int64_t K, int64_t G) { /* the register loops unrolled for a full block of rows */
+    if (mr == MR) q4_row_mr(x, wr, sr, br, y, m0, MR, n, N, K, G);
+    else q4_row_mr(x, wr, sr, br, y, m0, mr, n, N, K, G);
+}
+
+static inline __attribute__((always_inline)) void q8_row_mr(const float *x, const int8_t *wr, const uint16_t *sr, float *y,
                    int64_t m0, int mr, int64_t n, int64_t N, int64_t K, int64_t G) {
     if (mr == 1) {
         y[m0 * N + n] = q8_dot1(x + m0 * K, wr, sr, K, G);
@@ -134,6 +140,12 @@ static void q8_row(const float *x, const int8_t *wr, const uint16_t *sr, float *
         }
     }
     for (int i = 0; i < mr; i++) y[(m0 + i) * N + n] = hsum(_mm256_add_ps(a0[i], a1[i]));
+}
+
+static void q8_row(const float *x, const int8_t *wr, const uint16_t *sr, float *y,
+                   int64_t m0, int mr, int64_t n, int64_t N, int64_t K, int64_t G) { /* the register loops unrolled for a full block of rows */
+    if (mr == MR) q8_row_mr(x, wr, sr, y, m0, MR, n, N, K, G);
+    else q8_row_mr(x, wr, sr, y, m0, mr, n, N, K, G);
 }
 
 static void q4_dequant_row(const uint8_t *wr, const uint16_t *sr, const uint16_t *br, float *out, int64_t K, int64_t G) {
