@@ -154,14 +154,15 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, b
     return _packed_linear(x, weight, scales, biases)
 
 
-DENSE_ROWS = 48  # from this many rows of x on (prefill), dequantize into a reused fp32 buffer and run oneDNN (measured)
+DENSE_ROWS = 48  # from this many rows of x on (prefill, large batches), dequantize and run oneDNN (measured)
+TILE_BYTES = 1 << 20  # ... a tile of weight rows at a time, in a buffer that stays in the cache (measured)
 
 _scratch_buf = threading.local()
 
 
 def _scratch(numel: int) -> torch.Tensor:
-    """A per-thread fp32 buffer reused across calls: a fresh 100+ MB tensor per linear costs more in page
-    faults than the dequantization itself."""
+    """A per-thread fp32 buffer reused across calls: a fresh tensor per call costs more in page faults
+    than the dequantization itself."""
     buf = getattr(_scratch_buf, "t", None)
     if buf is None or buf.numel() < numel:
         buf = _scratch_buf.t = torch.empty(numel, dtype=torch.float32)
@@ -174,13 +175,22 @@ def _packed_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
     lib, threads = _lib(), torch.get_num_threads()
     (M, K), N, G = x.shape, weight.shape[0], scales.shape[1]
     w, s = weight.data_ptr(), scales.data_ptr()
-    if M >= DENSE_ROWS:
-        dense = _scratch(N * K).view(N, K)
-        if biases is not None:
-            lib.phi3_q4_dequantize(w, s, biases.data_ptr(), dense.data_ptr(), N, K, G, threads)
-        else:
-            lib.phi3_q8_dequantize(w, s, dense.data_ptr(), N, K, G, threads)
-        return linear(x, dense)
+    if M >= DENSE_ROWS:  # dequantize a tile of rows at a time into a cache-sized buffer, then oneDNN
+        rows = min(N, max(1, TILE_BYTES // (4 * K)))
+        row_bytes = K // 2 if biases is not None else K
+        y = torch.empty(M, N, dtype=torch.float32) if rows < N else None
+        for n0 in range(0, N, rows):
+            n = min(rows, N - n0)
+            dense = _scratch(n * K).view(n, K)
+            if biases is not None:
+                lib.phi3_q4_dequantize(w + n0 * row_bytes, s + n0 * G * 2, biases.data_ptr() + n0 * G * 2,
+                                       dense.data_ptr(), n, K, G, threads)
+            else:
+                lib.phi3_q8_dequantize(w + n0 * row_bytes, s + n0 * G * 2, dense.data_ptr(), n, K, G, threads)
+            if y is None:
+                return linear(x, dense)
+            y[:, n0:n0 + n] = linear(x, dense)
+        return y
     x = x.contiguous()
     y = torch.empty(M, N, dtype=torch.float32)
     if biases is not None:

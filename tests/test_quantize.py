@@ -99,9 +99,11 @@ def test_kernels_choice_on_this_machine():
 def test_cpu_kernels_against_the_dequantized_weight(bits, g):
     """phi3's own fp32 kernels (phi3/csrc/packed.c) compute x @ dequantize(W).T to fp32 rounding, for any
     number of rows (the register blocks of 4 rows, their remainders, and the dense path from
-    kernels.DENSE_ROWS rows on), odd output counts and each group size."""
+    kernels.DENSE_ROWS rows on, a tile of kernels.TILE_BYTES at a time), odd output counts and each
+    group size."""
     gen = torch.Generator().manual_seed(bits * 1000 + (g or 0))
-    N, K = 37, 256
+    K = 256
+    N = phi3.kernels.TILE_BYTES // (4 * K) * 2 + 37  # two whole tiles and a part of one
     w = torch.randn(N, K, generator=gen) * 0.05
     packed = quantize_int4(w, g) if bits == 4 else quantize_int8(w, g)
     ref = dequantize(*packed).double()
