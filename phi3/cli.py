@@ -35,6 +35,12 @@ class _LibraryDefault:
         return str(field.default_factory() if field.default is MISSING else field.default)
 
 
+def _library_flag(p: argparse.ArgumentParser, name: str, type, help: str, owner: str = "sampling.SamplingParams") -> None:
+    """--NAME for the library field `name` of `owner`, with its default shown in --help (`_LibraryDefault`)."""
+    p.add_argument(f"--{name.replace('_', '-')}", type=type, default=_LibraryDefault(name, owner),
+                   help=f"{help} (default: %(default)s)")
+
+
 # -- flags shared by several subcommands ----------------------------------------------------------
 def _add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
@@ -52,8 +58,7 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     def flag(name: str, type, help: str) -> None:
-        p.add_argument(f"--{name.replace('_', '-')}", type=type, default=_LibraryDefault(name),
-                       help=f"{help} (default: %(default)s)")
+        _library_flag(p, name, type, help)
 
     flag("max_new_tokens", int, "most tokens to generate")
     flag("temperature", float, "0 is greedy")
@@ -325,8 +330,7 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
                                                 "(required)")
 
     def flag(name: str, type, help: str) -> None:
-        p.add_argument(f"--{name.replace('_', '-')}", type=type, default=_LibraryDefault(name, "training.FinetuneConfig"),
-                       help=f"{help} (default: %(default)s)")
+        _library_flag(p, name, type, help, "training.FinetuneConfig")
 
     flag("epochs", int, "passes over the data")
     flag("batch_size", int, "examples per micro-batch, per process")
