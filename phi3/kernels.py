@@ -155,7 +155,8 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, b
 
 
 DENSE_ROWS = 48  # from this many rows of x on (prefill, large batches), dequantize and run oneDNN (measured)
-TILE_BYTES = 1 << 20  # ... a tile of weight rows at a time, in a buffer that stays in the cache (measured)
+TILE_BYTES = 1 << 20  # ... a tile of weight rows at a time, in a buffer that stays in the cache (measured),
+TILE_ROWS = 1024  # but at least this many rows: narrower matmuls repack x once per tile (measured)
 
 _scratch_buf = threading.local()
 
@@ -176,7 +177,7 @@ def _packed_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
     (M, K), N, G = x.shape, weight.shape[0], scales.shape[1]
     w, s = weight.data_ptr(), scales.data_ptr()
     if M >= DENSE_ROWS:  # dequantize a tile of rows at a time into a cache-sized buffer, then oneDNN
-        rows = min(N, max(1, TILE_BYTES // (4 * K)))
+        rows = min(N, max(TILE_ROWS, TILE_BYTES // (4 * K)))
         row_bytes = K // 2 if biases is not None else K
         y = torch.empty(M, N, dtype=torch.float32) if rows < N else None
         for n0 in range(0, N, rows):

@@ -255,5 +255,10 @@ void phi3_q8_dequantize(const int8_t *w, const uint16_t *scales, float *out, int
     const int64_t gs = K / G;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++)
-        for (int64_t k = 0; k < K; k++) out[n * K + k] = (float)w[n * K + k] * half_to_float(scales[n * G + k / gs]);
+        for (int64_t g = 0; g < G; g++) { /* one scale per group: the inner loop vectorizes */
+            const float s = half_to_float(scales[n * G + g]);
+            const int8_t *src = w + n * K + g * gs;
+            float *dst = out + n * K + g * gs;
+            for (int64_t k = 0; k < gs; k++) dst[k] = (float)src[k] * s;
+        }
 }
