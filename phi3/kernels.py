@@ -174,6 +174,8 @@ def _packed_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
                    biases: torch.Tensor | None) -> torch.Tensor:
     _check(x, weight, scales)
     lib, threads = _lib(), torch.get_num_threads()
+    if lib is None:
+        raise RuntimeError(f"phi3.kernels are not available: {_state['why']}")
     (M, K), N, G = x.shape, weight.shape[0], scales.shape[1]
     w, s = weight.data_ptr(), scales.data_ptr()
     if M >= DENSE_ROWS:  # dequantize a tile of rows at a time into a cache-sized buffer, then oneDNN

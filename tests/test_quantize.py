@@ -145,12 +145,15 @@ def test_without_a_compiler_packed_weights_run_dequantized_and_say_so(checkpoint
     """No C compiler: the same logits through the dequantized fp32 weights, and one line on stderr."""
     folder, _ = checkpoints["gqa"]
     code = ("import sys, phi3; llm = phi3.load(sys.argv[1], dtype='float32', quantize='int4'); "
-            "print(llm.model.model.layers[0].mlp.down_proj.kernel); print(llm.logits([3, 1, 4, 1, 5])[-1].tolist())")
+            "print(llm.model.model.layers[0].mlp.down_proj.kernel); print(llm.logits([3, 1, 4, 1, 5])[-1].tolist())\n"
+            "import torch; from phi3.quantize import quantize_int4\n"
+            "try: phi3.kernels.q4_linear(torch.ones(1, 32), *quantize_int4(torch.ones(4, 32), 32))\n"
+            "except RuntimeError as e: print(e)")
     env = {**__import__("os").environ, "CC": str(tmp_path / "no-such-cc"), "PHI3_CACHE": str(tmp_path / "cache")}
     done = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
-    kernel, logits = done.stdout.splitlines()
-    assert kernel == "dense"
+    kernel, logits, error = done.stdout.splitlines()
+    assert kernel == "dense" and error.startswith("phi3.kernels are not available: the C compiler")
     assert done.stderr.count("packed weights run dequantized to fp32") == 1 and "no-such-cc" in done.stderr
     ours = phi3.load(folder, dtype="float32", quantize="int4")
     assert ours.model.model.layers[0].mlp.down_proj.kernel == "cpu-fp32"
