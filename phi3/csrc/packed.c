@@ -1,9 +1,9 @@
 /* phi3's CPU kernels for packed weights: y = x @ W^T with W stored as int4 or int8 blocks.
  *
- * Exact in fp32: each weight is dequantized in registers exactly as `phi3.quantize.dequantize` does
- * (q * scale + bias, in fp32) and multiplied with fp32 activations, so the result equals
- * `x @ dequantize(W).T` up to the order of the fp32 sums. Decoding reads 0.56 (int4) or 1.06 (int8)
- * bytes per weight instead of 4.
+ * Exact in fp32: each weight is dequantized in registers as `phi3.quantize.dequantize` defines it
+ * (q * scale + bias in fp32; here one fma, so at most one rounding apart) and multiplied with fp32
+ * activations, so the result equals `x @ dequantize(W).T` up to fp32 rounding and the order of the
+ * sums. Decoding reads 0.56 (int4) or 1.06 (int8) bytes per weight instead of 4.
  *
  * Layouts (phi3/quantize.py): int4 `w` uint8 (N, K/2), per block of 32 columns byte j holds column
  * j (low nibble) and j + 16 (high nibble) (GGUF's Q4); int8 `w` int8 (N, K); `scales` and `biases`
