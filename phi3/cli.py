@@ -236,10 +236,19 @@ def cmd_info(args) -> int:
           f"{f', sliding window {window}' if window else ''}")
     print(f"parameters       {n:,} ({n / 1e9:.2f}B)")
     context = min(args.context or config.max_position_embeddings, config.max_position_embeddings)
-    for name, size in (("bf16/fp16", 2), ("fp32", 4)):
-        weights, kv = n * size, config.kv_cache_bytes(context, size)
-        print(f"memory {name:<9} weights {weights / gib:6.2f} GiB + KV cache at {context} tokens "
+    packed = None
+    if where != "built-in preset (weights not downloaded)":
+        from .loader import packed_weight_bytes
+
+        packed = packed_weight_bytes(args.model)
+    for name, size, weights in (("bf16/fp16", 2, n * 2), ("fp32", 4, n * 4), ("fp32 packed", 4, packed)):
+        if weights is None:
+            continue
+        kv = config.kv_cache_bytes(context, size)
+        print(f"memory {name:<11} weights {weights / gib:6.2f} GiB + KV cache at {context} tokens "
               f"{kv / gib:6.2f} GiB = {(weights + kv) / gib:6.2f} GiB")
+    if packed is not None:
+        print("                 (packed: the file's int4/int8 blocks as phi3's CPU kernels keep them in fp32)")
     return 0
 
 

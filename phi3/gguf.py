@@ -150,6 +150,17 @@ def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 _PACKED = {GGMLQuantizationType.Q8_0: 8, GGMLQuantizationType.Q4_0: 4, GGMLQuantizationType.Q4_1: 4}
 
 
+def packed_memory_bytes(path) -> int:
+    """Bytes of weights `phi3.load` keeps for this file in fp32 on a CPU with phi3's kernels (read from
+    the header alone): Q4_0/Q4_1/Q8_0 matrices as their blocks (int4 with fp16 scales and biases:
+    0.625 bytes a weight; int8 with fp16 scales: 1.0625), every other tensor as fp32."""
+    total = 0
+    for t in _read_header(Path(path))[1].values():
+        n, bits = math.prod(t.shape), _PACKED.get(t.ggml_type) if len(t.shape) == 2 else None
+        total += 4 * n if bits is None else (n // 2 + n // 32 * 4 if bits == 4 else n + n // 32 * 2)
+    return total
+
+
 def load_gguf(path, dtype: torch.dtype = torch.float32, packed: bool = False) -> tuple[dict, dict[str, torch.Tensor], dict]:
     """Load a Phi-3 or Llama GGUF file as (config_dict, state_dict, metadata).
 

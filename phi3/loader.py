@@ -10,6 +10,8 @@ replace `nn.Linear`, so the checkpoint's packed tensors are checked against the 
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 
 import torch
@@ -152,3 +154,23 @@ def pick_dtype(dtype, device: torch.device, checkpoint_dtype: str | None) -> tor
     if device.type == "cuda":
         return _DTYPES.get(str(checkpoint_dtype).lower(), torch.float32)
     return torch.float32
+
+
+def packed_weight_bytes(model) -> int | None:
+    """Bytes of weights `load(model)` keeps in fp32 on a CPU with phi3's kernels when the checkpoint
+    is packed (a GGUF's Q4_0/Q4_1/Q8_0 blocks, a `phi3 quantize` checkpoint), from the headers alone;
+    None for a plain floating-point checkpoint (fp32: 4 bytes a parameter)."""
+    from contextlib import ExitStack
+
+    from .weights import read_config, read_safetensors, resolve, safetensors_files
+
+    path = resolve(model)
+    if path.suffix == ".gguf":
+        from .gguf import packed_memory_bytes
+
+        return packed_memory_bytes(path)
+    if not read_config(path)[0].quantization:
+        return None
+    with ExitStack() as stack:  # packed tensors and their fp16 scales as stored, float tensors as fp32
+        return sum(math.prod(t.shape) * (t.dtype.itemsize if name.endswith((".scales", ".biases")) or not t.floating
+                                         else 4) for name, t in read_safetensors(safetensors_files(path), stack).items())

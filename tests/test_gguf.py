@@ -87,6 +87,11 @@ def test_smollm2_stays_packed_and_bit_exact(smollm2):
         model = phi3.load(path, dtype=dtype).model
         sizes[dtype] = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     assert sizes["float32"] < 110e6 and sizes["bfloat16"] < 110e6, sizes
+    # ... and `phi3 info` (phi3.loader.packed_weight_bytes) reads the fp32 figure from the header alone
+    model = phi3.load(path, dtype="float32").model
+    kept = sum(t.numel() * t.element_size() for t in
+               [*model.parameters(), *(b for n, b in model.named_buffers() if not n.startswith("rope."))])
+    assert phi3.loader.packed_weight_bytes(path) == kept
 
 
 def test_metadata_matches_gguf_reader(smollm2, tmp_path):

@@ -309,6 +309,23 @@ def int4_checkpoint(checkpoints, tmp_path_factory):
     return out
 
 
+def _weight_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in
+               [*model.parameters(), *(b for n, b in model.named_buffers() if not n.startswith("rope."))])
+
+
+def test_packed_weight_bytes_match_the_loaded_model(int4_checkpoint, checkpoints):
+    """`phi3 info`'s packed memory line, from the headers alone, against what loading really keeps."""
+    from phi3.loader import packed_weight_bytes
+
+    llm = phi3.load(int4_checkpoint, dtype="float32")
+    assert llm.model.model.layers[0].mlp.down_proj.kernel == "cpu-fp32"
+    assert packed_weight_bytes(int4_checkpoint) == _weight_bytes(llm.model)
+    assert packed_weight_bytes(checkpoints["gqa"][0]) is None  # a plain checkpoint: 4 bytes a parameter in fp32
+    done = run_cli("info", "--model", int4_checkpoint)
+    assert done.returncode == 0 and "memory fp32 packed weights" in done.stdout, done.stderr
+
+
 @pytest.mark.parametrize("key,tensor,needle", [
     ("model.layers.1.mlp.down_proj.weight", torch.zeros(128, 40, dtype=torch.uint8), "(128, 40) in the file, (128, 48)"),
     ("model.layers.1.mlp.down_proj.weight", torch.zeros(128, 48, dtype=torch.int8), "is torch.int8; expected torch.uint8"),
