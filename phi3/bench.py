@@ -244,15 +244,15 @@ def run(args) -> int:
         llm, raw = load(args.model, device=device, dtype=args.dtype), None
         path = resolve(args.model)
         source, gguf = (path.parent, path.name) if path.suffix == ".gguf" else (path, None)
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    header = (f"# {llm.name or args.model}, {llm.dtype}, {device} ({card}), torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}; decode: {args.new_tokens} new tokens "
-              f"per row after {args.prompt_len}-token prompts")
     if args.quantize:
         from .convert import quantize_model
 
         quantize_model(llm, bits=int(args.quantize.removeprefix("int")))
-        header = header.replace(f", {llm.dtype},", f", {llm.dtype}, {args.quantize} RTN (g32 for int4),", 1)
+    scheme = f", {args.quantize} RTN (g32 for int4)" if args.quantize else ""
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    header = (f"# {llm.name or args.model}, {llm.dtype}{scheme}, {device} ({card}), torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}; decode: {args.new_tokens} new tokens "
+              f"per row after {args.prompt_len}-token prompts")
     llm.compile = args.compile
     kw = dict(prompt_len=args.prompt_len, new=args.new_tokens, batches=batches, prefill=args.prefill)
     rows, dtype = bench_ours(llm, **kw), llm.dtype

@@ -219,10 +219,13 @@ def cmd_info(args) -> int:
 
     try:
         config, where = read_config(args.model)
+        from .loader import packed_weight_bytes
+
+        packed = packed_weight_bytes(args.model, config)  # None unless the checkpoint is packed
     except ModelNotFoundError:
         if args.model.lower().removeprefix("microsoft/") not in PRESETS:
             raise
-        config, where = preset(args.model), "built-in preset (weights not downloaded)"
+        config, where, packed = preset(args.model), "built-in preset (weights not downloaded)", None
     gib = 1024 ** 3
     n = config.num_parameters()
     print(f"model            {args.model}\nconfig from      {where}")
@@ -236,11 +239,6 @@ def cmd_info(args) -> int:
           f"{f', sliding window {window}' if window else ''}")
     print(f"parameters       {n:,} ({n / 1e9:.2f}B)")
     context = min(args.context or config.max_position_embeddings, config.max_position_embeddings)
-    packed = None
-    if where != "built-in preset (weights not downloaded)":
-        from .loader import packed_weight_bytes
-
-        packed = packed_weight_bytes(args.model)
     for name, size, weights in (("bf16/fp16", 2, n * 2), ("fp32", 4, n * 4), ("fp32 packed", 4, packed)):
         if weights is None:
             continue

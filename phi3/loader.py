@@ -156,10 +156,11 @@ def pick_dtype(dtype, device: torch.device, checkpoint_dtype: str | None) -> tor
     return torch.float32
 
 
-def packed_weight_bytes(model) -> int | None:
+def packed_weight_bytes(model, config: Phi3Config | None = None) -> int | None:
     """Bytes of weights `load(model)` keeps in fp32 on a CPU with phi3's kernels when the checkpoint
     is packed (a GGUF's Q4_0/Q4_1/Q8_0 blocks, a `phi3 quantize` checkpoint), from the headers alone;
-    None for a plain floating-point checkpoint (fp32: 4 bytes a parameter)."""
+    None for a plain floating-point checkpoint (fp32: 4 bytes a parameter). `config`: the model's,
+    if already read."""
     from contextlib import ExitStack
 
     from .weights import read_config, read_safetensors, resolve, safetensors_files
@@ -169,7 +170,7 @@ def packed_weight_bytes(model) -> int | None:
         from .gguf import packed_memory_bytes
 
         return packed_memory_bytes(path)
-    if not read_config(path)[0].quantization:
+    if not (config or read_config(path)[0]).quantization:
         return None
     with ExitStack() as stack:  # packed tensors and their fp16 scales as stored, float tensors as fp32
         return sum(math.prod(t.shape) * (t.dtype.itemsize if name.endswith((".scales", ".biases")) or not t.floating
