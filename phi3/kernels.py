@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 
 import torch
@@ -33,7 +34,8 @@ from .model import linear
 
 __all__ = ["available", "build_info", "packed_linear", "q4_linear", "q8_linear"]
 
-SOURCE = Path(__file__).parent / "csrc" / "packed.c"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / "packed.c", CSRC / "layer.c"]  # one library; packed.h is what layer.c takes from packed.c
 _lock = threading.Lock()
 _state: dict = {}  # "lib": ctypes.CDLL | None, "why": str (why not), "simd": bool
 
@@ -56,7 +58,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
         return None, "no C compiler found (install gcc or clang, or set CC)"
-    source = SOURCE.read_bytes()
+    source = b"".join(f.read_bytes() for f in [*SOURCES, CSRC / "packed.h"])
     attempts = [["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"]]
     if mode == "portable":  # the plain C path, for machines (and tests) without AVX2
         attempts = [["-O3", "-fopenmp"], ["-O3"]]
@@ -70,7 +72,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
             with tempfile.TemporaryDirectory(dir=folder) as tmp:  # built aside, renamed: no half-written .so
                 out = Path(tmp) / lib.name
                 try:
-                    proc = subprocess.run([cc, *flags, "-shared", "-fPIC", str(SOURCE), "-o", str(out)],
+                    proc = subprocess.run([cc, *flags, "-shared", "-fPIC", *map(str, SOURCES), "-o", str(out), "-lm"],
                                           capture_output=True, text=True, timeout=300)
                 except (OSError, subprocess.TimeoutExpired) as e:
                     return None, f"the C compiler {cc} did not run ({e})"
@@ -83,7 +85,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
             return _declare(ctypes.CDLL(str(lib))), ""
         except OSError as e:
             errors.append(f"{lib}: {e}")
-    return None, "could not build phi3/csrc/packed.c: " + "; ".join(errors)
+    return None, "could not build phi3/csrc/packed.c and layer.c: " + "; ".join(errors)
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -95,6 +97,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     for f in (lib.phi3_q4_linear, lib.phi3_q8_linear, lib.phi3_q4_dequantize, lib.phi3_q8_dequantize):
         f.restype = None
     lib.phi3_simd.restype = C
+    lib.phi3_work_floats.argtypes, lib.phi3_work_floats.restype = [P], I
+    lib.phi3_decode_layers.argtypes, lib.phi3_decode_layers.restype = [P, P, I, P], None
     return lib
 
 
@@ -209,3 +213,100 @@ _op = torch.library.custom_op("phi3::packed_linear", _packed_linear, mutates_arg
 @_op.register_fake
 def _(x, weight, scales, biases):
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+# -- whole decoder layers of a decode step (csrc/layer.c) -------------------------------------------
+P, I64 = ctypes.c_void_p, ctypes.c_int64
+
+
+class _Packed(ctypes.Structure):
+    _fields_ = [("weight", P), ("scales", P), ("biases", P), ("input_scale", P), ("groups", I64)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [*((n, _Packed) for n in ("qkv", "o", "gate_up", "down")),
+                *((n, P) for n in ("input_norm", "post_attention_norm", "k_cache", "v_cache"))]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [*((n, I64) for n in ("rows", "hidden", "heads", "kv_heads", "head_dim", "rotary_dim", "intermediate",
+                                     "cache_len", "kv_len", "window", "first_slot")),
+                *((n, P) for n in ("positions", "cos", "sin", "work")), ("eps", ctypes.c_double), ("threads", I64)]
+
+
+def _packed_args(module) -> tuple | None:
+    """A `QuantLinear` on phi3's kernels (no hooks) -> (weight, scales, biases, input_scale, G) pointers; else None."""
+    if getattr(module, "kernel", None) != "cpu-fp32" or module._forward_hooks or module._forward_pre_hooks:
+        return None
+    b = module._buffers
+    w, s, z, scale = b["weight"], b["scales"], b["biases"], b["input_scale"]
+    if s.dtype != torch.float16 or not (w.is_contiguous() and s.is_contiguous()) or w.device.type != "cpu":
+        return None
+    if z is not None and (z.dtype != torch.float16 or not z.is_contiguous()):
+        return None
+    if scale is not None and (scale.dtype != torch.float32 or not scale.is_contiguous()):
+        return None
+    return (w.data_ptr(), s.data_ptr(), z.data_ptr() if z is not None else 0,
+            scale.data_ptr() if scale is not None else 0, s.shape[1])
+
+
+def _norm_weight(norm) -> int | None:
+    w = norm._parameters["weight"]
+    if norm._forward_hooks or norm._forward_pre_hooks or w.dtype != torch.float32 or not w.is_contiguous():
+        return None
+    return w.data_ptr()
+
+
+def _layer_args(model, cache) -> tuple | None:
+    """Every layer's pointers for layer.c, or None when a layer does not qualify (a dense or
+    adapted linear, a hook, another dtype): then the torch path runs."""
+    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        return None
+    args = []
+    for i, block in enumerate(model.model.layers):
+        attn, mlp = block.self_attn, block.mlp
+        if any(m._forward_hooks or m._forward_pre_hooks for m in (block, attn, mlp)):
+            return None
+        linears = [_packed_args(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        norms = [_norm_weight(block.input_layernorm), _norm_weight(block.post_attention_layernorm)]
+        if None in linears or None in norms:
+            return None
+        args.append((*linears, *norms, cache.k[i].data_ptr(), cache.v[i].data_ptr()))
+    return tuple(args)
+
+
+_layers_built = weakref.WeakKeyDictionary()  # model -> (args, ctypes array of _Layer): rebuilt when a pointer changes
+
+
+def decode_layers(model, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  cache, slot: int, kv_len: int) -> torch.Tensor | None:
+    """All decoder layers of one decode step in C (csrc/layer.c): x (B, 1, C) -> (B, 1, C), each row
+    one token at `positions` (B, 1) written into cache slot `slot + b`, cos/sin (B, 1, R) its rotary
+    factors. None when the layers do not qualify (every linear packed on phi3's kernels, fp32,
+    no hooks) or the kernels are not built: the caller runs the torch path."""
+    lib = _lib()
+    if (lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or cache.k[0].dtype != torch.float32
+            or positions.dtype != torch.long):
+        return None
+    args = _layer_args(model, cache)
+    if args is None:
+        return None
+    built = _layers_built.get(model)
+    if built is None or built[0] != args:
+        layers = (_Layer * len(args))()
+        for layer, (qkv, o, gate_up, down, norm1, norm2, k, v) in zip(layers, args):
+            layer.qkv, layer.o, layer.gate_up, layer.down = (_Packed(*a) for a in (qkv, o, gate_up, down))
+            layer.input_norm, layer.post_attention_norm, layer.k_cache, layer.v_cache = norm1, norm2, k, v
+        built = _layers_built[model] = (args, layers)
+    config, (B, _, C) = model.config, x.shape
+    x = x.reshape(B, C).clone()  # updated in place by the layers
+    positions = positions.reshape(B).contiguous()
+    cos, sin = cos.reshape(B, -1).contiguous(), sin.reshape(B, -1).contiguous()
+    window = config.sliding_window or 0
+    step = _Step(B, C, config.num_attention_heads, config.num_key_value_heads, config.head_dim, cos.shape[1],
+                 config.intermediate_size, cache.k[0].shape[2], kv_len, window, slot,
+                 positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), 0, config.rms_norm_eps,
+                 torch.get_num_threads())
+    step.work = _scratch(lib.phi3_work_floats(ctypes.byref(step))).data_ptr()
+    lib.phi3_decode_layers(ctypes.byref(step), built[1], len(args), x.data_ptr())
+    return x.view(B, 1, C)

@@ -209,13 +209,21 @@ class Phi3(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         cos, sin = self.rope(positions, long, x.dtype, table_len)  # (B, T, R)
-        ctx = Context(positions, cos, sin, self.attention_mask(positions, kv_len, cache is not None),
-                      cache, slot, rows, kv_len)
-        for block in self.model.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, ctx, use_reentrant=False)
-            else:
-                x = block(x, ctx)
+        fused = None
+        if T == 1 and cache is not None and x.device.type == "cpu" and not torch.is_grad_enabled() \
+                and not torch.compiler.is_compiling():  # a CPU decode step: all layers in C when they qualify
+            from . import kernels
+            fused = kernels.decode_layers(self, x, positions, cos, sin, cache, slot, kv_len)
+        if fused is not None:
+            x = fused
+        else:
+            ctx = Context(positions, cos, sin, self.attention_mask(positions, kv_len, cache is not None),
+                          cache, slot, rows, kv_len)
+            for block in self.model.layers:
+                if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                    x = checkpoint(block, x, ctx, use_reentrant=False)
+                else:
+                    x = block(x, ctx)
         x = self.model.norm(x[:, -1:] if last_only else x)
         return self.lm_head(x)
 

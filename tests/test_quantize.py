@@ -15,7 +15,9 @@ from safetensors.torch import load_file, save_file
 
 import phi3
 from phi3.convert import quantize_weights
+from phi3.engine import Engine
 from phi3.quantize import QuantEmbedding, QuantizationError, QuantLinear, Scheme, dequantize, quantize_int4, quantize_int8
+from phi3.sampling import SamplingParams
 from phi3.weights import WeightsError
 
 
@@ -120,8 +122,10 @@ def test_cpu_kernels_against_the_dequantized_weight(bits, g):
         fn(x[:, :128], *packed)
 
 
-def test_portable_cpu_kernels_against_the_dequantized_weight(tmp_path):
-    """The plain C path of phi3/csrc/packed.c (CPUs without AVX2), built with PHI3_KERNELS=portable."""
+def test_portable_cpu_kernels_against_the_dequantized_weight(checkpoints, tmp_path):
+    """The plain C path of phi3/csrc/packed.c and layer.c (CPUs without AVX2), built with
+    PHI3_KERNELS=portable: each linear against the dequantized weight, and a batched decode (all
+    layers in C) giving the tokens and log-probabilities of this machine's SIMD build."""
     code = """if True:
         import torch, phi3.kernels as k
         from phi3.quantize import quantize_int4, quantize_int8, dequantize
@@ -135,10 +139,31 @@ def test_portable_cpu_kernels_against_the_dequantized_weight(tmp_path):
             ref = x.double() @ dequantize(*packed).double().T
             assert (y - ref).abs().max() <= 1e-5 * ref.abs().max(), (bits, gs, M)
         print("ok")
-    """
+    """.rstrip() + "\n" + DECODE
     env = {**__import__("os").environ, "PHI3_KERNELS": "portable", "PHI3_CACHE": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    folder = str(checkpoints["gqa"][0])
+    done = subprocess.run([sys.executable, "-c", code, folder], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.splitlines()[0] == "ok", done.stderr
+    here = subprocess.run([sys.executable, "-c", DECODE, folder], capture_output=True, text=True, timeout=300)
+    assert here.returncode == 0, here.stderr
+    portable, simd = json.loads(done.stdout.splitlines()[1]), json.loads(here.stdout)
+    assert [t for t, _ in portable] == [t for t, _ in simd]
+    assert np.allclose([lp for _, lp in portable], [lp for _, lp in simd], atol=1e-5, rtol=0)
+
+
+# Three rows of int4 decoding in one batch (sys.argv[1]: the gqa checkpoint), all layers in C:
+# prints [[token, log-probability], ...] of every row in turn.
+DECODE = """if True:
+    import json, sys, phi3, phi3.kernels
+    from phi3.engine import Engine
+    from phi3.sampling import SamplingParams
+    llm = phi3.load(sys.argv[1], dtype="float32", quantize="int4")
+    engine = Engine(llm.model, slots=4, max_len=64)
+    rows = [engine.submit(list(range(3, 3 + n)), SamplingParams(max_new_tokens=16, logprobs=0)) for n in (9, 2, 17)]
+    while engine.busy:
+        engine.step()
+    print(json.dumps([[t, lp] for r in rows for t, (lp, _) in zip(r.tokens, r.logprobs)]))
+"""
 
 
 def test_without_a_compiler_packed_weights_run_dequantized_and_say_so(checkpoints, tmp_path):
@@ -191,6 +216,46 @@ def test_on_the_fly_quantization_equals_transformers_on_rounded_weights(checkpoi
         out = theirs.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None,
                               pad_token_id=0, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
     assert greedy == out[0, len(ids):].tolist()
+
+
+def _spy_on_c_decode(monkeypatch) -> list[bool]:
+    """Record, per decode step, whether phi3.kernels ran the layers in C (csrc/layer.c)."""
+    calls, real = [], phi3.kernels.decode_layers
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+    monkeypatch.setattr(phi3.kernels, "decode_layers", spy)
+    return calls
+
+
+# Rows of different lengths decoded together: the LongRoPE model's pre-training context is 32
+# tokens (the 20-token row crosses it), the window model's window is 8 and the gqa model's 16.
+@pytest.mark.parametrize("kind,bits", [("longrope", 4), ("window", 8), ("gqa", 4), ("gqa", 8), ("partial", 4)])
+def test_packed_decode_in_c_equals_transformers_per_row(checkpoints, monkeypatch, kind, bits):
+    """With packed weights on the CPU every layer of a decode step runs in C: each row's greedy
+    tokens are transformers' on the same rounded weights, and each step's log-probabilities
+    transformers' own logits (within 1e-4)."""
+    folder, ref = checkpoints[kind]
+    theirs = fake_quantized_reference(folder, ref, bits, 32 if bits == 4 else None)
+    ours = phi3.load(folder, dtype="float32", quantize=f"int{bits}")
+    calls = _spy_on_c_decode(monkeypatch)
+    engine = Engine(ours.model, slots=4, max_len=96)
+    lengths = [(20, 24), (5, 30), (11, 8)]
+    requests = [engine.submit(torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(n)).tolist(),
+                              SamplingParams(max_new_tokens=new, logprobs=0)) for n, new in lengths]
+    while engine.busy:
+        engine.step()
+    assert calls and all(calls)
+    for req in requests:
+        with torch.no_grad():
+            out = theirs.generate(torch.tensor([req.prompt]), max_new_tokens=len(req.tokens), do_sample=False,
+                                  eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+                                  attention_mask=torch.ones(1, len(req.prompt), dtype=torch.long))
+        assert req.tokens == out.sequences[0, len(req.prompt):].tolist()
+        expected = [logits[0].log_softmax(-1)[t].item() for logits, t in zip(out.logits, req.tokens)]
+        assert np.allclose([lp for lp, _ in req.logprobs], expected, atol=1e-4, rtol=0)
 
 
 def run_cli(*args, timeout=600):

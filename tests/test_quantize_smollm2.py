@@ -20,6 +20,8 @@ import phi3
 from phi3 import assets
 from phi3.awq import calibration_text
 from phi3.convert import install, quantize_weights, save_quantized
+from phi3.engine import Engine
+from phi3.sampling import SamplingParams
 from phi3.tokenizer import load_tokenizer
 
 HELDOUT = """The lighthouse keeper kept a logbook for forty years. Every evening he wrote down the wind \
@@ -143,6 +145,32 @@ def test_awq_no_worse_than_round_to_nearest(awq_checkpoint, int4_rtn, fp32):
     assert loaded.model.model.layers[0].mlp.down_proj.scheme.input_scale
     ids = loaded.tokenizer.encode(HELDOUT)[:64]
     assert torch.equal(loaded.logits(ids), llm.logits(ids))
+
+
+def test_awq_decode_steps_in_c_are_the_models_own_logits(awq_checkpoint, monkeypatch):
+    """Decode steps with AWQ's packed weights (an input scale on every linear) run all layers in C
+    (csrc/layer.c): each step's log-probabilities and top alternatives equal the full-sequence
+    forward's (torch ops) at that position."""
+    _, llm = awq_checkpoint
+    ran_in_c, real = [], phi3.kernels.decode_layers
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        ran_in_c.append(out is not None)
+        return out
+    monkeypatch.setattr(phi3.kernels, "decode_layers", spy)
+    engine = Engine(llm.model, slots=2, max_len=256)
+    ids = llm.tokenizer.encode(HELDOUT)
+    rows = [engine.submit(ids[:40], SamplingParams(max_new_tokens=24, logprobs=2)),
+            engine.submit(ids[100:117], SamplingParams(max_new_tokens=24, logprobs=2))]
+    while engine.busy:
+        engine.step()
+    assert ran_in_c and all(ran_in_c)
+    for row in rows:
+        logp = llm.logits(row.prompt + row.tokens).log_softmax(-1)[len(row.prompt) - 1:-1]
+        for step, (token, (lp, top)) in zip(logp, zip(row.tokens, row.logprobs)):
+            assert token == step.argmax().item() and abs(lp - step[token].item()) < 1e-4
+            assert all(abs(v - step[i].item()) < 1e-4 for i, v in top)
 
 
 def test_awq_clearly_better_at_coarse_groups(gguf_path, fp32):

@@ -14,6 +14,8 @@
  */
 #include <stdint.h>
 
+#include "packed.h"
+
 #define MR 4 /* rows of x that share one pass over the weights */
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -224,22 +226,36 @@ int phi3_simd(void) { return 0; }
 
 #endif
 
-/* Output columns are split across threads; each thread passes over its weight rows once per MR rows of x. */
-void phi3_q4_linear(const float *x, const uint8_t *w, const uint16_t *scales, const uint16_t *biases, float *y,
-                    int64_t M, int64_t N, int64_t K, int64_t G, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
+/* Output columns are split across threads; each thread passes over its weight rows once per MR rows of x.
+ * The *_rows functions are the loops alone (an orphaned `omp for`): called inside a parallel region
+ * (layer.c runs a whole decoder layer in one) they share it; outside one they run on one thread. */
+void phi3_q4_rows(const float *x, const uint8_t *w, const uint16_t *scales, const uint16_t *biases, float *y,
+                  int64_t M, int64_t N, int64_t K, int64_t G) {
+#pragma omp for schedule(static)
     for (int64_t n = 0; n < N; n++)
         for (int64_t m0 = 0; m0 < M; m0 += MR)
             q4_row(x, w + n * (K / 2), scales + n * G, biases + n * G, y, m0, M - m0 < MR ? (int)(M - m0) : MR,
                    n, N, K, G);
 }
 
-void phi3_q8_linear(const float *x, const int8_t *w, const uint16_t *scales, float *y,
-                    int64_t M, int64_t N, int64_t K, int64_t G, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
+void phi3_q8_rows(const float *x, const int8_t *w, const uint16_t *scales, float *y,
+                  int64_t M, int64_t N, int64_t K, int64_t G) {
+#pragma omp for schedule(static)
     for (int64_t n = 0; n < N; n++)
         for (int64_t m0 = 0; m0 < M; m0 += MR)
             q8_row(x, w + n * K, scales + n * G, y, m0, M - m0 < MR ? (int)(M - m0) : MR, n, N, K, G);
+}
+
+void phi3_q4_linear(const float *x, const uint8_t *w, const uint16_t *scales, const uint16_t *biases, float *y,
+                    int64_t M, int64_t N, int64_t K, int64_t G, int threads) {
+#pragma omp parallel num_threads(threads)
+    phi3_q4_rows(x, w, scales, biases, y, M, N, K, G);
+}
+
+void phi3_q8_linear(const float *x, const int8_t *w, const uint16_t *scales, float *y,
+                    int64_t M, int64_t N, int64_t K, int64_t G, int threads) {
+#pragma omp parallel num_threads(threads)
+    phi3_q8_rows(x, w, scales, y, M, N, K, G);
 }
 
 /* out (N, K) fp32 = the dequantized weight, for calls with many rows of x (prefill), where a dense

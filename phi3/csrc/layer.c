@@ -1,0 +1,177 @@
+/* Decoder layers of one decode step in C: what `Block.forward` computes for B rows of one token
+ * each, when all four linears of every layer are packed (phi3/kernels.py's `decode_layers` checks).
+ *
+ * Why: with packed weights the linears of a small model take less than half of an eager decode
+ * step; the rest is ~25 torch ops per layer, each a few microseconds of dispatch. Here a layer is
+ * one pass in one OpenMP parallel region, stages split by the loops' barriers:
+ *
+ *   h = rmsnorm(x) -> qkv = h W^T -> rotate q, k; write k, v at each row's position in its slot ->
+ *   attention over the row's visible keys -> x += att Wo^T -> h = rmsnorm(x) -> gu = h W^T ->
+ *   a = up * silu(gate) -> x += a Wd^T
+ *
+ * Same operations in fp32 as the torch path (model.py), so the same result up to fp32 rounding and
+ * the order of sums: exp is a polynomial (Cephes' expf, ~1 ulp) the compiler vectorizes, softmax is
+ * taken over the visible keys only (the masked ones are exp(-inf) = 0 in torch).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "packed.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static int omp_get_thread_num(void) { return 0; }
+#endif
+
+typedef struct { /* one packed linear, as phi3.quantize.QuantLinear holds it (kernel "cpu-fp32") */
+    const void *weight;       /* int4: uint8 (N, K/2); int8: int8 (N, K) */
+    const uint16_t *scales;   /* fp16 (N, G) */
+    const uint16_t *biases;   /* fp16 (N, G); NULL: int8 */
+    const float *input_scale; /* (K,), multiplied into the input first (AWQ), or NULL */
+    int64_t groups;           /* G */
+} phi3_packed;
+
+typedef struct { /* one decoder layer's tensors */
+    phi3_packed qkv, o, gate_up, down;
+    const float *input_norm, *post_attention_norm; /* (C,) RMSNorm weights */
+    float *k_cache, *v_cache;                      /* (slots, Hkv, L, D), keys after RoPE */
+} phi3_layer;
+
+typedef struct { /* what the layers of one decode step share */
+    int64_t rows, hidden, heads, kv_heads, head_dim, rotary_dim, intermediate; /* B, C, H, Hkv, D, R, I */
+    int64_t cache_len;  /* L: positions per slot in the cache */
+    int64_t kv_len;     /* keys 0..kv_len-1 of a slot may be visible (then masked per row) */
+    int64_t window;     /* sliding window (key j visible to position p when j > p - window); 0: none */
+    int64_t first_slot; /* row b is cache slot first_slot + b */
+    const int64_t *positions; /* (B,) each row's position */
+    const float *cos, *sin;   /* (B, R) each row's rotary factors */
+    float *work;              /* phi3_work_floats(step) floats */
+    double eps;
+    int64_t threads;
+} phi3_step;
+
+/* e^x in fp32, Cephes' expf: range reduction by ln 2 in two parts, a degree-7 polynomial, the
+ * exponent put in by hand. Branch-free, so loops over it vectorize. */
+static inline float exp_f32(float x) {
+    x = fminf(fmaxf(x, -87.33654f), 88.72283f);
+    const float n = floorf(x * 1.44269504088896341f + 0.5f);
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    const float p = ((((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
+                       1.6666665459e-1f) * r + 5.0000001201e-1f) * r * r + r) + 1.0f;
+    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
+    return p * scale.f;
+}
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    float acc[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
+    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* out = w * (x * rsqrt(mean(x^2) + eps)) [* input_scale]: RMSNorm in model.py's order */
+static void rmsnorm_row(const float *x, const float *w, const float *input_scale, float *out, int64_t C, double eps) {
+    const float r = 1.0f / sqrtf(dot(x, x, C) / (float)C + (float)eps);
+    for (int64_t c = 0; c < C; c++) out[c] = w[c] * (x[c] * r);
+    if (input_scale)
+        for (int64_t c = 0; c < C; c++) out[c] *= input_scale[c];
+}
+
+/* rotate-half RoPE on the first R dims of one head: out = x * cos + rotate_half(x) * sin */
+static void rotate(const float *x, const float *cos, const float *sin, float *out, int64_t D, int64_t R) {
+    const int64_t half = R / 2;
+    for (int64_t i = 0; i < half; i++) out[i] = x[i] * cos[i] + (-x[i + half]) * sin[i];
+    for (int64_t i = half; i < R; i++) out[i] = x[i] * cos[i] + x[i - half] * sin[i];
+    for (int64_t i = R; i < D; i++) out[i] = x[i];
+}
+
+static void linear(const phi3_packed *p, const float *x, float *y, int64_t M, int64_t N, int64_t K) {
+    if (p->biases) phi3_q4_rows(x, (const uint8_t *)p->weight, p->scales, p->biases, y, M, N, K, p->groups);
+    else phi3_q8_rows(x, (const int8_t *)p->weight, p->scales, y, M, N, K, p->groups);
+}
+
+int64_t phi3_work_floats(const phi3_step *s) {
+    const int64_t B = s->rows, C = s->hidden, D = s->head_dim, qkv = (s->heads + 2 * s->kv_heads) * D;
+    return B * (C + qkv + s->heads * D + C + 3 * s->intermediate) + s->threads * (s->kv_len + D);
+}
+
+static void layer(const phi3_step *s, const phi3_layer *l, float *x) {
+    const int64_t B = s->rows, C = s->hidden, H = s->heads, Hkv = s->kv_heads, D = s->head_dim, R = s->rotary_dim;
+    const int64_t I = s->intermediate, L = s->cache_len, NQKV = (H + 2 * Hkv) * D, group = H / Hkv;
+    float *h = s->work, *qkv = h + B * C, *att = qkv + B * NQKV, *proj = att + B * H * D, *gu = proj + B * C;
+    float *act = gu + B * 2 * I, *thread_work = act + B * I;
+    const float scale = 1.0f / sqrtf((float)D);
+
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; b++) rmsnorm_row(x + b * C, l->input_norm, l->qkv.input_scale, h + b * C, C, s->eps);
+    linear(&l->qkv, h, qkv, B, NQKV, C);
+
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t g = 0; g < Hkv; g++) { /* keys rotated, then keys and values written at the row's position */
+            const int64_t at = (((s->first_slot + b) * Hkv + g) * L + s->positions[b]) * D;
+            rotate(qkv + b * NQKV + (H + g) * D, s->cos + b * R, s->sin + b * R, l->k_cache + at, D, R);
+            memcpy(l->v_cache + at, qkv + b * NQKV + (H + Hkv + g) * D, D * sizeof(float));
+        }
+
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t hd = 0; hd < H; hd++) {
+            float *q = thread_work + omp_get_thread_num() * (s->kv_len + D), *p = q + D;
+            rotate(qkv + b * NQKV + hd * D, s->cos + b * R, s->sin + b * R, q, D, R);
+            const int64_t pos = s->positions[b], hi = pos < s->kv_len - 1 ? pos : s->kv_len - 1; /* keys lo..hi */
+            const int64_t lo = s->window > 0 && pos - s->window + 1 > 0 ? pos - s->window + 1 : 0;
+            const float *kc = l->k_cache + ((s->first_slot + b) * Hkv + hd / group) * L * D;
+            const float *vc = l->v_cache + ((s->first_slot + b) * Hkv + hd / group) * L * D;
+            float *out = att + b * H * D + hd * D, top = -INFINITY, sum = 0.0f;
+            for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
+            for (int64_t j = lo; j <= hi; j++) {
+                p[j - lo] = dot(q, kc + j * D, D) * scale;
+                top = p[j - lo] > top ? p[j - lo] : top;
+            }
+            for (int64_t j = 0; j <= hi - lo; j++) {
+                p[j] = exp_f32(p[j] - top);
+                sum += p[j];
+            }
+            for (int64_t j = lo; j <= hi; j++) {
+                const float pj = p[j - lo] / sum;
+                for (int64_t d = 0; d < D; d++) out[d] += pj * vc[j * D + d];
+            }
+            if (l->o.input_scale)
+                for (int64_t d = 0; d < D; d++) out[d] *= l->o.input_scale[hd * D + d];
+        }
+    linear(&l->o, att, proj, B, C, H * D);
+
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t c = 0; c < C; c++) x[b * C + c] += proj[b * C + c];
+        rmsnorm_row(x + b * C, l->post_attention_norm, l->gate_up.input_scale, h + b * C, C, s->eps);
+    }
+    linear(&l->gate_up, h, gu, B, 2 * I, C);
+
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t i0 = 0; i0 < I; i0 += 256) { /* up * silu(gate), silu(g) = g / (1 + e^-g) */
+            const float *gate = gu + b * 2 * I, *up = gate + I;
+            const int64_t end = i0 + 256 < I ? i0 + 256 : I;
+            for (int64_t i = i0; i < end; i++) act[b * I + i] = up[i] * (gate[i] / (1.0f + exp_f32(-gate[i])));
+            if (l->down.input_scale)
+                for (int64_t i = i0; i < end; i++) act[b * I + i] *= l->down.input_scale[i];
+        }
+    linear(&l->down, act, proj, B, C, I);
+
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t c = 0; c < C; c++) x[b * C + c] += proj[b * C + c];
+}
+
+/* x (B, C) in place through n layers, all threads in one parallel region. */
+void phi3_decode_layers(const phi3_step *s, const phi3_layer *layers, int64_t n, float *x) {
+#pragma omp parallel num_threads((int)s->threads)
+    for (int64_t i = 0; i < n; i++) layer(s, &layers[i], x);
+}
