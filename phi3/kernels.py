@@ -158,7 +158,7 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, b
     return _packed_linear(x, weight, scales, biases)
 
 
-DENSE_ROWS = 48  # from this many rows of x on (prefill, large batches), dequantize and run oneDNN (measured)
+DENSE_ROWS = 24  # from this many rows of x on (prefill, large batches), dequantize and run oneDNN (measured)
 TILE_BYTES = 1 << 20  # ... a tile of weight rows at a time, in a buffer that stays in the cache (measured),
 TILE_ROWS = 1024  # but at least this many rows: narrower matmuls repack x once per tile (measured)
 
@@ -286,7 +286,7 @@ def decode_layers(model, x: torch.Tensor, positions: torch.Tensor, cos: torch.Te
     no hooks) or the kernels are not built: the caller runs the torch path."""
     lib = _lib()
     if (lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or cache.k[0].dtype != torch.float32
-            or positions.dtype != torch.long):
+            or positions.dtype != torch.long or x.shape[0] >= DENSE_ROWS):  # large batches: oneDNN on tiles
         return None
     args = _layer_args(model, cache)
     if args is None:

@@ -100,7 +100,7 @@ def test_kernels_choice_on_this_machine():
 @pytest.mark.parametrize("bits,g", [(4, 32), (4, 64), (4, 128), (8, None), (8, 32)])
 def test_cpu_kernels_against_the_dequantized_weight(bits, g):
     """phi3's own fp32 kernels (phi3/csrc/packed.c) compute x @ dequantize(W).T to fp32 rounding, for any
-    number of rows (the register blocks of 4 rows, their remainders, and the dense path from
+    number of rows (the register blocks of 8 and 4 rows, their remainders, and the dense path from
     kernels.DENSE_ROWS rows on, a tile of kernels.TILE_BYTES at a time), odd output counts and each
     group size."""
     gen = torch.Generator().manual_seed(bits * 1000 + (g or 0))
@@ -110,7 +110,7 @@ def test_cpu_kernels_against_the_dequantized_weight(bits, g):
     packed = quantize_int4(w, g) if bits == 4 else quantize_int8(w, g)
     ref = dequantize(*packed).double()
     fn = phi3.kernels.q4_linear if bits == 4 else phi3.kernels.q8_linear
-    for M in (1, 3, 4, 5, 9, phi3.kernels.DENSE_ROWS - 1, phi3.kernels.DENSE_ROWS, 70):
+    for M in (1, 2, 3, 4, 5, 8, 9, 10, 17, phi3.kernels.DENSE_ROWS - 1, phi3.kernels.DENSE_ROWS, 70):
         x = torch.randn(M, K, generator=gen)
         y = fn(x, *packed)
         expected = x.double() @ ref.T

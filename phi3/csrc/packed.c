@@ -16,7 +16,9 @@
 
 #include "packed.h"
 
-#define MR 4 /* rows of x that share one pass over the weights */
+#define MR 4 /* rows of x that share one pass over the weights (8 where there is a q*_row8) */
+
+/* The row functions: y[m, n] for rows m0.. of x and one weight row n. */
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -30,97 +32,120 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* The four 8-weight vectors of int4 block `raw`, dequantized as w = q * s + b (the fp32 operations
+ * of `dequantize`, rounded once by the fma). */
+#define Q4_EXPAND(raw, s, b, w)                                                                          \
+    do {                                                                                                 \
+        const __m128i lo_ = _mm_and_si128(raw, low4), hi_ = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);  \
+        w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo_)), s, b);                     \
+        w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo_, 8))), s, b);  \
+        w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi_)), s, b);                     \
+        w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi_, 8))), s, b);  \
+    } while (0)
+
 /* One row of x (decoding one sequence): four accumulators, so no fma waits on the one before it. */
 static float q4_dot1(const float *x, const uint8_t *wr, const uint16_t *sr, const uint16_t *br, int64_t K, int64_t G) {
-    const int64_t bpg = K / 32 / G;
+    const int64_t bpg = K / 32 / G; /* blocks of 32 columns per group */
     const __m128i low4 = _mm_set1_epi8(0x0F);
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, w[4];
     for (int64_t g = 0; g < G; g++) {
         const __m256 s = _mm256_set1_ps(half_to_float(sr[g])), b = _mm256_set1_ps(half_to_float(br[g]));
         for (int64_t j = g * bpg; j < (g + 1) * bpg; j++) {
             const __m128i raw = _mm_loadu_si128((const __m128i *)(wr + j * 16));
-            const __m128i lo = _mm_and_si128(raw, low4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
             const float *xr = x + j * 32;
-            a0 = _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), s, b),
-                                 _mm256_loadu_ps(xr), a0);
-            a1 = _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), s, b),
-                                 _mm256_loadu_ps(xr + 8), a1);
-            a2 = _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s, b),
-                                 _mm256_loadu_ps(xr + 16), a2);
-            a3 = _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), s, b),
-                                 _mm256_loadu_ps(xr + 24), a3);
+            Q4_EXPAND(raw, s, b, w);
+            a0 = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xr), a0);
+            a1 = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xr + 8), a1);
+            a2 = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xr + 16), a2);
+            a3 = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xr + 24), a3);
         }
     }
     return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 }
 
-static float q8_dot1(const float *x, const int8_t *wr, const uint16_t *sr, int64_t K, int64_t G) {
-    const int64_t gs = K / G;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t k = 0;
-    for (int64_t g = 0; g < G; g++) {
-        const __m256 s = _mm256_set1_ps(half_to_float(sr[g]));
-        for (k = g * gs; k + 32 <= (g + 1) * gs; k += 32) {
-            const __m256i raw = _mm256_loadu_si256((const __m256i *)(wr + k));
-            const __m128i r0 = _mm256_castsi256_si128(raw), r1 = _mm256_extracti128_si256(raw, 1);
-            a0 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(r0)), s), _mm256_loadu_ps(x + k), a0);
-            a1 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(r0, 8))), s),
-                                 _mm256_loadu_ps(x + k + 8), a1);
-            a2 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(r1)), s), _mm256_loadu_ps(x + k + 16), a2);
-            a3 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(r1, 8))), s),
-                                 _mm256_loadu_ps(x + k + 24), a3);
-        }
-        for (; k < (g + 1) * gs; k += 16) { /* a group of 16 (per-row int8 with K = 16 mod 32) */
-            const __m128i raw = _mm_loadu_si128((const __m128i *)(wr + k));
-            a0 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), s), _mm256_loadu_ps(x + k), a0);
-            a1 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8))), s),
-                                 _mm256_loadu_ps(x + k + 8), a1);
-        }
-    }
-    return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-}
-
-/* rows m0 .. m0+mr-1 of y, column n, from one int4 weight row */
-static inline __attribute__((always_inline)) void q4_row_mr(const float *x, const uint8_t *wr, const uint16_t *sr, const uint16_t *br, float *y,
-                   int64_t m0, int mr, int64_t n, int64_t N, int64_t K, int64_t G) {
+/* mr (<= MR) rows of x, two accumulators each; always inlined so that mr = MR and mr = 2 unroll */
+static inline __attribute__((always_inline)) void q4_row_mr(const float *x, const uint8_t *wr, const uint16_t *sr,
+        const uint16_t *br, float *y, int64_t m0, int mr, int64_t n, int64_t N, int64_t K, int64_t G) {
     if (mr == 1) {
         y[m0 * N + n] = q4_dot1(x + m0 * K, wr, sr, br, K, G);
         return;
     }
-    const int64_t bpg = K / 32 / G; /* blocks of 32 columns per group */
+    const int64_t bpg = K / 32 / G;
     const __m128i low4 = _mm_set1_epi8(0x0F);
-    __m256 a0[MR], a1[MR];
+    __m256 a0[MR], a1[MR], w[4];
     for (int i = 0; i < MR; i++) a0[i] = a1[i] = _mm256_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
         const __m256 s = _mm256_set1_ps(half_to_float(sr[g])), b = _mm256_set1_ps(half_to_float(br[g]));
         for (int64_t j = g * bpg; j < (g + 1) * bpg; j++) {
             const __m128i raw = _mm_loadu_si128((const __m128i *)(wr + j * 16));
-            const __m128i lo = _mm_and_si128(raw, low4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
-            /* w = q * s + b, the same fp32 operations as dequantize (rounded once, by the fma) */
-            const __m256 w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), s, b);
-            const __m256 w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), s, b);
-            const __m256 w2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s, b);
-            const __m256 w3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), s, b);
+            Q4_EXPAND(raw, s, b, w);
             for (int i = 0; i < mr; i++) {
                 const float *xr = x + (m0 + i) * K + j * 32;
-                a0[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), a0[i]);
-                a1[i] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), a1[i]);
-                a0[i] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), a0[i]);
-                a1[i] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), a1[i]);
+                a0[i] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xr), a0[i]);
+                a1[i] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xr + 8), a1[i]);
+                a0[i] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xr + 16), a0[i]);
+                a1[i] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xr + 24), a1[i]);
             }
         }
     }
     for (int i = 0; i < mr; i++) y[(m0 + i) * N + n] = hsum(_mm256_add_ps(a0[i], a1[i]));
 }
 
-static void q4_row(const float *x, const uint8_t *wr, const uint16_t *sr, const uint16_t *br, float *y,
-                   int64_t m0, int mr, int64_t n, int64_t N, int64_t K, int64_t G) { /* the register loops unrolled for a full block of rows */
+static void q4_row(const float *x, const uint8_t *wr, const uint16_t *sr, const uint16_t *br, float *y, int64_t m0,
+                   int mr, int64_t n, int64_t N, int64_t K, int64_t G) {
     if (mr == MR) q4_row_mr(x, wr, sr, br, y, m0, MR, n, N, K, G);
+    else if (mr == 2) q4_row_mr(x, wr, sr, br, y, m0, 2, n, N, K, G);
     else q4_row_mr(x, wr, sr, br, y, m0, mr, n, N, K, G);
 }
 
-static inline __attribute__((always_inline)) void q8_row_mr(const float *x, const int8_t *wr, const uint16_t *sr, float *y,
-                   int64_t m0, int mr, int64_t n, int64_t N, int64_t K, int64_t G) {
+/* Eight rows of x share one expansion of each block, one accumulator per row: eight independent
+ * fma chains (more would not fit the 16 registers). */
+static void q4_row8(const float *x, const uint8_t *wr, const uint16_t *sr, const uint16_t *br, float *y,
+                    int64_t m0, int64_t n, int64_t N, int64_t K, int64_t G) {
+    const int64_t bpg = K / 32 / G;
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const float *x0 = x + m0 * K;
+    __m256 a[8], w[4];
+    for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        const __m256 s = _mm256_set1_ps(half_to_float(sr[g])), b = _mm256_set1_ps(half_to_float(br[g]));
+        for (int64_t j = g * bpg; j < (g + 1) * bpg; j++) {
+            const __m128i raw = _mm_loadu_si128((const __m128i *)(wr + j * 16));
+            Q4_EXPAND(raw, s, b, w);
+            for (int v = 0; v < 4; v++)
+                for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(w[v], _mm256_loadu_ps(x0 + i * K + j * 32 + v * 8), a[i]);
+        }
+    }
+    for (int i = 0; i < 8; i++) y[(m0 + i) * N + n] = hsum(a[i]);
+}
+
+/* int8: gs (columns per group) is a multiple of 16 */
+static inline __m256 q8_load8(const int8_t *p, __m256 s) {
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))), s);
+}
+
+static float q8_dot1(const float *x, const int8_t *wr, const uint16_t *sr, int64_t K, int64_t G) {
+    const int64_t gs = K / G;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t g = 0, k = 0; g < G; g++) {
+        const int64_t end = (g + 1) * gs;
+        const __m256 s = _mm256_set1_ps(half_to_float(sr[g]));
+        for (; k + 32 <= end; k += 32) {
+            a0 = _mm256_fmadd_ps(q8_load8(wr + k, s), _mm256_loadu_ps(x + k), a0);
+            a1 = _mm256_fmadd_ps(q8_load8(wr + k + 8, s), _mm256_loadu_ps(x + k + 8), a1);
+            a2 = _mm256_fmadd_ps(q8_load8(wr + k + 16, s), _mm256_loadu_ps(x + k + 16), a2);
+            a3 = _mm256_fmadd_ps(q8_load8(wr + k + 24, s), _mm256_loadu_ps(x + k + 24), a3);
+        }
+        for (; k < end; k += 16) {
+            a0 = _mm256_fmadd_ps(q8_load8(wr + k, s), _mm256_loadu_ps(x + k), a0);
+            a1 = _mm256_fmadd_ps(q8_load8(wr + k + 8, s), _mm256_loadu_ps(x + k + 8), a1);
+        }
+    }
+    return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+}
+
+static inline __attribute__((always_inline)) void q8_row_mr(const float *x, const int8_t *wr, const uint16_t *sr,
+        float *y, int64_t m0, int mr, int64_t n, int64_t N, int64_t K, int64_t G) {
     if (mr == 1) {
         y[m0 * N + n] = q8_dot1(x + m0 * K, wr, sr, K, G);
         return;
@@ -128,12 +153,11 @@ static inline __attribute__((always_inline)) void q8_row_mr(const float *x, cons
     const int64_t gs = K / G;
     __m256 a0[MR], a1[MR];
     for (int i = 0; i < MR; i++) a0[i] = a1[i] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < G; g++) {
+    for (int64_t g = 0, k = 0; g < G; g++) {
+        const int64_t end = (g + 1) * gs;
         const __m256 s = _mm256_set1_ps(half_to_float(sr[g]));
-        for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
-            const __m128i raw = _mm_loadu_si128((const __m128i *)(wr + k));
-            const __m256 w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), s);
-            const __m256 w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8))), s);
+        for (; k < end; k += 16) {
+            const __m256 w0 = q8_load8(wr + k, s), w1 = q8_load8(wr + k + 8, s);
             for (int i = 0; i < mr; i++) {
                 const float *xr = x + (m0 + i) * K + k;
                 a0[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), a0[i]);
@@ -144,11 +168,31 @@ static inline __attribute__((always_inline)) void q8_row_mr(const float *x, cons
     for (int i = 0; i < mr; i++) y[(m0 + i) * N + n] = hsum(_mm256_add_ps(a0[i], a1[i]));
 }
 
-static void q8_row(const float *x, const int8_t *wr, const uint16_t *sr, float *y,
-                   int64_t m0, int mr, int64_t n, int64_t N, int64_t K, int64_t G) { /* the register loops unrolled for a full block of rows */
+static void q8_row(const float *x, const int8_t *wr, const uint16_t *sr, float *y, int64_t m0, int mr, int64_t n,
+                   int64_t N, int64_t K, int64_t G) {
     if (mr == MR) q8_row_mr(x, wr, sr, y, m0, MR, n, N, K, G);
+    else if (mr == 2) q8_row_mr(x, wr, sr, y, m0, 2, n, N, K, G);
     else q8_row_mr(x, wr, sr, y, m0, mr, n, N, K, G);
 }
+
+static void q8_row8(const float *x, const int8_t *wr, const uint16_t *sr, float *y, int64_t m0, int64_t n,
+                    int64_t N, int64_t K, int64_t G) {
+    const int64_t gs = K / G;
+    const float *x0 = x + m0 * K;
+    __m256 a[8];
+    for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+    for (int64_t g = 0, k = 0; g < G; g++) {
+        const int64_t end = (g + 1) * gs;
+        const __m256 s = _mm256_set1_ps(half_to_float(sr[g]));
+        for (; k < end; k += 8) {
+            const __m256 w = q8_load8(wr + k, s);
+            for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x0 + i * K + k), a[i]);
+        }
+    }
+    for (int i = 0; i < 8; i++) y[(m0 + i) * N + n] = hsum(a[i]);
+}
+
+#define ROW8 1
 
 static void q4_dequant_row(const uint8_t *wr, const uint16_t *sr, const uint16_t *br, float *out, int64_t K, int64_t G) {
     const int64_t bpg = K / 32 / G;
@@ -183,32 +227,32 @@ static float half_to_float(uint16_t h) {
     return v.f;
 }
 
-static void q4_row(const float *x, const uint8_t *wr, const uint16_t *sr, const uint16_t *br, float *y,
-                   int64_t m0, int mr, int64_t n, int64_t N, int64_t K, int64_t G) {
-    const int64_t gs = K / G;
+static void q4_row(const float *x, const uint8_t *wr, const uint16_t *sr, const uint16_t *br, float *y, int64_t m0,
+                   int mr, int64_t n, int64_t N, int64_t K, int64_t G) {
+    const int64_t bpg = K / 32 / G;
     float acc[MR] = {0};
-    for (int64_t k = 0; k < K; k += 32) {
-        const float s = half_to_float(sr[k / gs]), b = half_to_float(br[k / gs]);
+    for (int64_t j = 0; j < K / 32; j++) {
+        const float s = half_to_float(sr[j / bpg]), b = half_to_float(br[j / bpg]);
         float w[32];
-        for (int j = 0; j < 16; j++) {
-            w[j] = (float)(wr[k / 2 + j] & 15) * s + b;
-            w[j + 16] = (float)(wr[k / 2 + j] >> 4) * s + b;
+        for (int i = 0; i < 16; i++) {
+            w[i] = (float)(wr[j * 16 + i] & 15) * s + b;
+            w[i + 16] = (float)(wr[j * 16 + i] >> 4) * s + b;
         }
-        for (int i = 0; i < mr; i++)
-            for (int j = 0; j < 32; j++) acc[i] += w[j] * x[(m0 + i) * K + k + j];
+        for (int r = 0; r < mr; r++)
+            for (int i = 0; i < 32; i++) acc[r] += w[i] * x[(m0 + r) * K + j * 32 + i];
     }
-    for (int i = 0; i < mr; i++) y[(m0 + i) * N + n] = acc[i];
+    for (int r = 0; r < mr; r++) y[(m0 + r) * N + n] = acc[r];
 }
 
-static void q8_row(const float *x, const int8_t *wr, const uint16_t *sr, float *y,
-                   int64_t m0, int mr, int64_t n, int64_t N, int64_t K, int64_t G) {
+static void q8_row(const float *x, const int8_t *wr, const uint16_t *sr, float *y, int64_t m0, int mr, int64_t n,
+                   int64_t N, int64_t K, int64_t G) {
     const int64_t gs = K / G;
     float acc[MR] = {0};
     for (int64_t k = 0; k < K; k++) {
         const float w = (float)wr[k] * half_to_float(sr[k / gs]);
-        for (int i = 0; i < mr; i++) acc[i] += w * x[(m0 + i) * K + k];
+        for (int r = 0; r < mr; r++) acc[r] += w * x[(m0 + r) * K + k];
     }
-    for (int i = 0; i < mr; i++) y[(m0 + i) * N + n] = acc[i];
+    for (int r = 0; r < mr; r++) y[(m0 + r) * N + n] = acc[r];
 }
 
 static void q4_dequant_row(const uint8_t *wr, const uint16_t *sr, const uint16_t *br, float *out, int64_t K, int64_t G) {
@@ -226,24 +270,36 @@ int phi3_simd(void) { return 0; }
 
 #endif
 
-/* Output columns are split across threads; each thread passes over its weight rows once per MR rows of x.
+/* Output columns are split across threads; each thread passes over its weight rows once per block
+ * of rows of x (8 where there is a q*_row8, else MR).
  * The *_rows functions are the loops alone (an orphaned `omp for`): called inside a parallel region
  * (layer.c runs a whole decoder layer in one) they share it; outside one they run on one thread. */
 void phi3_q4_rows(const float *x, const uint8_t *w, const uint16_t *scales, const uint16_t *biases, float *y,
                   int64_t M, int64_t N, int64_t K, int64_t G) {
 #pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t m0 = 0; m0 < M; m0 += MR)
-            q4_row(x, w + n * (K / 2), scales + n * G, biases + n * G, y, m0, M - m0 < MR ? (int)(M - m0) : MR,
-                   n, N, K, G);
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *wr = w + n * (K / 2);
+        int64_t m0 = 0;
+#ifdef ROW8
+        for (; M - m0 >= 8; m0 += 8) q4_row8(x, wr, scales + n * G, biases + n * G, y, m0, n, N, K, G);
+#endif
+        for (; m0 < M; m0 += MR)
+            q4_row(x, wr, scales + n * G, biases + n * G, y, m0, M - m0 < MR ? (int)(M - m0) : MR, n, N, K, G);
+    }
 }
 
 void phi3_q8_rows(const float *x, const int8_t *w, const uint16_t *scales, float *y,
                   int64_t M, int64_t N, int64_t K, int64_t G) {
 #pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t m0 = 0; m0 < M; m0 += MR)
-            q8_row(x, w + n * K, scales + n * G, y, m0, M - m0 < MR ? (int)(M - m0) : MR, n, N, K, G);
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *wr = w + n * K;
+        int64_t m0 = 0;
+#ifdef ROW8
+        for (; M - m0 >= 8; m0 += 8) q8_row8(x, wr, scales + n * G, y, m0, n, N, K, G);
+#endif
+        for (; m0 < M; m0 += MR)
+            q8_row(x, wr, scales + n * G, y, m0, M - m0 < MR ? (int)(M - m0) : MR, n, N, K, G);
+    }
 }
 
 void phi3_q4_linear(const float *x, const uint8_t *w, const uint16_t *scales, const uint16_t *biases, float *y,
