@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from .assets import cache_dir
-from .model import linear
+from .model import Linear, linear
 
 __all__ = ["available", "build_info", "packed_linear", "q4_linear", "q8_linear"]
 
@@ -219,12 +219,12 @@ def _(x, weight, scales, biases):
 P, I64 = ctypes.c_void_p, ctypes.c_int64
 
 
-class _Packed(ctypes.Structure):
-    _fields_ = [("weight", P), ("scales", P), ("biases", P), ("input_scale", P), ("groups", I64)]
+class _Linear(ctypes.Structure):
+    _fields_ = [("weight", P), ("scales", P), ("biases", P), ("input_scale", P), ("groups", I64), ("bits", I64)]
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [*((n, _Packed) for n in ("qkv", "o", "gate_up", "down")),
+    _fields_ = [*((n, _Linear) for n in ("qkv", "o", "gate_up", "down")),
                 *((n, P) for n in ("input_norm", "post_attention_norm", "k_cache", "v_cache"))]
 
 
@@ -234,9 +234,18 @@ class _Step(ctypes.Structure):
                 *((n, P) for n in ("positions", "cos", "sin", "work")), ("eps", ctypes.c_double), ("threads", I64)]
 
 
-def _packed_args(module) -> tuple | None:
-    """A `QuantLinear` on phi3's kernels (no hooks) -> (weight, scales, biases, input_scale, G) pointers; else None."""
-    if getattr(module, "kernel", None) != "cpu-fp32" or module._forward_hooks or module._forward_pre_hooks:
+def _linear_args(module) -> tuple | None:
+    """A linear layer.c can run -> its `_Linear` fields; None for any other (an adapter, a hook, bf16).
+    Packed: a `QuantLinear` on phi3's kernels. fp32: phi3's own `Linear`, or a `QuantLinear`
+    dequantized at load (kernel "dense": a GGUF type without a packed kernel)."""
+    if module._forward_hooks or module._forward_pre_hooks:
+        return None
+    if type(module) is Linear or getattr(module, "kernel", None) == "dense":
+        w = module.weight if type(module) is Linear else module._buffers["w"]
+        if w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous():
+            return None
+        return (w.data_ptr(), 0, 0, 0, 1, 32)
+    if getattr(module, "kernel", None) != "cpu-fp32":
         return None
     b = module._buffers
     w, s, z, scale = b["weight"], b["scales"], b["biases"], b["input_scale"]
@@ -247,7 +256,7 @@ def _packed_args(module) -> tuple | None:
     if scale is not None and (scale.dtype != torch.float32 or not scale.is_contiguous()):
         return None
     return (w.data_ptr(), s.data_ptr(), z.data_ptr() if z is not None else 0,
-            scale.data_ptr() if scale is not None else 0, s.shape[1])
+            scale.data_ptr() if scale is not None else 0, s.shape[1], 4 if z is not None else 8)
 
 
 def _norm_weight(norm) -> int | None:
@@ -258,8 +267,8 @@ def _norm_weight(norm) -> int | None:
 
 
 def _layer_args(model, cache) -> tuple | None:
-    """Every layer's pointers for layer.c, or None when a layer does not qualify (a dense or
-    adapted linear, a hook, another dtype): then the torch path runs."""
+    """Every layer's pointers for layer.c, or None when a layer does not qualify (an adapted
+    linear, a hook, another dtype): then the torch path runs."""
     if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
         return None
     args = []
@@ -267,7 +276,7 @@ def _layer_args(model, cache) -> tuple | None:
         attn, mlp = block.self_attn, block.mlp
         if any(m._forward_hooks or m._forward_pre_hooks for m in (block, attn, mlp)):
             return None
-        linears = [_packed_args(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        linears = [_linear_args(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
         norms = [_norm_weight(block.input_layernorm), _norm_weight(block.post_attention_layernorm)]
         if None in linears or None in norms:
             return None
@@ -275,15 +284,17 @@ def _layer_args(model, cache) -> tuple | None:
     return tuple(args)
 
 
-_layers_built = weakref.WeakKeyDictionary()  # model -> (args, ctypes array of _Layer): rebuilt when a pointer changes
+_layers_built = weakref.WeakKeyDictionary()  # model -> (args, ctypes array of _Layer, row limit): rebuilt when a pointer changes
+FP32_ROWS = 4  # layers with fp32 weights run in C below this many rows; from here oneDNN's matmul is faster (measured)
 
 
 def decode_layers(model, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   cache, slot: int, kv_len: int) -> torch.Tensor | None:
     """All decoder layers of one decode step in C (csrc/layer.c): x (B, 1, C) -> (B, 1, C), each row
     one token at `positions` (B, 1) written into cache slot `slot + b`, cos/sin (B, 1, R) its rotary
-    factors. None when the layers do not qualify (every linear packed on phi3's kernels, fp32,
-    no hooks) or the kernels are not built: the caller runs the torch path."""
+    factors. None when the layers do not qualify (every linear packed on phi3's kernels or plain
+    fp32, no adapters, no hooks), the batch is large (oneDNN on tiles is faster there), or the
+    kernels are not built: the caller runs the torch path."""
     lib = _lib()
     if (lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or cache.k[0].dtype != torch.float32
             or positions.dtype != torch.long or x.shape[0] >= DENSE_ROWS):  # large batches: oneDNN on tiles
@@ -295,9 +306,12 @@ def decode_layers(model, x: torch.Tensor, positions: torch.Tensor, cos: torch.Te
     if built is None or built[0] != args:
         layers = (_Layer * len(args))()
         for layer, (qkv, o, gate_up, down, norm1, norm2, k, v) in zip(layers, args):
-            layer.qkv, layer.o, layer.gate_up, layer.down = (_Packed(*a) for a in (qkv, o, gate_up, down))
+            layer.qkv, layer.o, layer.gate_up, layer.down = (_Linear(*a) for a in (qkv, o, gate_up, down))
             layer.input_norm, layer.post_attention_norm, layer.k_cache, layer.v_cache = norm1, norm2, k, v
-        built = _layers_built[model] = (args, layers)
+        fp32 = any(linear[5] == 32 for layer in args for linear in layer[:4])
+        built = _layers_built[model] = (args, layers, FP32_ROWS if fp32 else DENSE_ROWS)
+    if x.shape[0] >= built[2]:
+        return None
     config, (B, _, C) = model.config, x.shape
     x = x.reshape(B, C).clone()  # updated in place by the layers
     positions = positions.reshape(B).contiguous()

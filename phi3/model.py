@@ -2,7 +2,9 @@
 
     tokens (B, T) -> embed_tokens -> N x Block -> norm -> lm_head -> logits (B, T, V)
 
-No sampling, no tokenizer, no I/O: `forward(tokens, positions, cache)` and nothing else.
+No sampling, no tokenizer, no I/O: `forward(tokens, positions, cache)` and nothing else. An eager
+fp32 decode step on the CPU offers its layers to `kernels.decode_layers` first (the same layers in
+C, csrc/layer.c), and runs the blocks below when it declines.
 """
 
 from __future__ import annotations

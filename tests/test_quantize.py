@@ -151,18 +151,26 @@ def test_portable_cpu_kernels_against_the_dequantized_weight(checkpoints, tmp_pa
     assert np.allclose([lp for _, lp in portable], [lp for _, lp in simd], atol=1e-5, rtol=0)
 
 
-# Three rows of int4 decoding in one batch (sys.argv[1]: the gqa checkpoint), all layers in C:
-# prints [[token, log-probability], ...] of every row in turn.
+# Rows decoded in one batch (sys.argv[1]: the gqa checkpoint), all layers in C: three with int4
+# weights, then two with fp32 ones; prints [[token, log-probability], ...] of every row in turn.
 DECODE = """if True:
     import json, sys, phi3, phi3.kernels
     from phi3.engine import Engine
     from phi3.sampling import SamplingParams
-    llm = phi3.load(sys.argv[1], dtype="float32", quantize="int4")
-    engine = Engine(llm.model, slots=4, max_len=64)
-    rows = [engine.submit(list(range(3, 3 + n)), SamplingParams(max_new_tokens=16, logprobs=0)) for n in (9, 2, 17)]
-    while engine.busy:
-        engine.step()
-    print(json.dumps([[t, lp] for r in rows for t, (lp, _) in zip(r.tokens, r.logprobs)]))
+    out, ran, real = [], [], phi3.kernels.decode_layers
+    def spy(*args):
+        ran.append(real(*args))
+        return ran[-1]
+    phi3.kernels.decode_layers = spy
+    for quantize, lengths in (("int4", (9, 2, 17)), (None, (9, 2))):
+        llm = phi3.load(sys.argv[1], dtype="float32", quantize=quantize)
+        engine = Engine(llm.model, slots=4, max_len=64)
+        rows = [engine.submit(list(range(3, 3 + n)), SamplingParams(max_new_tokens=16, logprobs=0)) for n in lengths]
+        while engine.busy:
+            engine.step()
+        out += [[t, lp] for r in rows for t, (lp, _) in zip(r.tokens, r.logprobs)]
+    assert ran and all(x is not None for x in ran)
+    print(json.dumps(out))
 """
 
 
@@ -232,17 +240,18 @@ def _spy_on_c_decode(monkeypatch) -> list[bool]:
 
 # Rows of different lengths decoded together: the LongRoPE model's pre-training context is 32
 # tokens (the 20-token row crosses it), the window model's window is 8 and the gqa model's 16.
-@pytest.mark.parametrize("kind,bits", [("longrope", 4), ("window", 8), ("gqa", 4), ("gqa", 8), ("partial", 4)])
-def test_packed_decode_in_c_equals_transformers_per_row(checkpoints, monkeypatch, kind, bits):
-    """With packed weights on the CPU every layer of a decode step runs in C: each row's greedy
-    tokens are transformers' on the same rounded weights, and each step's log-probabilities
-    transformers' own logits (within 1e-4)."""
+@pytest.mark.parametrize("kind,bits", [("longrope", 4), ("window", 8), ("gqa", 4), ("gqa", 8), ("partial", 4),
+                                       ("longrope", None), ("gqa", None)])
+def test_decode_in_c_equals_transformers_per_row(checkpoints, monkeypatch, kind, bits):
+    """In fp32 on the CPU with packed weights (bits 4, 8) or plain fp32 ones (None) at small batches,
+    every layer of a decode step runs in C: each row's greedy tokens are transformers' on the same
+    (rounded) weights, and each step's log-probabilities transformers' own logits (within 1e-4)."""
     folder, ref = checkpoints[kind]
-    theirs = fake_quantized_reference(folder, ref, bits, 32 if bits == 4 else None)
-    ours = phi3.load(folder, dtype="float32", quantize=f"int{bits}")
+    theirs = fake_quantized_reference(folder, ref, bits, 32 if bits == 4 else None) if bits else ref
+    ours = phi3.load(folder, dtype="float32", quantize=f"int{bits}" if bits else None)
     calls = _spy_on_c_decode(monkeypatch)
     engine = Engine(ours.model, slots=4, max_len=96)
-    lengths = [(20, 24), (5, 30), (11, 8)]
+    lengths = [(20, 24), (5, 30), (11, 8)][:3 if bits else 2]  # fp32 layers: C below kernels.FP32_ROWS rows
     requests = [engine.submit(torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(n)).tolist(),
                               SamplingParams(max_new_tokens=new, logprobs=0)) for n, new in lengths]
     while engine.busy:

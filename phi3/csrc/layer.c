@@ -1,8 +1,10 @@
 /* Decoder layers of one decode step in C: what `Block.forward` computes for B rows of one token
- * each, when all four linears of every layer are packed (phi3/kernels.py's `decode_layers` checks).
+ * each, in fp32 on the CPU, when every linear is packed (phi3's kernels) or plain fp32
+ * (phi3/kernels.py's `decode_layers` checks).
  *
  * Why: with packed weights the linears of a small model take less than half of an eager decode
- * step; the rest is ~25 torch ops per layer, each a few microseconds of dispatch. Here a layer is
+ * step; the rest is ~25 torch ops per layer, each a few microseconds of dispatch. And at a few
+ * rows, fp32 weights streamed once for all rows beat oneDNN's small-batch matmul. Here a layer is
  * one pass in one OpenMP parallel region, stages split by the loops' barriers:
  *
  *   h = rmsnorm(x) -> qkv = h W^T -> rotate q, k; write k, v at each row's position in its slot ->
@@ -25,16 +27,17 @@
 static int omp_get_thread_num(void) { return 0; }
 #endif
 
-typedef struct { /* one packed linear, as phi3.quantize.QuantLinear holds it (kernel "cpu-fp32") */
-    const void *weight;       /* int4: uint8 (N, K/2); int8: int8 (N, K) */
-    const uint16_t *scales;   /* fp16 (N, G) */
-    const uint16_t *biases;   /* fp16 (N, G); NULL: int8 */
+typedef struct { /* one linear: packed as phi3.quantize.QuantLinear holds it (kernel "cpu-fp32"), or fp32 */
+    const void *weight;       /* int4: uint8 (N, K/2); int8: int8 (N, K); fp32: float (N, K) */
+    const uint16_t *scales;   /* fp16 (N, G) (packed only) */
+    const uint16_t *biases;   /* fp16 (N, G) (int4 only) */
     const float *input_scale; /* (K,), multiplied into the input first (AWQ), or NULL */
     int64_t groups;           /* G */
-} phi3_packed;
+    int64_t bits;             /* 4, 8 or 32 */
+} phi3_linear;
 
 typedef struct { /* one decoder layer's tensors */
-    phi3_packed qkv, o, gate_up, down;
+    phi3_linear qkv, o, gate_up, down;
     const float *input_norm, *post_attention_norm; /* (C,) RMSNorm weights */
     float *k_cache, *v_cache;                      /* (slots, Hkv, L, D), keys after RoPE */
 } phi3_layer;
@@ -90,9 +93,10 @@ static void rotate(const float *x, const float *cos, const float *sin, float *ou
     for (int64_t i = R; i < D; i++) out[i] = x[i];
 }
 
-static void linear(const phi3_packed *p, const float *x, float *y, int64_t M, int64_t N, int64_t K) {
-    if (p->biases) phi3_q4_rows(x, (const uint8_t *)p->weight, p->scales, p->biases, y, M, N, K, p->groups);
-    else phi3_q8_rows(x, (const int8_t *)p->weight, p->scales, y, M, N, K, p->groups);
+static void linear(const phi3_linear *p, const float *x, float *y, int64_t M, int64_t N, int64_t K) {
+    if (p->bits == 4) phi3_q4_rows(x, (const uint8_t *)p->weight, p->scales, p->biases, y, M, N, K, p->groups);
+    else if (p->bits == 8) phi3_q8_rows(x, (const int8_t *)p->weight, p->scales, y, M, N, K, p->groups);
+    else phi3_f32_rows(x, (const float *)p->weight, y, M, N, K);
 }
 
 int64_t phi3_work_floats(const phi3_step *s) {

@@ -192,6 +192,42 @@ static void q8_row8(const float *x, const int8_t *wr, const uint16_t *sr, float 
     for (int i = 0; i < 8; i++) y[(m0 + i) * N + n] = hsum(a[i]);
 }
 
+/* fp32 weights (a dense layer in a decode step run by layer.c): the same blocking, no expansion */
+static float f32_dot1(const float *x, const float *wr, int64_t K) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + k), _mm256_loadu_ps(x + k), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+    }
+    for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + k), _mm256_loadu_ps(x + k), a0);
+    float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; k < K; k++) s += wr[k] * x[k];
+    return s;
+}
+
+static void f32_row(const float *x, const float *wr, float *y, int64_t m0, int mr, int64_t n, int64_t N, int64_t K) {
+    for (int i = 0; i < mr; i++) y[(m0 + i) * N + n] = f32_dot1(x + (m0 + i) * K, wr, K);
+}
+
+static void f32_row8(const float *x, const float *wr, float *y, int64_t m0, int64_t n, int64_t N, int64_t K) {
+    const float *x0 = x + m0 * K;
+    __m256 a[8];
+    for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        const __m256 w = _mm256_loadu_ps(wr + k);
+        for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x0 + i * K + k), a[i]);
+    }
+    for (int i = 0; i < 8; i++) {
+        float s = hsum(a[i]);
+        for (int64_t t = k; t < K; t++) s += wr[t] * x0[i * K + t];
+        y[(m0 + i) * N + n] = s;
+    }
+}
+
 #define ROW8 1
 
 static void q4_dequant_row(const uint8_t *wr, const uint16_t *sr, const uint16_t *br, float *out, int64_t K, int64_t G) {
@@ -266,6 +302,17 @@ static void q4_dequant_row(const uint8_t *wr, const uint16_t *sr, const uint16_t
     }
 }
 
+static void f32_row(const float *x, const float *wr, float *y, int64_t m0, int mr, int64_t n, int64_t N, int64_t K) {
+    for (int r = 0; r < mr; r++) {
+        float acc[8] = {0}, s = 0.0f;
+        int64_t k = 0;
+        for (; k + 8 <= K; k += 8)
+            for (int i = 0; i < 8; i++) acc[i] += wr[k + i] * x[(m0 + r) * K + k + i];
+        for (; k < K; k++) s += wr[k] * x[(m0 + r) * K + k];
+        y[(m0 + r) * N + n] = s + ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    }
+}
+
 int phi3_simd(void) { return 0; }
 
 #endif
@@ -299,6 +346,17 @@ void phi3_q8_rows(const float *x, const int8_t *w, const uint16_t *scales, float
 #endif
         for (; m0 < M; m0 += MR)
             q8_row(x, wr, scales + n * G, y, m0, M - m0 < MR ? (int)(M - m0) : MR, n, N, K, G);
+    }
+}
+
+void phi3_f32_rows(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K) {
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        int64_t m0 = 0;
+#ifdef ROW8
+        for (; M - m0 >= 8; m0 += 8) f32_row8(x, w + n * K, y, m0, n, N, K);
+#endif
+        for (; m0 < M; m0 += MR) f32_row(x, w + n * K, y, m0, M - m0 < MR ? (int)(M - m0) : MR, n, N, K);
     }
 }
 
