@@ -237,19 +237,21 @@ class _Step(ctypes.Structure):
 def _linear_args(module) -> tuple | None:
     """A linear layer.c can run -> its `_Linear` fields; None for any other (an adapter, a hook, bf16).
     Packed: a `QuantLinear` on phi3's kernels. fp32: phi3's own `Linear`, or a `QuantLinear`
-    dequantized at load (kernel "dense": a GGUF type without a packed kernel)."""
+    dequantized at load (kernel "dense": a GGUF type without a packed kernel). Module attributes are
+    read from their dicts: this runs every decode step, and `nn.Module.__getattr__` costs ~1 µs."""
     if module._forward_hooks or module._forward_pre_hooks:
         return None
-    if type(module) is Linear or getattr(module, "kernel", None) == "dense":
-        w = module.weight if type(module) is Linear else module._buffers["w"]
-        if w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous():
+    kernel = module.__dict__.get("kernel")
+    if type(module) is Linear or kernel == "dense":
+        w = module._parameters["weight"] if type(module) is Linear else module._buffers["w"]
+        if w.dtype != torch.float32 or not w.is_cpu or not w.is_contiguous():
             return None
         return (w.data_ptr(), 0, 0, 0, 1, 32)
-    if getattr(module, "kernel", None) != "cpu-fp32":
+    if kernel != "cpu-fp32":
         return None
     b = module._buffers
     w, s, z, scale = b["weight"], b["scales"], b["biases"], b["input_scale"]
-    if s.dtype != torch.float16 or not (w.is_contiguous() and s.is_contiguous()) or w.device.type != "cpu":
+    if s.dtype != torch.float16 or not (w.is_cpu and w.is_contiguous() and s.is_contiguous()):
         return None
     if z is not None and (z.dtype != torch.float16 or not z.is_contiguous()):
         return None
@@ -272,12 +274,14 @@ def _layer_args(model, cache) -> tuple | None:
     if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
         return None
     args = []
-    for i, block in enumerate(model.model.layers):
-        attn, mlp = block.self_attn, block.mlp
+    for i, block in enumerate(model.model.layers._modules.values()):
+        parts = block._modules
+        attn, mlp = parts["self_attn"], parts["mlp"]
         if any(m._forward_hooks or m._forward_pre_hooks for m in (block, attn, mlp)):
             return None
-        linears = [_linear_args(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
-        norms = [_norm_weight(block.input_layernorm), _norm_weight(block.post_attention_layernorm)]
+        linears = [_linear_args(m) for m in (attn._modules["qkv_proj"], attn._modules["o_proj"],
+                                             mlp._modules["gate_up_proj"], mlp._modules["down_proj"])]
+        norms = [_norm_weight(parts["input_layernorm"]), _norm_weight(parts["post_attention_layernorm"])]
         if None in linears or None in norms:
             return None
         args.append((*linears, *norms, cache.k[i].data_ptr(), cache.v[i].data_ptr()))
