@@ -32,28 +32,30 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* The four 8-weight vectors of int4 block `raw`, dequantized as w = q * s + b (the fp32 operations
- * of `dequantize`, rounded once by the fma). */
-#define Q4_EXPAND(raw, s, b, w)                                                                          \
-    do {                                                                                                 \
-        const __m128i lo_ = _mm_and_si128(raw, low4), hi_ = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);  \
-        w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo_)), s, b);                     \
-        w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo_, 8))), s, b);  \
-        w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi_)), s, b);                     \
-        w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi_, 8))), s, b);  \
+/* The four 8-weight vectors (columns 0-7, 8-15, 16-23, 24-31) of the int4 block at p, dequantized
+ * as w = q * s + b (the fp32 operations of `dequantize`, rounded once by the fma). The block's bytes
+ * are zero-extended to 32-bit lanes straight from memory: a byte's low nibble is column k, its high
+ * one (byte >> 4: no mask needed) column k + 16. `low4` is _mm256_set1_epi32(0x0F). */
+#define Q4_EXPAND(p, s, b, w)                                                                          \
+    do {                                                                                               \
+        const __m256i b0_ = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p)));                \
+        const __m256i b1_ = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)((p) + 8)));          \
+        w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b0_, low4)), s, b);                  \
+        w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b1_, low4)), s, b);                  \
+        w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b0_, 4)), s, b);                    \
+        w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b1_, 4)), s, b);                    \
     } while (0)
 
 /* One row of x (decoding one sequence): four accumulators, so no fma waits on the one before it. */
 static float q4_dot1(const float *x, const uint8_t *wr, const uint16_t *sr, const uint16_t *br, int64_t K, int64_t G) {
     const int64_t bpg = K / 32 / G; /* blocks of 32 columns per group */
-    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const __m256i low4 = _mm256_set1_epi32(0x0F);
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, w[4];
     for (int64_t g = 0; g < G; g++) {
         const __m256 s = _mm256_set1_ps(half_to_float(sr[g])), b = _mm256_set1_ps(half_to_float(br[g]));
         for (int64_t j = g * bpg; j < (g + 1) * bpg; j++) {
-            const __m128i raw = _mm_loadu_si128((const __m128i *)(wr + j * 16));
             const float *xr = x + j * 32;
-            Q4_EXPAND(raw, s, b, w);
+            Q4_EXPAND(wr + j * 16, s, b, w);
             a0 = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xr), a0);
             a1 = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xr + 8), a1);
             a2 = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xr + 16), a2);
@@ -71,14 +73,13 @@ static inline __attribute__((always_inline)) void q4_row_mr(const float *x, cons
         return;
     }
     const int64_t bpg = K / 32 / G;
-    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const __m256i low4 = _mm256_set1_epi32(0x0F);
     __m256 a0[MR], a1[MR], w[4];
     for (int i = 0; i < MR; i++) a0[i] = a1[i] = _mm256_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
         const __m256 s = _mm256_set1_ps(half_to_float(sr[g])), b = _mm256_set1_ps(half_to_float(br[g]));
         for (int64_t j = g * bpg; j < (g + 1) * bpg; j++) {
-            const __m128i raw = _mm_loadu_si128((const __m128i *)(wr + j * 16));
-            Q4_EXPAND(raw, s, b, w);
+            Q4_EXPAND(wr + j * 16, s, b, w);
             for (int i = 0; i < mr; i++) {
                 const float *xr = x + (m0 + i) * K + j * 32;
                 a0[i] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xr), a0[i]);
@@ -103,15 +104,14 @@ static void q4_row(const float *x, const uint8_t *wr, const uint16_t *sr, const 
 static void q4_row8(const float *x, const uint8_t *wr, const uint16_t *sr, const uint16_t *br, float *y,
                     int64_t m0, int64_t n, int64_t N, int64_t K, int64_t G) {
     const int64_t bpg = K / 32 / G;
-    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const __m256i low4 = _mm256_set1_epi32(0x0F);
     const float *x0 = x + m0 * K;
     __m256 a[8], w[4];
     for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
         const __m256 s = _mm256_set1_ps(half_to_float(sr[g])), b = _mm256_set1_ps(half_to_float(br[g]));
         for (int64_t j = g * bpg; j < (g + 1) * bpg; j++) {
-            const __m128i raw = _mm_loadu_si128((const __m128i *)(wr + j * 16));
-            Q4_EXPAND(raw, s, b, w);
+            Q4_EXPAND(wr + j * 16, s, b, w);
             for (int v = 0; v < 4; v++)
                 for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(w[v], _mm256_loadu_ps(x0 + i * K + j * 32 + v * 8), a[i]);
         }
@@ -232,17 +232,13 @@ static void f32_row8(const float *x, const float *wr, float *y, int64_t m0, int6
 
 static void q4_dequant_row(const uint8_t *wr, const uint16_t *sr, const uint16_t *br, float *out, int64_t K, int64_t G) {
     const int64_t bpg = K / 32 / G;
-    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const __m256i low4 = _mm256_set1_epi32(0x0F);
+    __m256 w[4];
     for (int64_t g = 0; g < G; g++) {
         const __m256 s = _mm256_set1_ps(half_to_float(sr[g])), b = _mm256_set1_ps(half_to_float(br[g]));
         for (int64_t j = g * bpg; j < (g + 1) * bpg; j++) {
-            const __m128i raw = _mm_loadu_si128((const __m128i *)(wr + j * 16));
-            const __m128i lo = _mm_and_si128(raw, low4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
-            float *o = out + j * 32;
-            _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), s, b));
-            _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), s, b));
-            _mm256_storeu_ps(o + 16, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s, b));
-            _mm256_storeu_ps(o + 24, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), s, b));
+            Q4_EXPAND(wr + j * 16, s, b, w);
+            for (int v = 0; v < 4; v++) _mm256_storeu_ps(out + j * 32 + v * 8, w[v]);
         }
     }
 }
