@@ -51,15 +51,25 @@ static float q4_dot1(const float *x, const uint8_t *wr, const uint16_t *sr, cons
     const int64_t bpg = K / 32 / G; /* blocks of 32 columns per group */
     const __m256i low4 = _mm256_set1_epi32(0x0F);
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, w[4];
-    for (int64_t g = 0; g < G; g++) {
-        const __m256 s = _mm256_set1_ps(half_to_float(sr[g])), b = _mm256_set1_ps(half_to_float(br[g]));
-        for (int64_t j = g * bpg; j < (g + 1) * bpg; j++) {
-            const float *xr = x + j * 32;
-            Q4_EXPAND(wr + j * 16, s, b, w);
-            a0 = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xr), a0);
-            a1 = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xr + 8), a1);
-            a2 = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xr + 16), a2);
-            a3 = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xr + 24), a3);
+    float sf[8], bf[8]; /* eight groups' scales and biases in fp32: broadcast from memory, a load each */
+    for (int64_t g0 = 0; g0 < G; g0 += 8) {
+        const int64_t n = G - g0 < 8 ? G - g0 : 8;
+        if (n == 8) {
+            _mm256_storeu_ps(sf, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sr + g0))));
+            _mm256_storeu_ps(bf, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(br + g0))));
+        } else {
+            for (int64_t i = 0; i < n; i++) sf[i] = half_to_float(sr[g0 + i]), bf[i] = half_to_float(br[g0 + i]);
+        }
+        for (int64_t i = 0; i < n; i++) {
+            const __m256 s = _mm256_broadcast_ss(sf + i), b = _mm256_broadcast_ss(bf + i);
+            for (int64_t j = (g0 + i) * bpg; j < (g0 + i + 1) * bpg; j++) {
+                const float *xr = x + j * 32;
+                Q4_EXPAND(wr + j * 16, s, b, w);
+                a0 = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xr), a0);
+                a1 = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xr + 8), a1);
+                a2 = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xr + 16), a2);
+                a3 = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xr + 24), a3);
+            }
         }
     }
     return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
