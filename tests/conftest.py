@@ -84,3 +84,18 @@ def checkpoints(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sharded")
     out["sharded"] = (folder, write_checkpoint(folder, "longrope", seed=3, max_shard_size="100KB"))
     return out
+
+
+@pytest.fixture
+def ran_in_c(monkeypatch) -> list[bool]:
+    """Per decode step from here on: did phi3.kernels run the model's layers in C (csrc/layer.c)?"""
+    import phi3.kernels
+
+    calls, real = [], phi3.kernels.decode_layers
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+    monkeypatch.setattr(phi3.kernels, "decode_layers", spy)
+    return calls

@@ -226,37 +226,24 @@ def test_on_the_fly_quantization_equals_transformers_on_rounded_weights(checkpoi
     assert greedy == out[0, len(ids):].tolist()
 
 
-def _spy_on_c_decode(monkeypatch) -> list[bool]:
-    """Record, per decode step, whether phi3.kernels ran the layers in C (csrc/layer.c)."""
-    calls, real = [], phi3.kernels.decode_layers
-
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
-        calls.append(out is not None)
-        return out
-    monkeypatch.setattr(phi3.kernels, "decode_layers", spy)
-    return calls
-
-
 # Rows of different lengths decoded together: the LongRoPE model's pre-training context is 32
 # tokens (the 20-token row crosses it), the window model's window is 8 and the gqa model's 16.
 @pytest.mark.parametrize("kind,bits", [("longrope", 4), ("window", 8), ("gqa", 4), ("gqa", 8), ("partial", 4),
                                        ("longrope", None), ("gqa", None)])
-def test_decode_in_c_equals_transformers_per_row(checkpoints, monkeypatch, kind, bits):
+def test_decode_in_c_equals_transformers_per_row(checkpoints, ran_in_c, kind, bits):
     """In fp32 on the CPU with packed weights (bits 4, 8) or plain fp32 ones (None) at small batches,
     every layer of a decode step runs in C: each row's greedy tokens are transformers' on the same
     (rounded) weights, and each step's log-probabilities transformers' own logits (within 1e-4)."""
     folder, ref = checkpoints[kind]
     theirs = fake_quantized_reference(folder, ref, bits, 32 if bits == 4 else None) if bits else ref
     ours = phi3.load(folder, dtype="float32", quantize=f"int{bits}" if bits else None)
-    calls = _spy_on_c_decode(monkeypatch)
     engine = Engine(ours.model, slots=4, max_len=96)
     lengths = [(20, 24), (5, 30), (11, 8)][:3 if bits else 2]  # fp32 layers: C below kernels.FP32_ROWS rows
     requests = [engine.submit(torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(n)).tolist(),
                               SamplingParams(max_new_tokens=new, logprobs=0)) for n, new in lengths]
     while engine.busy:
         engine.step()
-    assert calls and all(calls)
+    assert ran_in_c and all(ran_in_c)
     for req in requests:
         with torch.no_grad():
             out = theirs.generate(torch.tensor([req.prompt]), max_new_tokens=len(req.tokens), do_sample=False,

@@ -147,18 +147,11 @@ def test_awq_no_worse_than_round_to_nearest(awq_checkpoint, int4_rtn, fp32):
     assert torch.equal(loaded.logits(ids), llm.logits(ids))
 
 
-def test_awq_decode_steps_in_c_are_the_models_own_logits(awq_checkpoint, monkeypatch):
+def test_awq_decode_steps_in_c_are_the_models_own_logits(awq_checkpoint, ran_in_c):
     """Decode steps with AWQ's packed weights (an input scale on every linear) run all layers in C
     (csrc/layer.c): each step's log-probabilities and top alternatives equal the full-sequence
     forward's (torch ops) at that position."""
     _, llm = awq_checkpoint
-    ran_in_c, real = [], phi3.kernels.decode_layers
-
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
-        ran_in_c.append(out is not None)
-        return out
-    monkeypatch.setattr(phi3.kernels, "decode_layers", spy)
     engine = Engine(llm.model, slots=2, max_len=256)
     ids = llm.tokenizer.encode(HELDOUT)
     rows = [engine.submit(ids[:40], SamplingParams(max_new_tokens=24, logprobs=2)),
