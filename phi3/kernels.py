@@ -62,9 +62,12 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     if not cc:
         return None, "no C compiler found (install gcc or clang, or set CC)"
     source = b"".join(f.read_bytes() for f in [*SOURCES, CSRC / "packed.h"])
+    # -fno-trapping-math: no code here reads floating-point exception flags, and it lets the
+    # compiler vectorize layer.c's branch-free exp
     attempts = [["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"]]
     if mode == "portable":  # the plain C path, for machines (and tests) without AVX2
         attempts = [["-O3", "-fopenmp"], ["-O3"]]
+    attempts = [[*flags, "-fno-trapping-math"] for flags in attempts]
     key = hashlib.sha256(source + cc.encode() + _cpu_id().encode() + platform.machine().encode()).hexdigest()[:16]
     folder = cache_dir() / "kernels"
     errors = []

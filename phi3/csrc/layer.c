@@ -56,15 +56,18 @@ typedef struct { /* what the layers of one decode step share */
 } phi3_step;
 
 /* e^x in fp32, Cephes' expf: range reduction by ln 2 in two parts, a degree-7 polynomial, the
- * exponent put in by hand. Branch-free, so loops over it vectorize. */
+ * exponent put in by hand. Branch-free, so loops over it vectorize (with -fno-trapping-math, which
+ * kernels.py passes: the comparisons may then be done on whole vectors). */
 static inline float exp_f32(float x) {
-    x = fminf(fmaxf(x, -87.33654f), 88.72283f);
+    x = x < -87.33654f ? -87.33654f : x > 88.72283f ? 88.72283f : x;
     const float n = floorf(x * 1.44269504088896341f + 0.5f);
     const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
     const float p = ((((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
                        1.6666665459e-1f) * r + 5.0000001201e-1f) * r * r + r) + 1.0f;
-    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
-    return p * scale.f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
 }
 
 static inline float dot(const float *a, const float *b, int64_t n) {
@@ -138,10 +141,8 @@ static void layer(const phi3_step *s, const phi3_layer *l, float *x) {
                 p[j - lo] = dot(q, kc + j * D, D) * scale;
                 top = p[j - lo] > top ? p[j - lo] : top;
             }
-            for (int64_t j = 0; j <= hi - lo; j++) {
-                p[j] = exp_f32(p[j] - top);
-                sum += p[j];
-            }
+            for (int64_t j = 0; j <= hi - lo; j++) p[j] = exp_f32(p[j] - top); /* vectorized */
+            for (int64_t j = 0; j <= hi - lo; j++) sum += p[j];
             for (int64_t j = lo; j <= hi; j++) {
                 const float pj = p[j - lo] / sum;
                 for (int64_t d = 0; d < D; d++) out[d] += pj * vc[j * D + d];
