@@ -10,7 +10,7 @@ that small, the torch ops around the linears were half of a step: `decode_layers
 layers of an eager fp32 decode step in C instead (4.5x the dense fp32 step on SmolLM2).
 
 The C files are compiled once per machine with its C compiler (`$CC`, else `cc`; `-O3 -march=native
--fopenmp`) into `$PHI3_CACHE/kernels/` and loaded with ctypes. Without a compiler, or with
+-fopenmp -fno-trapping-math`) into `$PHI3_CACHE/kernels/` and loaded with ctypes. Without a compiler, or with
 `PHI3_KERNELS=0`, `available()` says why and packed modules dequantize to fp32 at load instead
 (the same answers, slower; a warning says so once). `PHI3_KERNELS=portable` builds the plain C
 path without -march=native (what a CPU without AVX2/FMA/F16C runs).
