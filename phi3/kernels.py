@@ -94,17 +94,19 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     return None, "could not build phi3/csrc/packed.c and layer.c: " + "; ".join(errors)
 
 
+P, I64, C_INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int  # the C functions' argument types
+
+
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
-    P, I, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.phi3_q4_linear.argtypes = [P, P, P, P, P, I, I, I, I, C]
-    lib.phi3_q8_linear.argtypes = [P, P, P, P, I, I, I, I, C]
-    lib.phi3_q4_dequantize.argtypes = [P, P, P, P, I, I, I, C]
-    lib.phi3_q8_dequantize.argtypes = [P, P, P, I, I, I, C]
+    lib.phi3_q4_linear.argtypes = [P, P, P, P, P, I64, I64, I64, I64, C_INT]
+    lib.phi3_q8_linear.argtypes = [P, P, P, P, I64, I64, I64, I64, C_INT]
+    lib.phi3_q4_dequantize.argtypes = [P, P, P, P, I64, I64, I64, C_INT]
+    lib.phi3_q8_dequantize.argtypes = [P, P, P, I64, I64, I64, C_INT]
     for f in (lib.phi3_q4_linear, lib.phi3_q8_linear, lib.phi3_q4_dequantize, lib.phi3_q8_dequantize):
         f.restype = None
-    lib.phi3_simd.restype = C
-    lib.phi3_work_floats.argtypes, lib.phi3_work_floats.restype = [P], I
-    lib.phi3_decode_layers.argtypes, lib.phi3_decode_layers.restype = [P, P, I, P], None
+    lib.phi3_simd.restype = C_INT
+    lib.phi3_work_floats.argtypes, lib.phi3_work_floats.restype = [P], I64
+    lib.phi3_decode_layers.argtypes, lib.phi3_decode_layers.restype = [P, P, I64, P], None
     return lib
 
 
@@ -222,8 +224,6 @@ def _(x, weight, scales, biases):
 
 
 # -- whole decoder layers of a decode step (csrc/layer.c) -------------------------------------------
-P, I64 = ctypes.c_void_p, ctypes.c_int64
-
 
 class _Linear(ctypes.Structure):
     _fields_ = [("weight", P), ("scales", P), ("biases", P), ("input_scale", P), ("groups", I64), ("bits", I64)]
