@@ -35,7 +35,7 @@ import torch
 from .assets import cache_dir
 from .model import Linear, linear
 
-__all__ = ["available", "build_info", "packed_linear", "q4_linear", "q8_linear"]
+__all__ = ["available", "build_info", "dense_linear", "packed_linear", "q4_linear", "q8_linear"]
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "packed.c", CSRC / "layer.c"]  # one library; packed.h is what layer.c takes from packed.c
@@ -100,9 +100,10 @@ P, I64, C_INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int  # the C functions
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.phi3_q4_linear.argtypes = [P, P, P, P, P, I64, I64, I64, I64, C_INT]
     lib.phi3_q8_linear.argtypes = [P, P, P, P, I64, I64, I64, I64, C_INT]
+    lib.phi3_f32_linear.argtypes = [P, P, P, I64, I64, I64, C_INT]
     lib.phi3_q4_dequantize.argtypes = [P, P, P, P, I64, I64, I64, C_INT]
     lib.phi3_q8_dequantize.argtypes = [P, P, P, I64, I64, I64, C_INT]
-    for f in (lib.phi3_q4_linear, lib.phi3_q8_linear, lib.phi3_q4_dequantize, lib.phi3_q8_dequantize):
+    for f in (lib.phi3_q4_linear, lib.phi3_q8_linear, lib.phi3_f32_linear, lib.phi3_q4_dequantize, lib.phi3_q8_dequantize):
         f.restype = None
     lib.phi3_simd.restype = C_INT
     lib.phi3_work_floats.argtypes, lib.phi3_work_floats.restype = [P], I64
@@ -157,6 +158,29 @@ def q4_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, biase
 def q8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """(M, K) fp32 @ int8 W (N, K), scales (N, G) fp16 -> (M, N) fp32."""
     return packed_linear(x, weight, scales, None)
+
+
+FP32_ROWS = 16  # fp32 linears (and decode steps with fp32 layers, in C) below this many rows; from here oneDNN (measured)
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """x (..., K) fp32 @ weight (N, K) fp32 -> (..., N) with phi3's kernel, for fewer than FP32_ROWS
+    rows of x (a decode step's batch): there it measured 1.0-1.8x oneDNN's inner product on a 2-core
+    AVX2 CPU (docs/PERFORMANCE.md). None where it does not apply (more rows, other dtypes or
+    devices, a non-contiguous weight, kernels not built): the caller runs oneDNN."""
+    K = x.shape[-1]
+    if (x.numel() >= FP32_ROWS * K or K == 0 or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or x.device.type != "cpu" or weight.device.type != "cpu" or weight.dim() != 2 or weight.shape[1] != K
+            or not weight.is_contiguous()):
+        return None
+    lib = _lib()
+    if lib is None:
+        return None
+    M, N = x.numel() // K, weight.shape[0]
+    rows = x.reshape(M, K).contiguous()
+    y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
+    lib.phi3_f32_linear(rows.data_ptr(), weight.data_ptr(), y.data_ptr(), M, N, K, torch.get_num_threads())
+    return y
 
 
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor | None) -> torch.Tensor:
@@ -295,7 +319,6 @@ def _layer_args(model, cache) -> tuple | None:
 
 
 _layers_built = weakref.WeakKeyDictionary()  # model -> (args, ctypes array of _Layer, row limit): rebuilt when a pointer changes
-FP32_ROWS = 4  # layers with fp32 weights run in C below this many rows; from here oneDNN's matmul is faster (measured)
 
 
 def decode_layers(model, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

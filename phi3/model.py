@@ -25,15 +25,21 @@ ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`F.linear(x, weight)` (no bias). On the CPU in fp32 it runs oneDNN's inner product, which
-    measured 1.2-2.7x faster than F.linear's BLAS path on an AVX2 CPU at decode and prefill sizes
+    """`F.linear(x, weight)` (no bias). On the CPU in fp32, a few rows of x (a decode step) run
+    phi3's own kernel (`kernels.dense_linear`), more rows oneDNN's inner product, which measured
+    1.2-2.7x faster than F.linear's BLAS path on an AVX2 CPU at decode and prefill sizes
     (bench/linear.py); the same result up to fp32 rounding. Not where gradients are needed
-    (oneDNN's op has no backward), nor in other dtypes, nor under torch.compile (which lowers
-    F.linear its own way)."""
-    if (x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu" and _ONEDNN
+    (neither has a backward), nor in other dtypes, nor under torch.compile (which lowers F.linear
+    its own way)."""
+    if (x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
             and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+        from . import kernels
+        y = kernels.dense_linear(x, weight)
+        if y is not None:
+            return y
+        if _ONEDNN:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
     return F.linear(x, weight)
 
 

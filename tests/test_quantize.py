@@ -122,6 +122,27 @@ def test_cpu_kernels_against_the_dequantized_weight(bits, g):
         fn(x[:, :128], *packed)
 
 
+@pytest.mark.parametrize("N,K", [(6 * 41, 256), (6 * 40 + 5, 512), (7, 100)])
+def test_fp32_kernel_against_double_precision(N, K):
+    """phi3's fp32 kernel (what `phi3.model.linear` runs for fewer than kernels.FP32_ROWS rows: a
+    batched decode step's linears and lm_head) equals x @ W.T to fp32 rounding for every row count
+    it takes (pairs of rows, an odd last row, blocks of 8), output counts that are not a multiple
+    of its six-row groups, and an input size that is not a multiple of 8; from FP32_ROWS rows on it
+    declines (oneDNN runs)."""
+    gen = torch.Generator().manual_seed(N + K)
+    w = torch.randn(N, K, generator=gen) / K ** 0.5
+    for M in range(1, phi3.kernels.FP32_ROWS):
+        x = torch.randn(M, K, generator=gen)
+        y = phi3.kernels.dense_linear(x, w)
+        expected = x.double() @ w.double().T
+        assert y.shape == (M, N) and y.dtype == torch.float32
+        assert (y.double() - expected).abs().max() <= 1e-5 * expected.abs().max(), M
+        with torch.no_grad():
+            assert torch.equal(phi3.model.linear(x.view(M, 1, K), w), y.view(M, 1, N))
+    assert phi3.kernels.dense_linear(torch.randn(phi3.kernels.FP32_ROWS, K), w) is None
+    assert phi3.kernels.dense_linear(x, w.T.contiguous().T) is None  # a transposed view: not contiguous
+
+
 def test_portable_cpu_kernels_against_the_dequantized_weight(checkpoints, tmp_path):
     """The plain C path of phi3/csrc/packed.c and layer.c (CPUs without AVX2), built with
     PHI3_KERNELS=portable: each linear against the dequantized weight, and a batched decode (all
@@ -238,7 +259,7 @@ def test_decode_in_c_equals_transformers_per_row(checkpoints, ran_in_c, kind, bi
     theirs = fake_quantized_reference(folder, ref, bits, 32 if bits == 4 else None) if bits else ref
     ours = phi3.load(folder, dtype="float32", quantize=f"int{bits}" if bits else None)
     engine = Engine(ours.model, slots=4, max_len=96)
-    lengths = [(20, 24), (5, 30), (11, 8)][:3 if bits else 2]  # fp32 layers: C below kernels.FP32_ROWS rows
+    lengths = [(20, 24), (5, 30), (11, 8)]
     requests = [engine.submit(torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(n)).tolist(),
                               SamplingParams(max_new_tokens=new, logprobs=0)) for n, new in lengths]
     while engine.busy:
