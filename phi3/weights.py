@@ -215,8 +215,13 @@ def build_model(config: Phi3Config, tensors: dict[str, LazyTensor | torch.Tensor
     _check(config, expected, tensors, source, floating, target)
     state = {}
     for k in tqdm(list(tensors), desc="loading weights", unit="tensor", disable=None, leave=False):
-        t = tensors.pop(k).load()  # pop: the source copy can go
-        state[k] = t.to(device=device, dtype=target[k])
+        t = tensors.pop(k).load().to(device=device, dtype=target[k])  # pop: the source copy can go
+        if t.device.type == "cpu" and t.data_ptr() % 64:
+            # a slice of a mapped file at its own offset (safetensors aligns data to 8 bytes): copied to
+            # 64-byte-aligned memory, else half the kernels' vector loads split cache lines (an fp32
+            # decode step was 15-25% slower, docs/PERFORMANCE.md)
+            t = t.clone()
+        state[k] = t
     model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
     if config.tie_word_embeddings and isinstance(model.lm_head, torch.nn.Linear):
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -99,6 +99,23 @@ def test_devices_this_machine_lacks_are_refused_before_loading(tmp_path):
 
 
 # -- bad input ----------------------------------------------------------------------------------------
+def test_weights_read_from_the_file_are_cache_line_aligned(ckpt):
+    """A CPU load in the file's own dtype takes tensors straight from the mapped safetensors file,
+    where data sits at 8-byte offsets; those not 64-byte aligned are copied (the CPU kernels' vector
+    loads would split cache lines: an fp32 decode step ran 15-25% slower), with the same values."""
+    from safetensors import safe_open
+
+    folder, _ = ckpt
+    with safe_open(folder / "model.safetensors", framework="pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+        assert any(t.data_ptr() % 64 for t in stored.values())  # the file has such tensors
+        llm = phi3.load(folder, dtype="float32")
+    assert {t.dtype for t in stored.values()} == {torch.float32}
+    state = llm.model.state_dict()
+    for k, t in stored.items():
+        assert state[k].data_ptr() % 64 == 0 and torch.equal(state[k], t), k
+
+
 def test_missing_config(ckpt):
     folder, _ = ckpt
     (folder / "config.json").unlink()
