@@ -5,6 +5,7 @@ concurrent streaming clients, over loopback; prints a table.
     python bench/serve.py --levels 1,8 --output-len 32 --requests-per-client 1       # a short run
     python bench/serve.py --model DIR --device cuda --input-len 512 --output-len 128 --requests-per-client 4
     python bench/serve.py --url http://127.0.0.1:8000 --served-model-name NAME      # a server already running
+    python bench/serve.py --random phi-3-mini-128k-instruct --layers 4 --dtype float32   # Phi-3-mini width
 
 It starts `phi3 serve` on a free 127.0.0.1 port (--max-batch: the largest level; --max-len: room
 for the prompts and answers, unless given) and stops it with SIGTERM at the end; the server
@@ -16,6 +17,11 @@ exactly --output-len new tokens (`ignore_eos`). Per request: TTFT = first text c
 ITL = (last chunk - first chunk) / (tokens - 1), i.e. vLLM's TPOT (a chunk may carry several tokens
 when the server batches its writes). Output tok/s = all new tokens / the level's wall time; the
 last column is that throughput over the 1-client level's.
+
+`--random PRESET [--layers N]` serves the preset's shapes with random weights (as `phi3 bench
+--random`) and the real Phi-3 tokenizer (llama.cpp's Phi-3 vocabulary file): a checkpoint written to
+a temporary folder first. Answers are noise, but every request still produces exactly
+--output-len tokens, so throughput is the real model's at that width.
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 
@@ -121,6 +129,19 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     raise SystemExit(f"phi3 serve did not get ready in {args.timeout} s")
 
 
+def write_random_checkpoint(preset: str, layers: int | None, dtype: str | None, folder: Path) -> None:
+    """A Hugging Face checkpoint with the preset's shapes, random weights and the Phi-3 tokenizer."""
+    import torch
+
+    from phi3 import assets, load_tokenizer
+    from phi3.bench import random_llm, save_hf_checkpoint
+    from phi3.loader import pick_dtype
+
+    llm, raw = random_llm(preset, layers, torch.device("cpu"), pick_dtype(dtype, torch.device("cpu"), "float32"))
+    save_hf_checkpoint(llm, raw, folder)
+    load_tokenizer(assets.fetch(assets.PHI3_VOCAB_GGUF)).save(folder)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -137,7 +158,16 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per level (and for the server to load)")
     ap.add_argument("--quiet", action="store_true", help="hide the server's log")
+    ap.add_argument("--random", metavar="PRESET", default=None,
+                    help="serve this preset's shapes with random weights (e.g. phi-3-mini-128k-instruct)")
+    ap.add_argument("--layers", type=int, default=None, help="with --random: this many layers (default: the preset's)")
     args = ap.parse_args()
+    if args.random:
+        if args.url:
+            raise SystemExit("--random starts its own server: not with --url")
+        tmp = tempfile.TemporaryDirectory()
+        write_random_checkpoint(args.random, args.layers, args.dtype, Path(tmp.name))
+        args.model = tmp.name
     levels = [int(x) for x in args.levels.split(",")]
     args.max_batch = args.max_batch or max(levels)
     args.max_len = args.max_len or 1 << (2 * args.input_len + args.output_len - 1).bit_length()  # words -> tokens
