@@ -5,7 +5,8 @@
 
 Rows (microseconds per call, best of several runs; ratios against fp32 `F.linear` on the dense weight):
   dense fp32 / bf16        F.linear on the dequantized weight
-  dense fp32 oneDNN        phi3.model.linear: what phi3 runs in fp32 on a CPU (exact up to rounding)
+  dense fp32 oneDNN        oneDNN's inner product: what phi3.model.linear runs in fp32 on a CPU from 16 rows on
+  dense fp32 phi3 kernel   kernels.dense_linear: what phi3.model.linear runs below 16 rows (exact up to rounding)
   int8 kernel              torch.ops.aten._weight_int8pack_mm, per-row int8
   int4 kernel              _weight_int4pack_mm_for_cpu (CPU) / _weight_int4pack_mm (CUDA), group 32
   packed, per call         the weight kept packed, dequantized to the activation dtype every call
@@ -21,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from phi3.model import linear
+from phi3 import kernels
 from phi3.quantize import QuantLinear, Scheme, dequantize, quantize_int4, quantize_int8
 
 SHAPES = {"1536x576": "SmolLM2 gate_up", "576x1536": "SmolLM2 down", "49152x576": "SmolLM2 lm_head",
@@ -58,7 +59,9 @@ def rows(N: int, K: int, device: torch.device, compile_: bool, batch: int = 1):
         x = x32.to(dtype)
         yield f"dense {str(dtype)[6:]} F.linear", timed(_bind(F.linear, x, dense.to(dtype)), device)
         if dtype == torch.float32 and device.type == "cpu":
-            yield "dense float32 oneDNN (phi3.model.linear)", timed(_bind(linear, x, dense), device)
+            yield "dense float32 oneDNN", timed(_bind(torch.ops.mkldnn._linear_pointwise, x, dense, None, "none", [], ""), device)
+            if kernels.dense_linear(x, dense) is not None:
+                yield "dense float32 phi3 kernel (kernels.dense_linear)", timed(_bind(kernels.dense_linear, x, dense), device)
             for kernel, scheme, packed in [("int8", Scheme(8), int8), ("int4", Scheme(4, 32), int4)]:
                 m = QuantLinear(K, N, scheme, dtype, "cpu-fp32").set_packed(*packed)
                 yield f"phi3 kernel {kernel}{' g32' if kernel == 'int4' else ''}, float32 activations", timed(_bind(m, x), device)
