@@ -5,8 +5,8 @@
 
 Rows (microseconds per call, best of several runs; ratios against fp32 `F.linear` on the dense weight):
   dense fp32 / bf16        F.linear on the dequantized weight
-  dense fp32 oneDNN        oneDNN's inner product: what phi3.model.linear runs in fp32 on a CPU from 16 rows on
-  dense fp32 phi3 kernel   kernels.dense_linear: what phi3.model.linear runs below 16 rows (exact up to rounding)
+  dense fp32 oneDNN        oneDNN's inner product: what phi3.model.linear runs in fp32 on a CPU from 24 rows on
+  dense fp32 phi3 kernel   kernels.dense_linear: what phi3.model.linear runs below 24 rows (exact up to rounding)
   int8 kernel              torch.ops.aten._weight_int8pack_mm, per-row int8
   int4 kernel              _weight_int4pack_mm_for_cpu (CPU) / _weight_int4pack_mm (CUDA), group 32
   packed, per call         the weight kept packed, dequantized to the activation dtype every call

@@ -160,12 +160,12 @@ def q8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> to
     return packed_linear(x, weight, scales, None)
 
 
-FP32_ROWS = 16  # fp32 linears (and decode steps with fp32 layers, in C) below this many rows; from here oneDNN (measured)
+FP32_ROWS = 24  # fp32 linears (and decode steps with fp32 layers, in C) below this many rows; from here oneDNN (measured)
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """x (..., K) fp32 @ weight (N, K) fp32 -> (..., N) with phi3's kernel, for fewer than FP32_ROWS
-    rows of x (a decode step's batch): there it measured 1.0-1.8x oneDNN's inner product on a 2-core
+    rows of x (a decode step's batch): there it measured about even to 1.8x oneDNN's inner product on a 2-core
     AVX2 CPU (docs/PERFORMANCE.md). None where it does not apply (more rows, other dtypes or
     devices, a non-contiguous weight, kernels not built): the caller runs oneDNN."""
     K = x.shape[-1]

@@ -122,13 +122,13 @@ def test_cpu_kernels_against_the_dequantized_weight(bits, g):
         fn(x[:, :128], *packed)
 
 
-@pytest.mark.parametrize("N,K", [(6 * 41, 256), (6 * 40 + 5, 512), (7, 100)])
+@pytest.mark.parametrize("N,K", [(6 * 41, 256), (6 * 40 + 5, 512), (7, 100), (13, 4096)])
 def test_fp32_kernel_against_double_precision(N, K):
     """phi3's fp32 kernel (what `phi3.model.linear` runs for fewer than kernels.FP32_ROWS rows: a
     batched decode step's linears and lm_head) equals x @ W.T to fp32 rounding for every row count
-    it takes (pairs of rows, an odd last row, blocks of 8), output counts that are not a multiple
-    of its six-row groups, and an input size that is not a multiple of 8; from FP32_ROWS rows on it
-    declines (oneDNN runs)."""
+    it takes (pairs of rows, an odd last row; one row of short or of long weight rows), output counts
+    that are not a multiple of its six-row groups, and an input size that is not a multiple of 8;
+    from FP32_ROWS rows on it declines (oneDNN runs)."""
     gen = torch.Generator().manual_seed(N + K)
     w = torch.randn(N, K, generator=gen) / K ** 0.5
     for M in range(1, phi3.kernels.FP32_ROWS):

@@ -4,7 +4,7 @@
  *
  * Why: with packed weights the linears of a small model take less than half of an eager decode
  * step; the rest is ~25 torch ops per layer, each a few microseconds of dispatch. And at a few
- * rows (up to 15), fp32 weights streamed once for all rows beat oneDNN's small-batch matmul. Here a layer is
+ * rows (up to 23), fp32 weights streamed once for all rows beat oneDNN's small-batch matmul. Here a layer is
  * one pass in one OpenMP parallel region, stages split by the loops' barriers:
  *
  *   h = rmsnorm(x) -> qkv = h W^T -> rotate q, k; write k, v at each row's position in its slot ->

@@ -398,7 +398,9 @@ void phi3_q8_rows(const float *x, const int8_t *w, const uint16_t *scales, float
 
 void phi3_f32_rows(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K) {
 #ifdef F32_NW
-    if (M >= 2 && K % 8 == 0) { /* groups of six weight rows; the last N % 6 rows one at a time */
+    /* groups of six weight rows (the last N % 6 rows one at a time); one row of x takes them too when
+     * the rows are long (16 KiB and more: six streams of weights beat one, measured), else f32_dot1 */
+    if ((M >= 2 || K >= 4096) && K % 8 == 0) {
         const int64_t groups = (N + F32_NW - 1) / F32_NW;
 #pragma omp for schedule(static)
         for (int64_t g = 0; g < groups; g++) {
