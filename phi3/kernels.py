@@ -165,9 +165,10 @@ FP32_ROWS = 24  # fp32 linears (and decode steps with fp32 layers, in C) below t
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """x (..., K) fp32 @ weight (N, K) fp32 -> (..., N) with phi3's kernel, for fewer than FP32_ROWS
-    rows of x (a decode step's batch): there it measured about even to 1.8x oneDNN's inner product on a 2-core
-    AVX2 CPU (docs/PERFORMANCE.md). None where it does not apply (more rows, other dtypes or
-    devices, a non-contiguous weight, kernels not built): the caller runs oneDNN."""
+    rows of x (a decode step's batch): there it measured about even (one row) to 1.8x oneDNN's
+    inner product on a 2-core AVX2 CPU (docs/PERFORMANCE.md). None where it does not apply (more
+    rows, other dtypes or devices, a non-contiguous weight, kernels not built): the caller runs
+    oneDNN."""
     K = x.shape[-1]
     if (x.numel() >= FP32_ROWS * K or K == 0 or x.dtype != torch.float32 or weight.dtype != torch.float32
             or x.device.type != "cpu" or weight.device.type != "cpu" or weight.dim() != 2 or weight.shape[1] != K

@@ -243,7 +243,7 @@ static void f32_row8(const float *x, const float *wr, float *y, int64_t m0, int6
  * (twelve accumulators in registers). K is walked in chunks of F32_KC columns, and within a chunk
  * every pair of up to eight rows of x runs in turn, so the chunk's weights (6 x 1 KiB) and x (8 x
  * 1 KiB) are read from L1; the partial sums wait in `acc` between chunks. Measured at M = 8 on a
- * 2-core AVX2 CPU: 75-85 GFLOP/s, where oneDNN's inner product ran 46-63 (docs/PERFORMANCE.md). */
+ * 2-core AVX2 CPU: 71-97 GFLOP/s, where oneDNN's inner product ran 46-63 (docs/PERFORMANCE.md). */
 #define F32_NW 6
 #define F32_KC 256
 
