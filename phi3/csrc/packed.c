@@ -222,22 +222,6 @@ static void f32_row(const float *x, const float *wr, float *y, int64_t m0, int m
     for (int i = 0; i < mr; i++) y[(m0 + i) * N + n] = f32_dot1(x + (m0 + i) * K, wr, K);
 }
 
-static void f32_row8(const float *x, const float *wr, float *y, int64_t m0, int64_t n, int64_t N, int64_t K) {
-    const float *x0 = x + m0 * K;
-    __m256 a[8];
-    for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8) {
-        const __m256 w = _mm256_loadu_ps(wr + k);
-        for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x0 + i * K + k), a[i]);
-    }
-    for (int i = 0; i < 8; i++) {
-        float s = hsum(a[i]);
-        for (int64_t t = k; t < K; t++) s += wr[t] * x0[i * K + t];
-        y[(m0 + i) * N + n] = s;
-    }
-}
-
 /* fp32 weights, two or more rows of x (a batch of sequences): six weight rows at a time, against
  * the rows of x in pairs, so that each 8-float load of weights feeds two fmas and each load of x six
  * (twelve accumulators in registers). K is walked in chunks of F32_KC columns, and within a chunk
@@ -397,31 +381,20 @@ void phi3_q8_rows(const float *x, const int8_t *w, const uint16_t *scales, float
 }
 
 void phi3_f32_rows(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K) {
+    int64_t n0 = 0; /* weight rows before n0 go in groups of six, the rest one at a time */
 #ifdef F32_NW
-    /* groups of six weight rows (the last N % 6 rows one at a time); one row of x takes them too when
-     * the rows are long (16 KiB and more: six streams of weights beat one, measured), else f32_dot1 */
+    /* one row of x takes the groups too when the rows are long (16 KiB and more: six streams of
+     * weights beat one, measured), else f32_dot1 */
     if ((M >= 2 || K >= 4096) && K % 8 == 0) {
-        const int64_t groups = (N + F32_NW - 1) / F32_NW;
-#pragma omp for schedule(static)
-        for (int64_t g = 0; g < groups; g++) {
-            const int64_t n = g * F32_NW;
-            if (n + F32_NW <= N)
-                for (int64_t m0 = 0; m0 < M; m0 += 8) f32_block6(x, w + n * K, y, m0, M - m0 < 8 ? (int)(M - m0) : 8, n, N, K);
-            else
-                for (int64_t r = n; r < N; r++)
-                    for (int64_t m0 = 0; m0 < M; m0 += MR) f32_row(x, w + r * K, y, m0, M - m0 < MR ? (int)(M - m0) : MR, r, N, K);
-        }
-        return;
+        n0 = N - N % F32_NW;
+#pragma omp for schedule(static) nowait
+        for (int64_t n = 0; n < n0; n += F32_NW)
+            for (int64_t m0 = 0; m0 < M; m0 += 8) f32_block6(x, w + n * K, y, m0, M - m0 < 8 ? (int)(M - m0) : 8, n, N, K);
     }
 #endif
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        int64_t m0 = 0;
-#ifdef ROW8
-        for (; M - m0 >= 8; m0 += 8) f32_row8(x, w + n * K, y, m0, n, N, K);
-#endif
-        for (; m0 < M; m0 += MR) f32_row(x, w + n * K, y, m0, M - m0 < MR ? (int)(M - m0) : MR, n, N, K);
-    }
+#pragma omp for schedule(static) /* its barrier ends the loop above as well */
+    for (int64_t n = n0; n < N; n++)
+        for (int64_t m0 = 0; m0 < M; m0 += MR) f32_row(x, w + n * K, y, m0, M - m0 < MR ? (int)(M - m0) : MR, n, N, K);
 }
 
 void phi3_q4_linear(const float *x, const uint8_t *w, const uint16_t *scales, const uint16_t *biases, float *y,
