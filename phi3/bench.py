@@ -248,7 +248,12 @@ def run(args) -> int:
         from .convert import quantize_model
 
         quantize_model(llm, bits=int(args.quantize.removeprefix("int")))
+    if args.activations != "fp32":
+        from .quantize import set_activations
+
+        set_activations(llm.model, args.activations)
     scheme = f", {args.quantize} RTN (g32 for int4)" if args.quantize else ""
+    scheme += f", {args.activations} activations" if args.activations != "fp32" else ""
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     header = (f"# {llm.name or args.model}, {llm.dtype}{scheme}, {device} ({card}), torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}; decode: {args.new_tokens} new tokens "

@@ -54,6 +54,9 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None,
                    help="bf16, fp16 or fp32 (default: fp32 on CPU, which gives the reference's answers; "
                         "the checkpoint's own on GPU)")
+    p.add_argument("--activations", default="fp32", choices=["fp32", "int16"],
+                   help="int16: packed int4/int8 weights on the CPU decode faster with their inputs rounded to "
+                        "int16 (opt-in, approximate: docs/QUANTIZATION.md) (default: fp32, exact)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -111,7 +114,7 @@ def _check_prompt(text: str) -> str:
 def _load(args):
     from .loader import load
 
-    return load(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter)
+    return load(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter, activations=args.activations)
 
 
 def _stream(chunks, answer: list[str]):
@@ -274,7 +277,7 @@ def cmd_serve(args) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get("PHI3_API_KEY")
     return serve(args.model, host=args.host, port=args.port, api_key=api_key, max_batch=args.max_batch,
                  max_queue=args.max_queue, max_len=args.max_len, served_model_name=args.served_model_name,
-                 device=args.device, dtype=args.dtype, drain_timeout=args.drain_timeout)
+                 device=args.device, dtype=args.dtype, activations=args.activations, drain_timeout=args.drain_timeout)
 
 
 # -- bench ---------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import torch
 from .assets import cache_dir
 from .model import Linear, linear
 
-__all__ = ["available", "build_info", "dense_linear", "packed_linear", "q4_linear", "q8_linear"]
+__all__ = ["available", "build_info", "dense_linear", "int16_ok", "packed_linear", "q4_linear", "q8_linear"]
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "packed.c", CSRC / "layer.c"]  # one library; packed.h is what layer.c takes from packed.c
@@ -101,9 +101,12 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.phi3_q4_linear.argtypes = [P, P, P, P, P, I64, I64, I64, I64, C_INT]
     lib.phi3_q8_linear.argtypes = [P, P, P, P, I64, I64, I64, I64, C_INT]
     lib.phi3_f32_linear.argtypes = [P, P, P, I64, I64, I64, C_INT]
+    lib.phi3_a16_linear.argtypes = [P, P, P, P, P, I64, I64, I64, I64, P, C_INT]
+    lib.phi3_a16_work_floats.argtypes, lib.phi3_a16_work_floats.restype = [I64, I64], I64
     lib.phi3_q4_dequantize.argtypes = [P, P, P, P, I64, I64, I64, C_INT]
     lib.phi3_q8_dequantize.argtypes = [P, P, P, I64, I64, I64, C_INT]
-    for f in (lib.phi3_q4_linear, lib.phi3_q8_linear, lib.phi3_f32_linear, lib.phi3_q4_dequantize, lib.phi3_q8_dequantize):
+    for f in (lib.phi3_q4_linear, lib.phi3_q8_linear, lib.phi3_f32_linear, lib.phi3_a16_linear, lib.phi3_q4_dequantize,
+              lib.phi3_q8_dequantize):
         f.restype = None
     lib.phi3_simd.restype = C_INT
     lib.phi3_work_floats.argtypes, lib.phi3_work_floats.restype = [P], I64
@@ -184,11 +187,19 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     return y
 
 
-def packed_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor | None) -> torch.Tensor:
-    """int4 weights when `biases` is given (the module docstring's layouts), int8 otherwise."""
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor | None,
+                  int16: bool = False) -> torch.Tensor:
+    """int4 weights when `biases` is given (the module docstring's layouts), int8 otherwise. `int16`:
+    below DENSE_ROWS rows, round x to int16 per block of 32 columns and take integer dots (opt-in,
+    `activations="int16"`: see `int16_ok` and csrc/packed.c); from DENSE_ROWS on it is exact as always."""
     if torch.compiler.is_compiling():  # an opaque op to the compiler; in eager a direct call (4x less overhead)
-        return torch.ops.phi3.packed_linear(x, weight, scales, biases)
-    return _packed_linear(x, weight, scales, biases)
+        return torch.ops.phi3.packed_linear(x, weight, scales, biases, int16)
+    return _packed_linear(x, weight, scales, biases, int16)
+
+
+def int16_ok(bits: int, in_features: int, groups: int) -> bool:
+    """Whether int16 activations apply to a packed linear: its inputs and groups whole 32-column blocks."""
+    return bits in (4, 8) and in_features % 32 == 0 and (in_features // groups) % 32 == 0
 
 
 DENSE_ROWS = 24  # from this many rows of x on (prefill, large batches), dequantize and run oneDNN (measured)
@@ -208,7 +219,7 @@ def _scratch(numel: int) -> torch.Tensor:
 
 
 def _packed_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
-                   biases: torch.Tensor | None) -> torch.Tensor:
+                   biases: torch.Tensor | None, int16: bool = False) -> torch.Tensor:
     _check(x, weight, scales)
     lib, threads = _lib(), torch.get_num_threads()
     if lib is None:
@@ -233,7 +244,13 @@ def _packed_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
         return y
     x = x.contiguous()
     y = torch.empty(M, N, dtype=torch.float32)
-    if biases is not None:
+    if int16:
+        if K % 32 or (K // G) % 32:
+            raise ValueError(f"phi3.kernels: int16 activations need whole 32-column blocks, got K={K} in {G} groups")
+        work = _scratch(threads * lib.phi3_a16_work_floats(M, K))
+        lib.phi3_a16_linear(x.data_ptr(), w, s, biases.data_ptr() if biases is not None else None, y.data_ptr(),
+                            M, N, K, G, work.data_ptr(), threads)
+    elif biases is not None:
         lib.phi3_q4_linear(x.data_ptr(), w, s, biases.data_ptr(), y.data_ptr(), M, N, K, G, threads)
     else:
         lib.phi3_q8_linear(x.data_ptr(), w, s, y.data_ptr(), M, N, K, G, threads)
@@ -244,14 +261,15 @@ _op = torch.library.custom_op("phi3::packed_linear", _packed_linear, mutates_arg
 
 
 @_op.register_fake
-def _(x, weight, scales, biases):
+def _(x, weight, scales, biases, int16=False):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
 # -- whole decoder layers of a decode step (csrc/layer.c) -------------------------------------------
 
 class _Linear(ctypes.Structure):
-    _fields_ = [("weight", P), ("scales", P), ("biases", P), ("input_scale", P), ("groups", I64), ("bits", I64)]
+    _fields_ = [("weight", P), ("scales", P), ("biases", P), ("input_scale", P), ("groups", I64), ("bits", I64),
+                ("activation_bits", I64)]
 
 
 class _Layer(ctypes.Structure):
@@ -277,7 +295,7 @@ def _linear_args(module) -> tuple | None:
         w = module._parameters["weight"] if type(module) is Linear else module._buffers["w"]
         if w.dtype != torch.float32 or not w.is_cpu or not w.is_contiguous():
             return None
-        return (w.data_ptr(), 0, 0, 0, 1, 32)
+        return (w.data_ptr(), 0, 0, 0, 1, 32, 32)
     if kernel != "cpu-fp32":
         return None
     b = module._buffers
@@ -289,7 +307,8 @@ def _linear_args(module) -> tuple | None:
     if scale is not None and (scale.dtype != torch.float32 or not scale.is_contiguous()):
         return None
     return (w.data_ptr(), s.data_ptr(), z.data_ptr() if z is not None else 0,
-            scale.data_ptr() if scale is not None else 0, s.shape[1], 4 if z is not None else 8)
+            scale.data_ptr() if scale is not None else 0, s.shape[1], 4 if z is not None else 8,
+            16 if module.__dict__.get("activations") == "int16" else 32)
 
 
 def _norm_weight(norm) -> int | None:

@@ -24,7 +24,8 @@ Prepare = Callable[[Phi3], None]
 
 
 def load(model, *, device=None, dtype=None, attn_implementation: str = "sdpa",
-         prepare: Prepare | None = None, quantize: str | None = None, adapter=None) -> LLM:
+         prepare: Prepare | None = None, quantize: str | None = None, adapter=None,
+         activations: str = "fp32") -> LLM:
     """Load a model: a local directory, a .gguf file, a hub id or an alias (see `phi3.weights.resolve`).
 
     `device` defaults to CUDA when present, else CPU; `dtype` to fp32 on CPU and the checkpoint's
@@ -35,11 +36,20 @@ def load(model, *, device=None, dtype=None, attn_implementation: str = "sdpa",
     `phi3.convert.quantize_model`); quantized checkpoints (config.json `quantization`) and GGUF
     files load into packed modules by themselves. `adapter`: a PEFT LoRA adapter directory
     (`adapter_config.json` + `adapter_model.safetensors`) applied on top (see `phi3.lora`).
+    `activations`: "fp32" (exact, the default) or "int16", an opt-in faster decode for packed int4/int8
+    weights on the CPU that rounds the linears' inputs to int16 (see `phi3.quantize.set_activations`);
+    asking for it where no linear can take it is an error.
     """
     from .lora import apply_adapter, read_adapter
 
-    lora = read_adapter(adapter) if adapter is not None else None  # a bad adapter fails before the slow part
+    from .quantize import ACTIVATIONS, set_activations
+
+    if activations not in ACTIVATIONS:  # before the slow part, like a bad adapter
+        raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
+    lora = read_adapter(adapter) if adapter is not None else None
     llm = _load(model, device, dtype, attn_implementation, prepare, quantize)
+    if activations != "fp32":
+        set_activations(llm.model, activations)
     if lora is not None:
         apply_adapter(llm.model, lora)
     return llm

@@ -297,16 +297,21 @@ class _Server(uvicorn.Server):
 
 def serve(model: str | LLM, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 8, max_queue: int = 256, max_len: int | None = None, served_model_name: str | None = None,
-          device=None, dtype=None, drain_timeout: float = 30.0, log_level: str = "info") -> int:
+          device=None, dtype=None, activations: str = "fp32", drain_timeout: float = 30.0,
+          log_level: str = "info") -> int:
     """Serve `model` (a name for `phi3.load`, loaded in the background, or an `LLM`) over HTTP
     until SIGTERM or SIGINT; returns the exit code (0; 1 if the engine failed; 2 if loading did)."""
     if isinstance(model, LLM):
         load, name = (lambda: model), served_model_name or model.name or "phi3"
     else:
         from .loader import load as load_model, pick_device, pick_dtype
+        from .quantize import ACTIVATIONS
 
-        pick_dtype(dtype, pick_device(device), None)  # a bad device or dtype fails now, not once serving
-        load, name = (lambda: load_model(model, device=device, dtype=dtype)), served_model_name or str(model)
+        pick_dtype(dtype, pick_device(device), None)  # a bad device, dtype or activations fails now, not once serving
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
+        load = lambda: load_model(model, device=device, dtype=dtype, activations=activations)  # noqa: E731
+        name = served_model_name or str(model)
     app = create_app(load, name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue, max_len=max_len,
                      drain_timeout=drain_timeout)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,

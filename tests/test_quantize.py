@@ -143,10 +143,14 @@ def test_fp32_kernel_against_double_precision(N, K):
     assert phi3.kernels.dense_linear(x, w.T.contiguous().T) is None  # a transposed view: not contiguous
 
 
+INT16_CASES = [(4, 32, 3), (8, None, 2), (4, 64, 1)]
+
+
 def test_portable_cpu_kernels_against_the_dequantized_weight(checkpoints, tmp_path):
     """The plain C path of phi3/csrc/packed.c and layer.c (CPUs without AVX2), built with
-    PHI3_KERNELS=portable: each linear against the dequantized weight, and a batched decode (all
-    layers in C) giving the tokens and log-probabilities of this machine's SIMD build."""
+    PHI3_KERNELS=portable: each linear against the dequantized weight (with int16 activations: against
+    their definition), and a batched decode (all layers in C; int4 with fp32 and with int16
+    activations, then fp32 weights) giving the tokens and log-probabilities of this machine's SIMD build."""
     code = """if True:
         import torch, phi3.kernels as k
         from phi3.quantize import quantize_int4, quantize_int8, dequantize
@@ -160,20 +164,37 @@ def test_portable_cpu_kernels_against_the_dequantized_weight(checkpoints, tmp_pa
             ref = x.double() @ dequantize(*packed).double().T
             assert (y - ref).abs().max() <= 1e-5 * ref.abs().max(), (bits, gs, M)
         print("ok")
-    """.rstrip() + "\n" + DECODE
+        import json
+        g, int16 = torch.Generator().manual_seed(1), []
+        for bits, gs, M in INT16_CASES:
+            w = torch.randn(37, 256, generator=g)
+            packed = quantize_int4(w, gs) if bits == 4 else quantize_int8(w, gs)
+            x = torch.randn(M, 256, generator=g)
+            int16.append(k.packed_linear(x, *packed[:2], packed[2] if bits == 4 else None, True).tolist())
+        print(json.dumps(int16))
+    """.rstrip().replace("INT16_CASES", repr(INT16_CASES)) + "\n" + DECODE
     env = {**__import__("os").environ, "PHI3_KERNELS": "portable", "PHI3_CACHE": str(tmp_path)}
     folder = str(checkpoints["gqa"][0])
     done = subprocess.run([sys.executable, "-c", code, folder], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0 and done.stdout.splitlines()[0] == "ok", done.stderr
+    g = torch.Generator().manual_seed(1)  # the int16 activations' cases again, against their definition
+    for (bits, gs, M), y in zip(INT16_CASES, json.loads(done.stdout.splitlines()[1]), strict=True):
+        w = torch.randn(37, 256, generator=g)
+        packed = quantize_int4(w, gs) if bits == 4 else quantize_int8(w, gs)
+        expected = numpy_int16_linear(torch.randn(M, 256, generator=g), packed, gs)
+        assert np.abs(np.array(y) - expected).max() <= 1e-5 * np.abs(expected).max(), (bits, gs, M)
     here = subprocess.run([sys.executable, "-c", DECODE, folder], capture_output=True, text=True, timeout=300)
     assert here.returncode == 0, here.stderr
-    portable, simd = json.loads(done.stdout.splitlines()[1]), json.loads(here.stdout)
-    assert [t for t, _ in portable] == [t for t, _ in simd]
-    assert np.allclose([lp for _, lp in portable], [lp for _, lp in simd], atol=1e-5, rtol=0)
+    portable, simd = json.loads(done.stdout.splitlines()[2]), json.loads(here.stdout)
+    # int16 activations: a last-bit difference in an input may round it to the next step (~3e-5 of its block)
+    for run_portable, run_simd, atol in zip(portable, simd, (1e-5, 1e-3, 1e-5), strict=True):
+        assert [t for t, _ in run_portable] == [t for t, _ in run_simd]
+        assert np.allclose([lp for _, lp in run_portable], [lp for _, lp in run_simd], atol=atol, rtol=0)
 
 
 # Rows decoded in one batch (sys.argv[1]: the gqa checkpoint), all layers in C: three with int4
-# weights, then two with fp32 ones; prints [[token, log-probability], ...] of every row in turn.
+# weights (fp32 activations, then int16 ones), then two with fp32 weights; prints, per run, [[token,
+# log-probability], ...] of every row in turn.
 DECODE = """if True:
     import json, sys, phi3, phi3.kernels
     from phi3.engine import Engine
@@ -183,13 +204,14 @@ DECODE = """if True:
         ran.append(real(*args))
         return ran[-1]
     phi3.kernels.decode_layers = spy
-    for quantize, lengths in (("int4", (9, 2, 17)), (None, (9, 2))):
-        llm = phi3.load(sys.argv[1], dtype="float32", quantize=quantize)
+    for quantize, activations, lengths in (("int4", "fp32", (9, 2, 17)), ("int4", "int16", (9, 2, 17)),
+                                           (None, "fp32", (9, 2))):
+        llm = phi3.load(sys.argv[1], dtype="float32", quantize=quantize, activations=activations)
         engine = Engine(llm.model, slots=4, max_len=64)
         rows = [engine.submit(list(range(3, 3 + n)), SamplingParams(max_new_tokens=16, logprobs=0)) for n in lengths]
         while engine.busy:
             engine.step()
-        out += [[t, lp] for r in rows for t, (lp, _) in zip(r.tokens, r.logprobs)]
+        out.append([[t, lp] for r in rows for t, (lp, _) in zip(r.tokens, r.logprobs)])
     assert ran and all(x is not None for x in ran)
     print(json.dumps(out))
 """
@@ -247,6 +269,64 @@ def test_on_the_fly_quantization_equals_transformers_on_rounded_weights(checkpoi
     assert greedy == out[0, len(ids):].tolist()
 
 
+
+def numpy_int16_linear(x: np.ndarray, packed, g: int | None) -> np.ndarray:
+    """y = x @ W.T with int16 activations as `phi3.quantize.set_activations` defines them, in float64:
+    each block of 32 columns of x rounded in fp32 to q = rint(x * (32767 / max|x|)) with d = max|x| /
+    32767, the block's integer dot with the packed integers times the weight scale and d, and for int4
+    the biases times the group's sum of x. The int4 integers are read from the documented layout."""
+    w = packed[0].numpy()
+    N, K = w.shape[0], x.shape[1]
+    if w.dtype == np.uint8:  # byte j of a 32-column block: column j (low nibble), j + 16 (high)
+        blocks = w.reshape(N, K // 32, 16)
+        qw = np.concatenate([blocks & 15, blocks >> 4], axis=-1).reshape(N, K).astype(np.float64)
+    else:
+        qw = w.astype(np.float64)
+    gs = K // packed[1].shape[1]
+    scales = np.repeat(packed[1].float().numpy().astype(np.float64), gs, axis=1)  # (N, K): each column's scale
+    xb = x.numpy().astype(np.float32).reshape(len(x), K // 32, 32)
+    top = np.abs(xb).max(-1, keepdims=True)
+    inv = (np.float32(32767) / np.where(top > 0, top, np.float32(1))) * (top > 0)  # 0 for an all-zero block
+    qx = np.rint(xb * inv).reshape(len(x), K).astype(np.float64)
+    d = np.repeat((top / np.float32(32767)).astype(np.float64).reshape(len(x), K // 32), 32, axis=1)  # (M, K)
+    y = (qx * d) @ (qw * scales).T  # d and the weight scale are constant over a block: the same sum
+    if len(packed) > 2 and packed[2] is not None:
+        biases = np.repeat(packed[2].float().numpy().astype(np.float64), gs, axis=1)
+        y += x.numpy().astype(np.float64) @ biases.T
+    return y
+
+
+@pytest.mark.parametrize("bits,g", [(4, 32), (4, 64), (4, 128), (8, None), (8, 32)])
+def test_int16_activations_against_their_definition(bits, g):
+    """The opt-in int16 activations (csrc/packed.c) compute numpy_int16_linear to fp32 rounding, stay
+    within the rounding's bound of the exact product (half a step of each block's scale per input),
+    give each row the same result in any batch of up to kernels.DENSE_ROWS - 1 rows, and leave calls
+    of DENSE_ROWS rows and more exact."""
+    gen = torch.Generator().manual_seed(bits * 100 + (g or 0))
+    N, K = 37, 384
+    w = torch.randn(N, K, generator=gen) * 0.05
+    packed = quantize_int4(w, g) if bits == 4 else quantize_int8(w, g)
+    linear = lambda x, int16: phi3.kernels.packed_linear(x, *packed[:2], packed[2] if bits == 4 else None, int16)  # noqa: E731
+    x = torch.randn(phi3.kernels.DENSE_ROWS - 1, K, generator=gen) * torch.rand(1, K, generator=gen) * 4
+    x[3, 32:64] = 0.0  # an all-zero block
+    y = linear(x, True)
+    expected = numpy_int16_linear(x, packed, g)
+    assert np.abs(y.double().numpy() - expected).max() <= 1e-5 * np.abs(expected).max()
+    exact = x.double() @ dequantize(*packed).double().T
+    steps = x.abs().reshape(len(x), K // 32, 32).amax(-1, keepdim=True).double() / 32767 / 2  # half a step
+    bound = (dequantize(*packed).double().abs().reshape(N, K // 32, 32).sum(-1) @ steps[..., 0].T).T
+    assert ((y.double() - exact).abs() <= bound + 1e-6 * exact.abs().max()).all()
+    assert not torch.equal(y, linear(x, False))  # the rounding shows
+    for M in (1, 2, 3, 8, 9, phi3.kernels.DENSE_ROWS - 1):
+        for i in range(M):
+            assert torch.equal(linear(x[:M], True)[i], linear(x[i:i + 1], True)[0]), (M, i)
+    many = torch.randn(phi3.kernels.DENSE_ROWS, K, generator=gen)
+    assert torch.equal(linear(many, True), linear(many, False))
+    if bits == 8:
+        odd = quantize_int8(torch.randn(N, 48, generator=gen), 16)  # groups of 16 columns: not whole blocks
+        with pytest.raises(ValueError, match="whole 32-column blocks"):
+            phi3.kernels.packed_linear(torch.randn(1, 48), *odd[:2], None, True)
+
 # Rows of different lengths decoded together: the LongRoPE model's pre-training context is 32
 # tokens (the 20-token row crosses it), the window model's window is 8 and the gqa model's 16.
 @pytest.mark.parametrize("kind,bits", [("longrope", 4), ("window", 8), ("gqa", 4), ("gqa", 8), ("partial", 4),
@@ -274,6 +354,61 @@ def test_decode_in_c_equals_transformers_per_row(checkpoints, ran_in_c, kind, bi
         expected = [logits[0].log_softmax(-1)[t].item() for logits, t in zip(out.logits, req.tokens)]
         assert np.allclose([lp for lp, _ in req.logprobs], expected, atol=1e-4, rtol=0)
 
+
+
+@pytest.mark.parametrize("kind,bits", [("longrope", 4), ("gqa", 8), ("partial", 4)])
+def test_int16_activations_decode_rows_alone_as_in_a_batch(checkpoints, ran_in_c, kind, bits):
+    """With activations="int16" every layer of a decode step still runs in C; each row's tokens and
+    log-probabilities are the same served alone as in a batch of three, and close to transformers' on
+    the same rounded weights (the int16 rounding of the inputs is all that differs)."""
+    folder, ref = checkpoints[kind]
+    theirs = fake_quantized_reference(folder, ref, bits, 32 if bits == 4 else None)
+    ours = phi3.load(folder, dtype="float32", quantize=f"int{bits}", activations="int16")
+    assert all(m.activations == "int16" for m in ours.model.modules() if isinstance(m, QuantLinear))
+
+    def run(lengths, slots):
+        engine = Engine(ours.model, slots=slots, max_len=96)
+        requests = [engine.submit(torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(n)).tolist(),
+                                  SamplingParams(max_new_tokens=new, logprobs=2)) for n, new in lengths]
+        while engine.busy:
+            engine.step()
+        return requests
+
+    lengths = [(20, 24), (5, 30), (11, 8)]
+    batch = run(lengths, 4)
+    assert ran_in_c and all(ran_in_c)
+    for (n, new), req in zip(lengths, batch):
+        alone = run([(n, new)], 1)[0]
+        assert (alone.tokens, alone.logprobs) == (req.tokens, req.logprobs)
+        with torch.no_grad():
+            out = theirs.generate(torch.tensor([req.prompt]), max_new_tokens=len(req.tokens), do_sample=False,
+                                  eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+                                  attention_mask=torch.ones(1, len(req.prompt), dtype=torch.long))
+        assert req.tokens == out.sequences[0, len(req.prompt):].tolist()
+        expected = [logits[0].log_softmax(-1)[t].item() for logits, t in zip(out.logits, req.tokens)]
+        assert np.abs(np.array([lp for lp, _ in req.logprobs]) - expected).max() < 2e-3
+    phi3.quantize.set_activations(ours.model, "fp32")
+    assert [r.logprobs for r in run(lengths, 4)] != [r.logprobs for r in batch]  # the rounding shows
+
+
+def test_int16_activations_requests(checkpoints):
+    folder, _ = checkpoints["window"]
+    with pytest.raises(ValueError, match="activations must be one of fp32, int16, got 'int8'"):
+        phi3.load(folder, activations="int8")
+    with pytest.raises(ValueError, match="activations='int16' needs packed int4/int8 weights"):
+        phi3.load(folder, activations="int16")  # fp32 weights: nothing would change
+    with pytest.raises(ValueError, match="activations='int16' needs packed"):
+        phi3.load(folder, dtype="bfloat16", quantize="int4", activations="int16")  # torch's bf16 kernels
+    from phi3.server import serve
+
+    with pytest.raises(ValueError, match="activations must be one of"):
+        serve(str(folder), activations="int8")  # before loading, before listening
+    done = run_cli("generate", "--model", folder, "--activations", "int16", "hello")
+    assert done.returncode == 2 and "needs packed int4/int8 weights" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    llm = phi3.load(folder, quantize="int4", activations="int16")
+    assert phi3.quantize.set_activations(llm.model, "fp32") > 0  # and back: exact again
+    assert all(m.activations == "fp32" for m in llm.model.modules() if isinstance(m, QuantLinear))
 
 def run_cli(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "phi3", *map(str, args)], capture_output=True, text=True, timeout=timeout)

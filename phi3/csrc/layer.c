@@ -34,6 +34,7 @@ typedef struct { /* one linear: packed as phi3.quantize.QuantLinear holds it (ke
     const float *input_scale; /* (K,), multiplied into the input first (AWQ), or NULL */
     int64_t groups;           /* G */
     int64_t bits;             /* 4, 8 or 32 */
+    int64_t activation_bits;  /* 32, or 16: x rounded to int16 per block of 32 (packed only, opt-in; packed.c) */
 } phi3_linear;
 
 typedef struct { /* one decoder layer's tensors */
@@ -96,15 +97,24 @@ static void rotate(const float *x, const float *cos, const float *sin, float *ou
     for (int64_t i = R; i < D; i++) out[i] = x[i];
 }
 
-static void linear(const phi3_linear *p, const float *x, float *y, int64_t M, int64_t N, int64_t K) {
-    if (p->bits == 4) phi3_q4_rows(x, (const uint8_t *)p->weight, p->scales, p->biases, y, M, N, K, p->groups);
+static int64_t layer_floats(const phi3_step *s) { /* a layer's buffers (`layer` below) */
+    const int64_t B = s->rows, C = s->hidden, D = s->head_dim, qkv = (s->heads + 2 * s->kv_heads) * D;
+    return B * (C + qkv + s->heads * D + C + 3 * s->intermediate) + s->threads * (s->kv_len + D);
+}
+
+static void linear(const phi3_step *s, const phi3_linear *p, const float *x, float *y, int64_t M, int64_t N, int64_t K) {
+    if (p->activation_bits == 16) /* its part of `work`: after the layer's buffers */
+        phi3_a16_rows(x, p->weight, p->scales, p->bits == 4 ? p->biases : NULL, y, M, N, K, p->groups,
+                      s->work + layer_floats(s));
+    else if (p->bits == 4) phi3_q4_rows(x, (const uint8_t *)p->weight, p->scales, p->biases, y, M, N, K, p->groups);
     else if (p->bits == 8) phi3_q8_rows(x, (const int8_t *)p->weight, p->scales, y, M, N, K, p->groups);
     else phi3_f32_rows(x, (const float *)p->weight, y, M, N, K);
 }
 
-int64_t phi3_work_floats(const phi3_step *s) {
-    const int64_t B = s->rows, C = s->hidden, D = s->head_dim, qkv = (s->heads + 2 * s->kv_heads) * D;
-    return B * (C + qkv + s->heads * D + C + 3 * s->intermediate) + s->threads * (s->kv_len + D);
+int64_t phi3_work_floats(const phi3_step *s) { /* and the int16 activations' buffers, at the widest input */
+    int64_t K = s->hidden > s->heads * s->head_dim ? s->hidden : s->heads * s->head_dim;
+    K = K > s->intermediate ? K : s->intermediate;
+    return layer_floats(s) + s->threads * phi3_a16_work_floats(s->rows, K);
 }
 
 static void layer(const phi3_step *s, const phi3_layer *l, float *x) {
@@ -116,7 +126,7 @@ static void layer(const phi3_step *s, const phi3_layer *l, float *x) {
 
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; b++) rmsnorm_row(x + b * C, l->input_norm, l->qkv.input_scale, h + b * C, C, s->eps);
-    linear(&l->qkv, h, qkv, B, NQKV, C);
+    linear(s, &l->qkv, h, qkv, B, NQKV, C);
 
 #pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < B; b++)
@@ -150,14 +160,14 @@ static void layer(const phi3_step *s, const phi3_layer *l, float *x) {
             if (l->o.input_scale)
                 for (int64_t d = 0; d < D; d++) out[d] *= l->o.input_scale[hd * D + d];
         }
-    linear(&l->o, att, proj, B, C, H * D);
+    linear(s, &l->o, att, proj, B, C, H * D);
 
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; b++) {
         for (int64_t c = 0; c < C; c++) x[b * C + c] += proj[b * C + c];
         rmsnorm_row(x + b * C, l->post_attention_norm, l->gate_up.input_scale, h + b * C, C, s->eps);
     }
-    linear(&l->gate_up, h, gu, B, 2 * I, C);
+    linear(s, &l->gate_up, h, gu, B, 2 * I, C);
 
 #pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < B; b++)
@@ -168,7 +178,7 @@ static void layer(const phi3_step *s, const phi3_layer *l, float *x) {
             if (l->down.input_scale)
                 for (int64_t i = i0; i < end; i++) act[b * I + i] *= l->down.input_scale[i];
         }
-    linear(&l->down, act, proj, B, C, I);
+    linear(s, &l->down, act, proj, B, C, I);
 
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; b++)
