@@ -165,6 +165,7 @@ class Phi3(nn.Module):
         self.rope = RotaryEmbedding(config, device="cpu")  # small; real even when the model is built on meta
         self.set_attn_implementation(attn_implementation)
         self.gradient_checkpointing = False  # training: recompute each block's activations in backward
+        self.prefills = 0  # forwards other than one-token cached steps: kernels.decode_layers re-reads the layers after each
 
     def set_attn_implementation(self, name: str) -> None:
         """'sdpa' (torch's fused kernels: flash / memory-efficient where available) or 'eager'."""
@@ -203,6 +204,8 @@ class Phi3(nn.Module):
         window), and each row's factor set is its slot's `cache.long_rope`.
         """
         B, T = tokens.shape
+        if T != 1 or cache is None:
+            self.prefills += 1
         x = self.model.embed_tokens(tokens)  # (B, T, C)
         if cache is None:
             table_len = T if positions is None else int(positions.max()) + 1

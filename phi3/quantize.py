@@ -330,6 +330,7 @@ def set_activations(model: nn.Module, activations: str) -> int:
     changed = sum(m.activations != activations for m in eligible)
     for m in eligible:
         m.activations = activations
+    kernels.forget(model)  # the next decode step re-reads the layers
     return changed
 
 

@@ -356,6 +356,28 @@ def test_decode_in_c_equals_transformers_per_row(checkpoints, ran_in_c, kind, bi
 
 
 
+
+def test_decode_in_c_rereads_the_layers_for_each_request(checkpoints, ran_in_c):
+    """Decode steps in C keep what they read of the layers between steps, and read them again after
+    each prefill: a hook registered between two requests runs at every decode step of the next one
+    (which then takes the torch path), and once it is removed the steps run in C again."""
+    llm = phi3.load(checkpoints["gqa"][0], dtype="float32", quantize="int4")
+    engine = Engine(llm.model, slots=2, max_len=64)
+
+    def decode(n_new):
+        ran_in_c.clear()
+        engine.submit([5, 6, 7, 8], SamplingParams(max_new_tokens=n_new))
+        while engine.busy:
+            engine.step()
+        return list(ran_in_c)
+
+    assert decode(6) == [True] * 5  # the first token comes from the prefill
+    seen = []
+    handle = llm.model.model.layers[1].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    assert decode(6) == [False] * 5 and seen.count(1) == 5  # 5 decode steps of one token each went through the hook
+    handle.remove()
+    assert decode(6) == [True] * 5
+
 @pytest.mark.parametrize("kind,bits", [("longrope", 4), ("gqa", 8), ("partial", 4)])
 def test_int16_activations_decode_rows_alone_as_in_a_batch(checkpoints, ran_in_c, kind, bits):
     """With activations="int16" every layer of a decode step still runs in C; each row's tokens and
