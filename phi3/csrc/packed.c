@@ -331,11 +331,19 @@ static inline __attribute__((always_inline)) void a16_rows(const int16_t *q, con
     const __m256i low4 = _mm256_set1_epi16(0x0F);
     __m256 acc[A16_MR];
     for (int i = 0; i < mr; i++) acc[i] = _mm256_setzero_ps();
+    int64_t g = 0, left = bpg; /* the group of the next block, and its blocks still to come (no divisions) */
+    float sg = half_to_float(sr[0]);
     for (int64_t j0 = 0; j0 < nb; j0 += 8) {
         const int n8 = nb - j0 < 8 ? (int)(nb - j0) : 8;
         float sw[8], cf[A16_MR][8]; /* the blocks' weight scales; times each row's d */
         if (bpg == 1 && n8 == 8) _mm256_storeu_ps(sw, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sr + j0))));
-        else for (int t = 0; t < n8; t++) sw[t] = half_to_float(sr[(j0 + t) / bpg]);
+        else if (bpg == 1)
+            for (int t = 0; t < n8; t++) sw[t] = half_to_float(sr[j0 + t]);
+        else
+            for (int t = 0; t < n8; t++) {
+                sw[t] = sg;
+                if (--left == 0 && ++g < G) sg = half_to_float(sr[g]), left = bpg;
+            }
         if (n8 == 8) {
             const __m256 s8 = _mm256_loadu_ps(sw);
             for (int i = 0; i < mr; i++) _mm256_storeu_ps(cf[i], _mm256_mul_ps(s8, _mm256_loadu_ps(d + i * nb + j0)));
