@@ -112,6 +112,7 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
            str(args.max_len)]
     cmd += ["--device", args.device] if args.device else []
     cmd += ["--dtype", args.dtype] if args.dtype else []
+    cmd += ["--activations", args.activations] if args.activations else []
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE if args.quiet else None)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + args.timeout
@@ -147,6 +148,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
+    ap.add_argument("--activations", default=None, help="phi3 serve --activations (int16: the opt-in CPU mode)")
     ap.add_argument("--url", default=None, help="benchmark a server already running here instead of starting one")
     ap.add_argument("--served-model-name", default="bench")
     ap.add_argument("--levels", default="1,8,32,64", help="concurrent clients per level")

@@ -204,7 +204,7 @@ class Phi3(nn.Module):
         window), and each row's factor set is its slot's `cache.long_rope`.
         """
         B, T = tokens.shape
-        if T != 1 or cache is None:
+        if (T != 1 or cache is None) and not torch.compiler.is_compiling():  # (a compiled step: no C layers)
             self.prefills += 1
         x = self.model.embed_tokens(tokens)  # (B, T, C)
         if cache is None:
