@@ -346,15 +346,20 @@ def test_decode_in_c_equals_transformers_per_row(checkpoints, ran_in_c, kind, bi
         engine.step()
     assert ran_in_c and all(ran_in_c)
     for req in requests:
-        with torch.no_grad():
-            out = theirs.generate(torch.tensor([req.prompt]), max_new_tokens=len(req.tokens), do_sample=False,
-                                  eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
-                                  attention_mask=torch.ones(1, len(req.prompt), dtype=torch.long))
-        assert req.tokens == out.sequences[0, len(req.prompt):].tolist()
-        expected = [logits[0].log_softmax(-1)[t].item() for logits, t in zip(out.logits, req.tokens)]
+        tokens, expected = transformers_greedy(theirs, req)
+        assert req.tokens == tokens
         assert np.allclose([lp for lp, _ in req.logprobs], expected, atol=1e-4, rtol=0)
 
 
+def transformers_greedy(model, req) -> tuple[list[int], list[float]]:
+    """transformers' greedy continuation of an engine request's prompt, as long as its tokens, and the
+    log-probability of each of the request's tokens at its step."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([req.prompt]), max_new_tokens=len(req.tokens), do_sample=False,
+                             eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+                             attention_mask=torch.ones(1, len(req.prompt), dtype=torch.long))
+    return (out.sequences[0, len(req.prompt):].tolist(),
+            [logits[0].log_softmax(-1)[t].item() for logits, t in zip(out.logits, req.tokens)])
 
 
 def test_decode_in_c_rereads_the_layers_for_each_request(checkpoints, ran_in_c):
@@ -402,12 +407,8 @@ def test_int16_activations_decode_rows_alone_as_in_a_batch(checkpoints, ran_in_c
     for (n, new), req in zip(lengths, batch):
         alone = run([(n, new)], 1)[0]
         assert (alone.tokens, alone.logprobs) == (req.tokens, req.logprobs)
-        with torch.no_grad():
-            out = theirs.generate(torch.tensor([req.prompt]), max_new_tokens=len(req.tokens), do_sample=False,
-                                  eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
-                                  attention_mask=torch.ones(1, len(req.prompt), dtype=torch.long))
-        assert req.tokens == out.sequences[0, len(req.prompt):].tolist()
-        expected = [logits[0].log_softmax(-1)[t].item() for logits, t in zip(out.logits, req.tokens)]
+        tokens, expected = transformers_greedy(theirs, req)
+        assert req.tokens == tokens
         assert np.abs(np.array([lp for lp, _ in req.logprobs]) - expected).max() < 2e-3
     phi3.quantize.set_activations(ours.model, "fp32")
     assert [r.logprobs for r in run(lengths, 4)] != [r.logprobs for r in batch]  # the rounding shows
