@@ -25,6 +25,7 @@ sequence), while the other rows go on decoding.
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 from collections import deque
 from collections.abc import Generator, Sequence
@@ -275,6 +276,9 @@ class Engine:
         del self.requests[req.slot]
         self._free.append(req.slot)
         self._free.sort()
+        kernels = sys.modules.get("phi3.kernels")  # loaded only where a CPU decode step offered its layers to C
+        if not self.requests and kernels is not None:
+            kernels.forget(self.model)  # idle: let go of what the C layers read (weights may change before the next request)
 
     def _set_idle(self, slot: int) -> None:
         if slot in self._decoding:

@@ -283,11 +283,11 @@ class _Step(ctypes.Structure):
                 *((n, P) for n in ("positions", "cos", "sin", "work")), ("eps", ctypes.c_double), ("threads", I64)]
 
 
-def _linear_args(module) -> tuple | None:
-    """A linear layer.c can run -> its `_Linear` fields; None for any other (an adapter, a hook, bf16).
-    Packed: a `QuantLinear` on phi3's kernels. fp32: phi3's own `Linear`, or a `QuantLinear`
-    dequantized at load (kernel "dense": a GGUF type without a packed kernel). Module attributes are
-    read from their dicts: this runs every decode step, and `nn.Module.__getattr__` costs ~1 µs."""
+def _linear_args(module, keep: list) -> tuple | None:
+    """A linear layer.c can run -> its `_Linear` fields (its tensors' storages appended to `keep`);
+    None for any other (an adapter, a hook, bf16). Packed: a `QuantLinear` on phi3's kernels. fp32:
+    phi3's own `Linear`, or a `QuantLinear` dequantized at load (kernel "dense": a GGUF type without a
+    packed kernel). Module attributes are read from their dicts (`nn.Module.__getattr__` costs ~1 µs)."""
     if module._forward_hooks or module._forward_pre_hooks:
         return None
     kernel = module.__dict__.get("kernel")
@@ -295,6 +295,7 @@ def _linear_args(module) -> tuple | None:
         w = module._parameters["weight"] if type(module) is Linear else module._buffers["w"]
         if w.dtype != torch.float32 or not w.is_cpu or not w.is_contiguous():
             return None
+        keep.append(w.untyped_storage())
         return (w.data_ptr(), 0, 0, 0, 1, 32, 32)
     if kernel != "cpu-fp32":
         return None
@@ -306,21 +307,24 @@ def _linear_args(module) -> tuple | None:
         return None
     if scale is not None and (scale.dtype != torch.float32 or not scale.is_contiguous()):
         return None
+    keep += [t.untyped_storage() for t in (w, s, z, scale) if t is not None]
     return (w.data_ptr(), s.data_ptr(), z.data_ptr() if z is not None else 0,
             scale.data_ptr() if scale is not None else 0, s.shape[1], 4 if z is not None else 8,
             16 if module.__dict__.get("activations") == "int16" else 32)
 
 
-def _norm_weight(norm) -> int | None:
+def _norm_weight(norm, keep: list) -> int | None:
     w = norm._parameters["weight"]
     if norm._forward_hooks or norm._forward_pre_hooks or w.dtype != torch.float32 or not w.is_contiguous():
         return None
+    keep.append(w.untyped_storage())
     return w.data_ptr()
 
 
-def _layer_args(model, cache) -> tuple | None:
+def _layer_args(model, cache, keep: list) -> tuple | None:
     """Every layer's pointers for layer.c, or None when a layer does not qualify (an adapted
-    linear, a hook, another dtype): then the torch path runs."""
+    linear, a hook, another dtype): then the torch path runs. The storages of the weights pointed at
+    are appended to `keep` (the cache's are the cache's own: `_Plan` checks it is the same cache)."""
     if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
         return None
     args = []
@@ -329,9 +333,9 @@ def _layer_args(model, cache) -> tuple | None:
         attn, mlp = parts["self_attn"], parts["mlp"]
         if any(m._forward_hooks or m._forward_pre_hooks for m in (block, attn, mlp)):
             return None
-        linears = [_linear_args(m) for m in (attn._modules["qkv_proj"], attn._modules["o_proj"],
-                                             mlp._modules["gate_up_proj"], mlp._modules["down_proj"])]
-        norms = [_norm_weight(parts["input_layernorm"]), _norm_weight(parts["post_attention_layernorm"])]
+        linears = [_linear_args(m, keep) for m in (attn._modules["qkv_proj"], attn._modules["o_proj"],
+                                                   mlp._modules["gate_up_proj"], mlp._modules["down_proj"])]
+        norms = [_norm_weight(parts["input_layernorm"], keep), _norm_weight(parts["post_attention_layernorm"], keep)]
         if None in linears or None in norms:
             return None
         args.append((*linears, *norms, cache.k[i].data_ptr(), cache.v[i].data_ptr()))
@@ -340,10 +344,13 @@ def _layer_args(model, cache) -> tuple | None:
 
 class _Plan:
     """What `decode_layers` read from a model's layers: layer.c's arguments (None: the layers do not
-    qualify) and when it read them."""
+    qualify), when it read them, and the storages of the weights it points at (`keep`): a weight
+    replaced during a request by code outside phi3 is not freed under the C layers (which read its
+    old values until the next request). The engine drops the plan when it runs out of requests
+    (`forget`), so that a model changed between requests does not keep its old weights alive."""
 
-    def __init__(self, args, layers, limit: int, prefills: int, cache, k0: int):
-        self.args, self.layers, self.limit = args, layers, limit
+    def __init__(self, args, layers, limit: int, prefills: int, cache, k0: int, keep: list):
+        self.args, self.layers, self.limit, self.keep = args, layers, limit, keep
         self.prefills, self.cache, self.k0 = prefills, weakref.ref(cache), k0  # weak: an old cache can go
 
 
@@ -361,12 +368,13 @@ def _plan(model, cache) -> _Plan:
     every layer's modules, hooks and pointers costs ~0.3-0.9 ms a step on SmolLM2 (its 30 layers'
     Python objects are out of the CPU caches by then), up to ~10% of the step; between two decode
     steps of the same requests nothing in phi3 changes them. A change made there by other code (a hook
-    registered mid-generation) takes effect from the next prefill."""
+    registered mid-generation) takes effect from the next request."""
     plan, k0 = _plans.get(model), cache.k[0].data_ptr()
     prefills = model.__dict__.get("prefills", 0)
     if plan is not None and plan.prefills == prefills and plan.cache() is cache and plan.k0 == k0:
         return plan
-    args = _layer_args(model, cache)
+    keep = []
+    args = _layer_args(model, cache, keep)
     if plan is not None and args is not None and plan.args == args:
         layers, limit = plan.layers, plan.limit
     elif args is not None:
@@ -378,7 +386,7 @@ def _plan(model, cache) -> _Plan:
         limit = FP32_ROWS if fp32 else DENSE_ROWS
     else:
         layers, limit = None, 0
-    plan = _plans[model] = _Plan(args, layers, limit, prefills, cache, k0)
+    plan = _plans[model] = _Plan(args, layers, limit, prefills, cache, k0, keep if args is not None else [])
     return plan
 
 

@@ -383,6 +383,43 @@ def test_decode_in_c_rereads_the_layers_for_each_request(checkpoints, ran_in_c):
     handle.remove()
     assert decode(6) == [True] * 5
 
+
+def test_decode_in_c_after_weights_are_replaced(checkpoints, ran_in_c):
+    """Weights replaced by new tensors (the old ones freed) between two requests: the next request's
+    decode steps in C use the new ones (its tokens are the full forward's greedy choices); replaced in
+    the middle of a request: no crash, the request ends on the weights it started with."""
+    import gc
+
+    llm = phi3.load(checkpoints["gqa"][0], dtype="float32", quantize="int4")
+    engine, prompt = Engine(llm.model, slots=1, max_len=64), [5, 6, 7, 8, 9]
+
+    def replace_down_projections(scale):
+        for block in llm.model.model.layers:
+            m = block.mlp.down_proj
+            m.set_packed(m.weight.clone(), (m.scales.float() * scale).half(), (m.biases.float() * scale).half())
+        gc.collect()
+
+    def greedy(req):
+        logits = llm.logits(req.prompt + req.tokens)[len(req.prompt) - 1:-1]
+        return logits.argmax(-1).tolist()
+
+    first = engine.submit(prompt, SamplingParams(max_new_tokens=12))
+    while engine.busy:
+        engine.step()
+    assert first.tokens == greedy(first) and all(ran_in_c)
+    replace_down_projections(-3.0)
+    second = engine.submit(prompt, SamplingParams(max_new_tokens=12))
+    while engine.busy:
+        engine.step()
+    assert second.tokens == greedy(second) and second.tokens != first.tokens and all(ran_in_c)
+    third = engine.submit(prompt, SamplingParams(max_new_tokens=12))
+    for _ in range(4):
+        engine.step()
+    replace_down_projections(-1 / 3)  # back to the first weights (up to fp16 rounding), mid-request
+    while engine.busy:
+        engine.step()
+    assert third.tokens == second.tokens
+
 @pytest.mark.parametrize("kind,bits", [("longrope", 4), ("gqa", 8), ("partial", 4)])
 def test_int16_activations_decode_rows_alone_as_in_a_batch(checkpoints, ran_in_c, kind, bits):
     """With activations="int16" every layer of a decode step still runs in C; each row's tokens and
