@@ -210,6 +210,24 @@ def test_chat_equals_generate(server, ref, messages, options, same):
                                                                        expected.usage.completion_tokens)
 
 
+def test_int16_activations_serve_what_generate_gives(model_dir):
+    """A packed model with the opt-in int16 activations, served: four chat requests at once (decoded
+    in one batch) each get the text that `LLM.generate` gives the same request alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    served, alone = (phi3.load(model_dir, dtype="float32", quantize="int4", activations="int16") for _ in range(2))
+    s = Server(create_app(served, name=NAME, max_batch=4)).wait_ready()
+    try:
+        asks = [[{"role": "user", "content": f"Tell me about {topic}."}] for topic in ("Rome", "rivers", "tea", "snow")]
+        with ThreadPoolExecutor(4) as pool:
+            outs = list(pool.map(lambda m: s.client().chat.completions.create(model=NAME, messages=m, max_tokens=24,
+                                                                             temperature=0), asks))
+    finally:
+        s.close()
+    for messages, out in zip(asks, outs):
+        assert out.choices[0].message.content == alone.generate(messages, _params(24)).text
+
+
 @pytest.mark.parametrize("messages, options, same", CASES)
 def test_chat_stream_equals_generate(server, ref, messages, options, same):
     limit = options.get("max_tokens") or options["max_completion_tokens"]
