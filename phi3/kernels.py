@@ -245,7 +245,7 @@ def _packed_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
     x = x.contiguous()
     y = torch.empty(M, N, dtype=torch.float32)
     if int16:
-        if K % 32 or (K // G) % 32:
+        if not int16_ok(4 if biases is not None else 8, K, G):
             raise ValueError(f"phi3.kernels: int16 activations need whole 32-column blocks, got K={K} in {G} groups")
         work = _scratch(threads * lib.phi3_a16_work_floats(M, K))
         lib.phi3_a16_linear(x.data_ptr(), w, s, biases.data_ptr() if biases is not None else None, y.data_ptr(),
@@ -324,9 +324,8 @@ def _norm_weight(norm, keep: list) -> int | None:
 def _layer_args(model, cache, keep: list) -> tuple | None:
     """Every layer's pointers for layer.c, or None when a layer does not qualify (an adapted
     linear, a hook, another dtype): then the torch path runs. The storages of the weights pointed at
-    are appended to `keep` (the cache's are the cache's own: `_Plan` checks it is the same cache)."""
-    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
-        return None
+    are appended to `keep` (the cache's are the cache's own: `_Plan` checks it is the same cache).
+    Global hooks are `decode_layers`' to check, at every step."""
     args = []
     for i, block in enumerate(model.model.layers._modules.values()):
         parts = block._modules

@@ -41,10 +41,9 @@ def load(model, *, device=None, dtype=None, attn_implementation: str = "sdpa",
     asking for it where no linear can take it is an error.
     """
     from .lora import apply_adapter, read_adapter
-    from .quantize import ACTIVATIONS, set_activations
+    from .quantize import check_activations, set_activations
 
-    if activations not in ACTIVATIONS:  # fails before the slow part, as a bad adapter does
-        raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
+    check_activations(activations)  # fails before the slow part, as a bad adapter does
     lora = read_adapter(adapter) if adapter is not None else None
     llm = _load(model, device, dtype, attn_implementation, prepare, quantize)
     if activations != "fp32":

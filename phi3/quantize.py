@@ -308,19 +308,25 @@ class TiedHead(nn.Module):
 ACTIVATIONS = ("fp32", "int16")
 
 
+def check_activations(activations: str) -> None:
+    """A clear error for a value `set_activations` does not take (load and serve call it before loading)."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
+
+
 def set_activations(model: nn.Module, activations: str) -> int:
     """Set how the packed linears on phi3's CPU kernels take their inputs; returns how many changed.
 
     "fp32" (the default) is exact: the same as `x @ dequantize(W).T` up to the order of fp32 sums.
     "int16" (opt-in) rounds each row of x to int16 per block of 32 columns (scale max|x| / 32767)
-    and takes integer dots, as llama.cpp does with int8: ~1.5-1.9x faster at decode, with an error of
+    and takes integer dots, as llama.cpp does with int8: decode 1.7x faster at Phi-3-mini width and
+    1.1-1.3x on SmolLM2 (docs/PERFORMANCE.md), with an error of
     at most 2^-16 of a block's largest input (bf16 activations: 2^-9 of each). It applies to calls
     with fewer than `kernels.DENSE_ROWS` rows (decode steps, short prompts); longer prompts stay
     exact. Linears it cannot take (weights not packed, other devices or dtypes, inputs not in whole
     32-column blocks) stay fp32; if none can, it is an error rather than a silent no-op.
     """
-    if activations not in ACTIVATIONS:
-        raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
+    check_activations(activations)
     eligible = [m for m in model.modules() if isinstance(m, QuantLinear) and m.kernel == "cpu-fp32"
                 and kernels.int16_ok(m.scheme.bits, m.in_features, m.scheme.groups(m.in_features))]
     if activations == "int16" and not eligible:

@@ -305,11 +305,10 @@ def serve(model: str | LLM, *, host: str = "127.0.0.1", port: int = 8000, api_ke
         load, name = (lambda: model), served_model_name or model.name or "phi3"
     else:
         from .loader import load as load_model, pick_device, pick_dtype
-        from .quantize import ACTIVATIONS
+        from .quantize import check_activations
 
         pick_dtype(dtype, pick_device(device), None)  # a bad device, dtype or activations fails now, not once serving
-        if activations not in ACTIVATIONS:
-            raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
+        check_activations(activations)
         load = lambda: load_model(model, device=device, dtype=dtype, activations=activations)  # noqa: E731
         name = served_model_name or str(model)
     app = create_app(load, name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue, max_len=max_len,

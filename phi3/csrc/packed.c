@@ -372,12 +372,12 @@ static inline __attribute__((always_inline)) void a16_rows(const int16_t *q, con
     for (int i = 0; i < mr; i++) {
         float bias = 0.0f; /* sum over groups of b_w times the group's sum of x */
         if (br) {
-            int64_t g = 0;
+            int64_t k = 0; /* a group */
             __m256 b8 = _mm256_setzero_ps();
-            for (; g + 8 <= G; g += 8)
-                b8 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(br + g))), _mm256_loadu_ps(gsum + i * G + g), b8);
+            for (; k + 8 <= G; k += 8)
+                b8 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(br + k))), _mm256_loadu_ps(gsum + i * G + k), b8);
             bias = hsum(b8);
-            for (; g < G; g++) bias += half_to_float(br[g]) * gsum[i * G + g];
+            for (; k < G; k++) bias += half_to_float(br[k]) * gsum[i * G + k];
         }
         y[i * N] = hsum(acc[i]) + bias;
     }
