@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
 from .cache import KVCache
-from .engine import Engine, Event, free_memory
+from .engine import Engine, Event
 from .generate import LLM, Chunk, TextStream
 from .logprobs import AnswerLogprobs, TokenLogprob, TokenTexts
 from .openai_api import APIError
@@ -34,8 +34,9 @@ class Backend:
     and the server's status: loading, ok, draining or failed."""
 
     def __init__(self, load: Callable[[], LLM], *, name: str, max_batch: int, max_queue: int, max_len: int | None,
-                 drain_timeout: float):
+                 drain_timeout: float, kv_cache_tokens: int | None = None, prefix_cache: bool = True):
         self._load, self.name = load, name
+        self.kv_cache_tokens, self.prefix_cache = kv_cache_tokens, prefix_cache
         self.slots, self.max_queue, self.max_len, self.drain_timeout = max_batch, max_queue, max_len, drain_timeout
         self.status, self.exit_code = "loading", 0
         self.llm: LLM | None = None
@@ -65,16 +66,19 @@ class Backend:
             llm = self._load()
             if llm.tokenizer is None:
                 raise ValueError("the server needs a tokenizer, and this model has none")
-            max_len = self.max_len or plan_max_len(llm, self.slots)
-            self.engine = Engine(llm.model, slots=self.slots, max_len=max_len)
+            max_len = self.max_len or llm.config.max_position_embeddings
+            self.engine = Engine(llm.model, slots=self.slots, max_len=max_len, kv_cache_tokens=self.kv_cache_tokens,
+                                 prefix_cache=self.prefix_cache)
         except Exception as e:
             log.error("phi3: error: %s", e, exc_info=not isinstance(e, (ValueError, OSError, RuntimeError)))
             self._post(self._set_failed, 2)
             return
         self.llm, self.max_len, self.token_texts = llm, max_len, TokenTexts(llm.tokenizer)
-        gib = KVCache.nbytes(llm.config, self.slots, max_len, llm.dtype) / 2**30
-        log.info("serving %s as %r: %d slots x %d tokens (KV cache %.2f GiB), queue %d", llm.name, self.name,
-                 self.slots, max_len, gib, self.max_queue)
+        tokens = self.engine.cache.tokens
+        log.info("serving %s as %r: %d rows, context %d, KV cache %d tokens (%.2f GiB, touched as used; prefix "
+                 "cache %s), queue %d", llm.name, self.name, self.slots, max_len, tokens,
+                 KVCache.nbytes(llm.config, tokens, llm.dtype) / 2**30, "on" if self.prefix_cache else "off",
+                 self.max_queue)
         self._post(self._ready)
         self._run()
 
@@ -121,6 +125,14 @@ class Backend:
         self.status, self.exit_code = "failed", exit_code
         for job in set(self.jobs.values()):
             job.queue.put_nowait(_FAILED)
+
+    @property
+    def context(self) -> tuple[int, str]:
+        """The longest sequence a request may reach, and what sets it (the model's context or the KV pool)."""
+        engine = self.engine
+        if engine.cache.tokens < engine.max_len:
+            return engine.context, "This server's KV cache (--kv-cache-tokens)"
+        return engine.context, "This model's maximum context length"
 
     def check_ready(self) -> None:
         if self.status != "ok":
@@ -210,17 +222,3 @@ class Job:
         self.backend.cancel(self.requests)
         for req in self.requests:
             self.backend.jobs.pop(req.id, None)
-
-
-def plan_max_len(llm: LLM, slots: int) -> int:
-    """The model's context, or the largest power of two below it whose KV cache for `slots` fits
-    in half the free memory (80% on a GPU); `--max-len` overrides."""
-    context = llm.config.max_position_embeddings
-    free = free_memory(llm.device)
-    if free is None:
-        return context
-    budget = free * (0.8 if llm.device.type == "cuda" else 0.5)
-    max_len = context
-    while max_len > 256 and KVCache.nbytes(llm.config, slots, max_len, llm.dtype) > budget:
-        max_len = 1 << ((max_len - 1).bit_length() - 1)
-    return max_len

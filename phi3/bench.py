@@ -114,6 +114,7 @@ def time_ours(llm: LLM, batch: list[list[int]], new: int) -> float:
 
 def bench_ours(llm: LLM, *, prompt_len: int, new: int, batches: list[int], prefill: int) -> list[Row]:
     llm.stop_ids = frozenset()
+    llm.prefix_cache = False  # the same prompts run several times: time computing them, not reusing them
     rows, device, vocab = [], llm.device, llm.config.vocab_size
     if prefill:
         batch = prompts(1, prefill, vocab)
@@ -134,6 +135,47 @@ def bench_ours(llm: LLM, *, prompt_len: int, new: int, batches: list[int], prefi
         rows.append(Row("phi3", f"decode, batch {b}, {prompt_len}-token prompts", tps, "tok/s",
                         f"{tps / floor:.0%} of the floor ({floor:.0f} tok/s at {bandwidth / 1e9:.0f} GB/s)"))
     rows.append(Row("phi3", "peak memory", None, "", peak_memory(device)))
+    return rows
+
+
+def bench_prefix(llm: LLM, *, doc_len: int = 2000, turns: int = 4, shots: int = 3, items: int = 24) -> list[Row]:
+    """The workloads the prefix cache is for, with it on and off in the same run (greedy, stop ids
+    ignored): a `doc_len`-token document then `turns` follow-up turns, each prompt the last one
+    plus its answer and a new question (time to first token of each turn); and `items` prompts
+    sharing `shots` examples (an evaluation's shape: prefill tokens computed, wall time)."""
+    llm.stop_ids = frozenset()
+    vocab, rows = llm.config.vocab_size, []
+    doc = prompts(1, doc_len, vocab, seed=7)[0]
+    questions = prompts(turns, 24, vocab, seed=8)
+    examples = sum(prompts(shots, 160, vocab, seed=9), [])
+    tails = prompts(items, 40, vocab, seed=10)
+    for on in (False, True):
+        llm.prefix_cache = on
+        llm.engine_for([(1, SamplingParams())])  # built (or rebuilt) outside the timings
+        label, history, firsts = "on" if on else "off", doc, []
+        for q in questions:
+            history = history + q
+            sync(llm.device)
+            t = time.perf_counter()
+            chunks = llm.stream(history, max_new_tokens=32)
+            first = next(chunks)
+            sync(llm.device)
+            firsts.append(time.perf_counter() - t)
+            history = history + first.token_ids + [i for c in chunks for i in c.token_ids]
+        for k, first in enumerate(firsts):
+            note = "" if k == 0 else f"{first / firsts[0]:.0%} of turn 1"
+            rows.append(Row("phi3", f"multi-turn, {doc_len}-token document: time to first token, turn {k + 1}, "
+                                    f"prefix cache {label}", first, "s", note))
+        engine = llm.engine_for([(1, SamplingParams())])
+        computed = engine.computed_tokens
+        t = time.perf_counter()
+        llm.generate([examples + tail for tail in tails], max_new_tokens=1)
+        sync(llm.device)
+        wall = time.perf_counter() - t
+        rows += [Row("phi3", f"{shots}-shot-shaped: {items} prompts of {len(examples) + 40} tokens, wall time, "
+                             f"prefix cache {label}", wall, "s"),
+                 Row("phi3", f"{shots}-shot-shaped: prefill tokens computed, prefix cache {label}",
+                     engine.computed_tokens - computed, "tokens")]
     return rows
 
 
@@ -262,6 +304,8 @@ def run(args) -> int:
     llm.compile = args.compile
     kw = dict(prompt_len=args.prompt_len, new=args.new_tokens, batches=batches, prefill=args.prefill)
     rows, dtype = bench_ours(llm, **kw), llm.dtype
+    if args.prefix_cache_workloads:
+        rows += bench_prefix(llm)
     if "transformers" in compare:
         with tempfile.TemporaryDirectory() as tmp:
             if args.random:

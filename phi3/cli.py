@@ -57,6 +57,12 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activations", default="fp32", choices=["fp32", "int16"],
                    help="int16: packed int4/int8 weights on the CPU decode faster with their inputs rounded to "
                         "int16 (opt-in, approximate: docs/QUANTIZATION.md) (default: fp32, exact)")
+    p.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="positions in the KV cache, one pool shared by all sequences (default: as many as the "
+                        "rows could fill, capped by free memory; on a CPU memory is touched only as used)")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="do not keep prompts' keys for later requests with the same prefix (default: keep them; "
+                        "the answers are the same either way)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -114,7 +120,8 @@ def _check_prompt(text: str) -> str:
 def _load(args):
     from .loader import load
 
-    return load(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter, activations=args.activations)
+    return load(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter, activations=args.activations,
+                kv_cache_tokens=args.kv_cache_tokens, prefix_cache=args.prefix_cache)
 
 
 def _stream(chunks, answer: list[str]):
@@ -261,11 +268,11 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' (default: $PHI3_API_KEY if set, else no key needed)")
     p.add_argument("--max-batch", type=int, default=8,
-                   help="requests decoded together: the KV cache's slots (default: %(default)s)")
+                   help="sequences decoded together (rows, not memory: see --kv-cache-tokens) (default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=256,
-                   help="requests waiting for a slot before 429s (default: %(default)s)")
+                   help="requests waiting for a row before 429s (default: %(default)s)")
     p.add_argument("--max-len", type=int, default=None,
-                   help="tokens per slot (default: the model's context, or less if the cache would not fit)")
+                   help="the longest sequence, prompt and answer (default: the model's context)")
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM lets requests in flight finish (default: %(default)s)")
@@ -277,7 +284,8 @@ def cmd_serve(args) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get("PHI3_API_KEY")
     return serve(args.model, host=args.host, port=args.port, api_key=api_key, max_batch=args.max_batch,
                  max_queue=args.max_queue, max_len=args.max_len, served_model_name=args.served_model_name,
-                 device=args.device, dtype=args.dtype, activations=args.activations, drain_timeout=args.drain_timeout)
+                 device=args.device, dtype=args.dtype, activations=args.activations, drain_timeout=args.drain_timeout,
+                 kv_cache_tokens=args.kv_cache_tokens, prefix_cache=args.prefix_cache)
 
 
 # -- bench ---------------------------------------------------------------------------------------
@@ -292,6 +300,9 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill", type=int, default=4096, help="prompt tokens for the prefill / first-token figure, "
                    "0 skips it (default: %(default)s)")
     p.add_argument("--compare", default="", help="peers in the same run: transformers,llama.cpp (default: none)")
+    p.add_argument("--prefix-cache-workloads", action="store_true",
+                   help="also time a multi-turn conversation over a 2,000-token document and 3-shot-shaped "
+                        "prompts, with the prefix cache on and off (default: off)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (default: off; on a CPU in fp32 the eager step runs its "

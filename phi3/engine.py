@@ -1,25 +1,37 @@
-"""The batched engine: one KV cache of fixed slots, a scheduler, and one decode step.
+"""The batched engine: rows over one paged KV cache, a scheduler, and one decode step.
 
-    submit(prompt ids, params) ─► waiting ─► a free slot ─► prefill, in chunks, into the slot ─►
-    decoding: every decoding row advances one token per step ─► finished (stop id, length, cancel)
+    submit(prompt ids, params) ─► waiting ─► a free row and the prompt's blocks (a cached prefix
+    taken as it is) ─► prefill the rest, in chunks ─► decoding: every decoding row advances one
+    token per step, taking a new block every `block_size` tokens ─► finished (stop id, length, cancel)
+                     ▲                                                   │ the pool runs out
+                     └──── preempted: back to the head of the queue ◄───┘ (the newest row first)
 
-`step()` is one scheduler iteration: admit waiting requests to free slots, prefill up to
-`prefill_chunk` prompt tokens (so a long prompt never stalls the decoding rows for more than one
-chunk), then one decode step for all decoding rows. It returns the new tokens as `Event`s and
-records them on each `Request`. `generate_step` is the token-level generator over one request
-(mlx-lm's shape); `LLM.stream`/`generate` and the server read the engine through these.
+`step()` is one scheduler iteration: admit waiting requests (first come, first served) while a row
+and their blocks are free, prefill up to `prefill_chunk` prompt tokens (so a long prompt never
+stalls the decoding rows for more than one chunk), then one decode step for all decoding rows. It
+returns the new tokens as `Event`s and records them on each `Request`. `generate_step` is the
+token-level generator over one request (mlx-lm's shape); `LLM.stream`/`generate` and the server
+read the engine through these.
 
-The decode step has fixed shapes: rows 0..B-1 of the cache (B a power-of-two bucket over the
-highest busy slot; requests take the lowest free slot), keys 0..S-1 (S a power-of-two bucket over
-the longest row), one token per row. Everything that varies per row (token, position, LongRoPE
-set, sampling parameters, seed) is a device tensor indexed by slot, so the step is a pure function
-of (B, S, sampling mode): compiled with `torch.compile` if asked, and on CUDA captured once per
-shape in a CUDA graph and replayed; the only host sync per step reads the new ids.
+Memory is blocks (cache.py, blocks.py): a sequence holds the blocks its tokens fill, so one long
+request and many short ones share the pool. When a decoding row needs a block and none is left,
+the newest row is preempted: its blocks are released (its full ones stay in the prefix cache) and
+it waits at the head of the queue to be prefilled again with everything it has so far; it then
+draws the same tokens (greedy; a seeded row's draws are a function of its seed and step, both
+restored). Automatic prefix caching: a request's prompt takes the longest chain of cached full
+blocks it starts with, keyed by its tokens and LongRoPE factor set; only the rest is prefilled.
 
-LongRoPE per row: a slot's keys carry the factor set they were rotated with. When a row that was
+The decode step has fixed shapes: rows 0..B-1 (B a power-of-two bucket over the highest busy row;
+requests take the lowest free row), keys 0..S-1 (S a power-of-two bucket over the longest row), one
+token per row. Everything that varies per row (token, position, block table, LongRoPE set, sampling
+parameters, seed) is a device tensor indexed by row, so the step is a pure function of (B, S,
+sampling mode): compiled with `torch.compile` if asked, and on CUDA captured once per shape in a
+CUDA graph and replayed; the only host sync per step reads the new ids.
+
+LongRoPE per row: a row's keys carry the factor set they were rotated with. When a row that was
 prefilled with the short factors reaches `original_max_position_embeddings + 1` tokens, its whole
-sequence is prefilled again into its slot with the long factors (as transformers does for one
-sequence), while the other rows go on decoding.
+sequence is prefilled again with the long factors (as transformers does for one sequence), into
+blocks keyed by the long set, while the other rows go on decoding.
 """
 
 from __future__ import annotations
@@ -27,13 +39,15 @@ from __future__ import annotations
 import itertools
 import sys
 import threading
+import weakref
 from collections import deque
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from .cache import KVCache
+from .blocks import BlockManager, OutOfBlocks
+from .cache import BLOCK_SIZE, KVCache
 from .model import Phi3
 from .sampling import MAX_LOGPROBS, Mode, RowParams, SamplingParams, logprobs_of, random_seed
 
@@ -45,7 +59,7 @@ MIN_KV_BUCKET = 64
 class Request:
     """One sequence in the engine. `tokens` grows as it decodes; `finish_reason` is set at the end
     ("stop": a stop id, not included in `tokens`; "length": max_new_tokens or the context;
-    "cancelled")."""
+    "cancelled"). `cached_tokens`: prompt tokens whose keys came from the prefix cache."""
 
     prompt: list[int]
     params: SamplingParams
@@ -57,12 +71,17 @@ class Request:
     # with params.logprobs: per token, its log-probability and the most likely (id, log-probability)s
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     finish_reason: str | None = None
-    slot: int | None = None
+    slot: int | None = None  # its row, while it holds one
     cancelled: bool = False
-    # prefill progress: the ids being written into the slot, and how many are written
+    cached_tokens: int = 0
+    preemptions: int = 0
+    # while it holds a row: the ids whose keys go into its blocks, how many are written, its blocks,
+    # and the LongRoPE set of its keys (host copy of cache.long_rope)
     _todo: list[int] = field(default_factory=list, repr=False)
     _written: int = 0
-    _long: bool = False  # the LongRoPE set of the keys in its slot (host copy of cache.long_rope)
+    _blocks: list[int] = field(default_factory=list, repr=False)
+    _long: bool = False
+    _admitted: int = -1  # admission order: the newest row is preempted first
 
     @property
     def finished(self) -> bool:
@@ -85,25 +104,33 @@ class Event:
 
 
 class Engine:
-    """Slots in one KV cache and the scheduler over them. Build one per model and size; see the
-    module docstring. `submit` and `cancel` may be called from other threads; `step` from one."""
+    """Rows over one paged KV cache and the scheduler over them. Build one per model; see the module
+    docstring. `slots`: rows decoded together (a bound on the batch, not on memory); `max_len`: the
+    longest sequence (default: the model's context); `kv_cache_tokens`: positions in the pool
+    (default: `slots * max_len`, capped by free memory); `prefix_cache`: reuse cached prompt
+    prefixes. `submit` and `cancel` may be called from other threads; `step` from one."""
 
-    def __init__(self, model: Phi3, *, slots: int = 1, max_len: int | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK, cuda_graphs: bool | None = None, compile: bool = False):
+    def __init__(self, model: Phi3, *, slots: int = 1, max_len: int | None = None, kv_cache_tokens: int | None = None,
+                 block_size: int = BLOCK_SIZE, prefix_cache: bool = True, prefill_chunk: int = PREFILL_CHUNK,
+                 cuda_graphs: bool | None = None, compile: bool = False):
         config = model.config
         param = next(model.parameters())
         self.model, self.device, self.dtype = model, param.device, param.dtype
         max_len = config.max_position_embeddings if max_len is None else max_len
         if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
-        check_memory(model, slots, max_len, self.device, self.dtype)
-        self.cache = KVCache(config, slots, max_len, self.dtype, self.device)
+        kv_cache_tokens = check_memory(model, slots, max_len, self.device, self.dtype, kv_cache_tokens, block_size)
+        self.cache = KVCache(config, slots, max_len, self.dtype, self.device, tokens=kv_cache_tokens,
+                             block_size=block_size)
+        self.blocks = BlockManager(self.cache.blocks, block_size, prefix_cache)
         self.slots, self.max_len, self.prefill_chunk = slots, max_len, prefill_chunk
-        model.rope.tables(max_len + 1, self.dtype)  # built now, never inside a captured step
-        # Per-slot decode state on the device (inactive slots sit at the scratch position).
+        # The engine's own RoPE tables, built now for every position a row can reach: never rebuilt
+        # (a captured step keeps their addresses), whatever other forwards of the model ask for.
+        self.cache.cos, self.cache.sin = model.rope.build(self.cache.scratch + 1, self.dtype)
+        # Per-row decode state on the device (inactive rows sit at the scratch position).
         self.params = RowParams(slots, config.vocab_size, self.device)
         self.tokens_in = torch.zeros(slots, dtype=torch.long, device=self.device)  # next id to feed
-        self.positions = torch.full((slots,), max_len, dtype=torch.long, device=self.device)  # its position
+        self.positions = torch.full((slots,), self.cache.scratch, dtype=torch.long, device=self.device)
         self.active = torch.zeros(slots, dtype=torch.bool, device=self.device)  # decoding this step
         self.next_ids = torch.zeros(slots, dtype=torch.long, device=self.device)
         k = min(MAX_LOGPROBS, config.vocab_size)  # with logprobs: the drawn ids' and the top k's
@@ -111,20 +138,24 @@ class Engine:
         self.top_logprob = torch.zeros(slots, k, device=self.device)
         self.top_ids = torch.zeros(slots, k, dtype=torch.long, device=self.device)
         # Host-side scheduling state.
-        self.requests: dict[int, Request] = {}  # slot -> request
-        self._free = list(range(slots))  # kept sorted: the lowest free slot is taken first
+        self.requests: dict[int, Request] = {}  # row -> request
+        self._free = list(range(slots))  # kept sorted: the lowest free row is taken first
         self._waiting: deque[Request] = deque()
         self._prefilling: deque[Request] = deque()
         self._decoding: set[int] = set()
         self._lock = threading.Lock()
         self._ids = itertools.count()
+        self._admissions = itertools.count()
+        self._weights: list = []  # weak references and versions of the weights the cached keys came from
+        self.prompt_tokens = self.computed_tokens = self.preempted = 0  # counters for /metrics and bench
         # The step: eager, compiled, and/or captured per (B, S, mode).
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs needs the model on a CUDA device")
         if compile:  # one specialisation per (B, S, mode) bucket: allow as many as there are buckets
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-        self._body = torch.compile(self._decode_body, dynamic=False) if compile else self._decode_body
+        self._compiled = compile
+        self._body = torch.compile(self._decode_body, dynamic=False, fullgraph=True) if compile else self._decode_body
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._pool = None
 
@@ -134,23 +165,42 @@ class Engine:
         n = len(prompt_ids)
         if n == 0:
             raise ValueError("the prompt is empty")
-        if n >= self.max_len:
-            raise ValueError(f"the prompt has {n} tokens; the context is {self.max_len}"
-                             f"{' (the engine was sized below the model)' if self.max_len < self.model.config.max_position_embeddings else ''}")
-        req = Request(list(prompt_ids), params, frozenset(stop_ids), min(params.max_new_tokens, self.max_len - n),
+        limit = self.context
+        if n >= limit:
+            raise ValueError(f"the prompt has {n} tokens; {self.describe_limit()}")
+        req = Request(list(prompt_ids), params, frozenset(stop_ids), min(params.max_new_tokens, limit - n),
                       random_seed() if params.seed is None else params.seed, next(self._ids))
         with self._lock:
             self._waiting.append(req)
         return req
 
+    @property
+    def context(self) -> int:
+        """The longest sequence a request may reach: `max_len`, or less if the pool holds fewer tokens."""
+        return min(self.max_len, self.cache.tokens)
+
+    def describe_limit(self) -> str:
+        if self.cache.tokens < self.max_len:
+            return f"the KV cache holds {self.cache.tokens} tokens (kv_cache_tokens)"
+        small = self.max_len < self.model.config.max_position_embeddings
+        return f"the context is {self.max_len}{' (the engine was sized below the model)' if small else ''}"
+
     def cancel(self, request: Request) -> None:
-        """Stop `request` at the next step (its slot is freed then); safe from any thread."""
+        """Stop `request` at the next step (its row and blocks are freed then); safe from any thread."""
         request.cancelled = True
 
     @property
     def busy(self) -> bool:
         """Whether any request is waiting, prefilling or decoding."""
         return bool(self._waiting or self.requests)
+
+    def stats(self) -> dict:
+        """Rows, blocks and prefix-cache counters, as /health and /metrics report them."""
+        b = self.blocks
+        return dict(running=len(self.requests), waiting=len(self._waiting), block_size=self.cache.block_size,
+                    blocks_total=b.total, blocks_used=b.used, blocks_cached=b.cached,
+                    blocks_free=b.available - b.cached, prefix_cache=b.prefix_cache, prompt_tokens=self.prompt_tokens,
+                    prefix_hit_tokens=self.prompt_tokens - self.computed_tokens, preempted=self.preempted)
 
     def generate_step(self, prompt_ids: Sequence[int], params: SamplingParams,
                       stop_ids=frozenset()) -> Generator[int, None, str]:
@@ -186,13 +236,14 @@ class Engine:
             budget -= n
             if req._written == len(req._todo):
                 self._prefilling.popleft()
-                mode, slot = self.params.mode([req.slot]), req.slot
-                token = self.params.sample(logits, slot, mode)
-                self.params.advance(slot, token, torch.ones_like(token, dtype=torch.bool))
+                self.blocks.register(req._blocks, req._todo, self._salt(req))
+                mode, row = self.params.mode([req.slot]), req.slot
+                token = self.params.sample(logits, row, mode)
+                self.params.advance(row, token, torch.ones_like(token, dtype=torch.bool))
                 if mode.logprobs:
-                    self._store_logprobs(slot, logits, token)
-                events += self._accept(req, int(token[0]), self._logprob(req, slot) if mode.logprobs else None,
-                                       from_prefill=True)
+                    self._store_logprobs(row, logits, token)
+                logprob = self._host_logprobs(row, 1)[0] if mode.logprobs else None
+                events += self._accept(req, int(token[0]), self._logprob(req, logprob), from_prefill=True)
         if self._decoding:
             events += self._decode()
         return events
@@ -205,31 +256,67 @@ class Engine:
                 req.finish_reason = "cancelled"
                 events.append(Event(req, None, "cancelled"))
         for req in [r for r in self.requests.values() if r.cancelled]:
-            if req in self._prefilling:
-                self._prefilling.remove(req)
             self._finish(req, "cancelled")
             events.append(Event(req, None, "cancelled"))
         return events
 
     def _admit(self) -> None:
+        """Waiting requests, first come first served, while a row and their blocks are free."""
         with self._lock:
+            if self._waiting and self._free:
+                self._check_weights()
             while self._waiting and self._free:
-                req = self._waiting.popleft()
-                req.slot = self._free.pop(0)
+                req = self._waiting[0]
+                ids = req.prompt + req.tokens  # a preempted request resumes with what it has
+                long = self.model.uses_long_rope(len(ids))
+                salt = (long,)
+                hit = self.blocks.match(ids, salt)
+                need = -(-len(ids) // self.cache.block_size) - len(hit)
+                try:
+                    new, fresh = self.blocks.allocate(need)
+                except OutOfBlocks:
+                    self.blocks.release(hit)
+                    return  # it waits for blocks; those behind it wait for it
+                self._waiting.popleft()
+                self.cache.zero(fresh)
+                req.slot, req._admitted = self._free.pop(0), next(self._admissions)
                 self.requests[req.slot] = req
-                self.params.set(req.slot, req.params, req.seed, req.prompt)
-                self._start_prefill(req, req.prompt)
+                self.params.set(req.slot, req.params, req.seed, ids, step=len(req.tokens))
+                req._blocks, req._long, req._todo, req._written = hit + new, long, ids, len(hit) * self.cache.block_size
+                self.cache.long_rope[req.slot] = long
+                self._set_table(req)
+                if not req.tokens and not req.preemptions:
+                    req.cached_tokens = req._written
+                    self.prompt_tokens += len(ids)
+                self.computed_tokens += len(ids) - req._written
+                self._prefilling.append(req)
 
-    def _start_prefill(self, req: Request, ids: list[int]) -> None:
-        """(Re)write `ids` into the request's slot, with the factor set their length calls for."""
-        req._todo, req._written = ids, 0
-        req._long = self.model.uses_long_rope(len(ids))
-        self.cache.long_rope[req.slot] = req._long
-        self._prefilling.append(req)
+    def _salt(self, req: Request) -> tuple:
+        """What besides the tokens changes a row's keys: its LongRoPE set (the model's weights: `_check_weights`)."""
+        return (req._long,)
+
+    def _check_weights(self) -> None:
+        """Drop the prefix cache and captured graphs when the model's weights or modules changed since
+        the last admission (an adapter applied, a weight replaced or written in place): cached keys
+        and captured pointers belong to the old ones."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        same = len(tensors) == len(self._weights) and all(
+            ref() is t and version == t._version for t, (ref, version) in zip(tensors, self._weights))
+        if not same:
+            self.blocks.clear()
+            self._graphs.clear()
+            self._weights = [(weakref.ref(t), t._version) for t in tensors]
+
+    def _set_table(self, req: Request) -> None:
+        """Write the row's blocks into the device block table (the rest of the row: scratch)."""
+        row = self.cache.block_table[req.slot]
+        row.zero_()
+        if req._blocks:
+            row[:len(req._blocks)] = torch.tensor(req._blocks, dtype=torch.long)
 
     @torch.inference_mode()
     def _prefill(self, req: Request, n: int) -> torch.Tensor:
-        """Write the request's next `n` ids into its slot (attending over its written prefix
+        """Write the request's next `n` ids into its blocks (attending over its written prefix
         only); logits (1, V) of the last one."""
         start = req._written
         tokens = torch.tensor([req._todo[start:start + n]], dtype=torch.long, device=self.device)
@@ -249,13 +336,12 @@ class Engine:
         if len(req.tokens) >= req.max_new:
             self._finish(req, "length")
             return [Event(req, token, "length", logprob)]
-        slot = req.slot
+        row = req.slot
         if self.model.uses_long_rope(req.length) and not req._long:
-            self._set_idle(slot)  # the LongRoPE crossing: this row alone is prefilled again
-            self._start_prefill(req, req.prompt + req.tokens)
+            self._requeue(req)  # the LongRoPE crossing: this row alone is prefilled again, with the long set
         elif from_prefill:
-            self.tokens_in[slot], self.positions[slot], self.active[slot] = token, req.length - 1, True
-            self._decoding.add(slot)
+            self.tokens_in[row], self.positions[row], self.active[row] = token, req.length - 1, True
+            self._decoding.add(row)
         return [Event(req, token, None, logprob)]
 
     def _store_logprobs(self, first: int, logits: torch.Tensor, ids: torch.Tensor) -> None:
@@ -263,41 +349,95 @@ class Engine:
         self.logprob[first:end], self.top_logprob[first:end], self.top_ids[first:end] = \
             logprobs_of(logits, ids, self.top_ids.shape[1])
 
-    def _logprob(self, req: Request, slot: int) -> tuple[float, list[tuple[int, float]]] | None:
-        """The stored logprobs of `slot` as Python numbers, if its request asked for them."""
-        k = req.params.logprobs
-        if k is None:
-            return None
-        return float(self.logprob[slot]), list(zip(self.top_ids[slot, :k].tolist(), self.top_logprob[slot, :k].tolist()))
+    def _host_logprobs(self, first: int, n: int) -> list[list[float]]:
+        """Rows first..first+n-1's stored logprobs in one copy to the host: [drawn, top values..., top ids...]."""
+        end = first + n
+        return torch.cat([self.logprob[first:end, None], self.top_logprob[first:end],
+                          self.top_ids[first:end].to(self.top_logprob.dtype)], dim=1).tolist()  # ids < 2^24: exact
 
-    def _finish(self, req: Request, reason: str) -> None:
-        req.finish_reason = reason
+    @staticmethod
+    def _logprob(req: Request, row: list[float] | None) -> tuple[float, list[tuple[int, float]]] | None:
+        """A row's stored logprobs as Python numbers, if its request asked for them."""
+        k = req.params.logprobs
+        if k is None or row is None:
+            return None
+        m = (len(row) - 1) // 2
+        return row[0], [(int(i), v) for i, v in zip(row[1 + m:1 + m + k], row[1:1 + k])]
+
+    def _release(self, req: Request) -> None:
+        """Give the row and its blocks back; its full, written blocks stay in the prefix cache."""
+        written = req._written if req in self._prefilling or req.slot not in self._decoding else req.length - 1
+        self.blocks.register(req._blocks, (req.prompt + req.tokens)[:written] if req._todo else [], self._salt(req))
+        self.blocks.release(req._blocks)
+        if req in self._prefilling:
+            self._prefilling.remove(req)
         self._set_idle(req.slot)
+        req._blocks, req._todo, req._written = [], [], 0
+        self.cache.block_table[req.slot].zero_()
         del self.requests[req.slot]
         self._free.append(req.slot)
         self._free.sort()
+        req.slot = None
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.finish_reason = reason
+        self._release(req)
         kernels = sys.modules.get("phi3.kernels")  # loaded only where a CPU decode step offered its layers to C
         if not self.requests and kernels is not None:
             kernels.forget(self.model)  # idle: let go of what the C layers read (weights may change before the next request)
 
-    def _set_idle(self, slot: int) -> None:
-        if slot in self._decoding:
-            self._decoding.discard(slot)
-            self.active[slot], self.positions[slot] = False, self.cache.scratch
+    def _requeue(self, req: Request) -> None:
+        """Back to the head of the queue, to be prefilled again with all it has (preemption, LongRoPE crossing)."""
+        self._release(req)
+        with self._lock:
+            self._waiting.appendleft(req)
+
+    def _set_idle(self, row: int) -> None:
+        if row in self._decoding:
+            self._decoding.discard(row)
+            self.active[row], self.positions[row] = False, self.cache.scratch
+
+    def _grow(self) -> None:
+        """Give each decoding row the block its next key goes into; preempt the newest rows where the pool is out."""
+        bs = self.cache.block_size
+        for row in sorted(self._decoding, key=lambda r: self.requests[r]._admitted):
+            req = self.requests.get(row)
+            if req is None or row not in self._decoding or (req.length - 1) // bs < len(req._blocks):
+                continue
+            while True:
+                try:
+                    new, fresh = self.blocks.allocate(1)
+                    break
+                except OutOfBlocks:
+                    newest = max(self.requests.values(), key=lambda r: r._admitted)
+                    newest.preemptions += 1
+                    self.preempted += 1
+                    self._requeue(newest)
+                    if newest is req:
+                        break
+            if req.slot is None:
+                continue
+            self.cache.zero(fresh)
+            req._blocks += new
+            self.cache.block_table[row, len(req._blocks) - 1] = new[0]
 
     # -- the decode step ---------------------------------------------------------------------------
     def _decode(self) -> list[Event]:
+        self._grow()
+        if not self._decoding:
+            return []
         rows = sorted(self._decoding)
-        batch = min(self.slots, 1 << rows[-1].bit_length())  # power of two > the highest busy slot
+        batch = min(self.slots, 1 << rows[-1].bit_length())  # power of two > the highest busy row
         longest = max(self.requests[r].length for r in rows)
-        kv_len = min(self.max_len, max(MIN_KV_BUCKET, 1 << (longest - 1).bit_length()))
+        kv_len = min(self.cache.scratch, max(MIN_KV_BUCKET, 1 << (longest - 1).bit_length()))
         mode = self.params.mode(rows)
         self._run(batch, kv_len, mode)
         ids = self.next_ids[:batch].tolist()  # the one host sync of the step
+        logprobs = self._host_logprobs(0, batch) if mode.logprobs else None
         events = []
         for r in rows:
             req = self.requests[r]
-            events += self._accept(req, ids[r], self._logprob(req, r) if mode.logprobs else None)
+            events += self._accept(req, ids[r], self._logprob(req, logprobs[r] if logprobs else None))
         return events
 
     def _run(self, batch: int, kv_len: int, mode: Mode) -> None:
@@ -329,33 +469,56 @@ class Engine:
         step writes again)."""
         saved = self.active.clone()
         self.active.zero_()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.inference_mode():
-            self._body(batch, kv_len, mode)
-        torch.cuda.current_stream().wait_stream(stream)
-        self._pool = self._pool or torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool), torch.inference_mode():
-            self._body(batch, kv_len, mode)
+        with torch.cuda.device(self.device):
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream), torch.inference_mode():
+                self._body(batch, kv_len, mode)
+            torch.cuda.current_stream().wait_stream(stream)
+            self._pool = self._pool or torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool), torch.inference_mode():
+                self._body(batch, kv_len, mode)
         self.active.copy_(saved)
         return graph
 
 
-def check_memory(model: Phi3, slots: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
-    """A clear error, before allocating, when a cache of this size cannot fit."""
+POOL_SHARE = {"cuda": 0.8}  # of free memory a default pool may take (the CPU's: 0.5, touched only as used)
+
+
+def default_pool_tokens(model: Phi3, slots: int, max_len: int, device: torch.device, dtype: torch.dtype) -> int:
+    """`slots * max_len` positions, or as many as fit in a share of the free memory (at least one
+    block per row, so that `check_memory` says what is short rather than a pool of nothing)."""
+    want = slots * max_len
+    free = free_memory(device)
+    if free is None:
+        return want
+    per_token = KVCache.nbytes(model.config, 1, dtype)
+    fits = int(free * POOL_SHARE.get(device.type, 0.5)) // per_token
+    return max(min(want, fits), slots * BLOCK_SIZE)
+
+
+def check_memory(model: Phi3, slots: int, max_len: int, device: torch.device, dtype: torch.dtype,
+                 tokens: int | None = None, block_size: int = BLOCK_SIZE) -> int:
+    """A clear error, before allocating, when the sizes are wrong or a pool of `tokens` positions
+    cannot fit; else the pool's size (`default_pool_tokens` when `tokens` is None)."""
     config = model.config
     if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
         raise ValueError(f"slots must be a positive integer, got {slots!r}")
     if not isinstance(max_len, int) or isinstance(max_len, bool) or not 2 <= max_len <= config.max_position_embeddings:
         raise ValueError(f"max_len must be an integer in [2, {config.max_position_embeddings}] (the model's "
                          f"context), got {max_len!r}")
-    need = KVCache.nbytes(config, slots, max_len, dtype) + slots * (config.vocab_size + 1)
+    tokens = default_pool_tokens(model, slots, max_len, device, dtype) if tokens is None else tokens
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < slots * block_size:
+        raise ValueError(f"kv_cache_tokens must be an integer of at least {slots * block_size} (one block of "
+                         f"{block_size} per row, {slots} rows), got {tokens!r}")
+    need = KVCache.nbytes(config, tokens, dtype) + slots * (config.vocab_size + 1)
     free = free_memory(device)
     if free is not None and need > 0.9 * free:
         gib = 2**30
-        raise ValueError(f"a KV cache of {slots} slot(s) x {max_len} positions needs {need / gib:.2f} GiB and "
-                         f"{device} has {free / gib:.2f} GiB free: ask for fewer slots or a shorter max_len")
+        raise ValueError(f"a KV cache of {tokens} tokens needs {need / gib:.2f} GiB and {device} has "
+                         f"{free / gib:.2f} GiB free: ask for fewer kv_cache_tokens")
+    return tokens
 
 
 def free_memory(device: torch.device) -> int | None:

@@ -5,8 +5,10 @@ turns one request's ids into text chunks (UTF-8 safe, stop strings held back unt
 out); `stream` yields those chunks, `generate` joins them, for one prompt or a batch. The CLI,
 `pipeline` and the server all read these.
 
-The engine is allocated once and reused; it grows (a new, larger one) only when a call needs more
-slots or a longer context than it has, to powers of two, so shapes repeat.
+The engine is allocated once and reused across calls (its paged KV cache holds what each call
+needs, and keeps the prompts' full blocks for the next calls: a chat's next turn, few-shot
+prompts with the same examples, the same system prompt); it is rebuilt only when `max_batch`,
+`compile` or `prefix_cache` change between calls.
 """
 
 from __future__ import annotations
@@ -18,12 +20,11 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import Phi3Config
-from .engine import Engine, check_memory
+from .engine import Engine
 from .model import Phi3
 from .sampling import SamplingParams
 
 MAX_BATCH = 64  # most sequences an LLM decodes at once; more prompts wait for a free slot
-MIN_LEN = 256  # shortest engine context: small requests share one shape
 
 
 @dataclass
@@ -102,7 +103,7 @@ class LLM:
     """A loaded model with its tokenizer. Build one with `phi3.load`."""
 
     def __init__(self, model: Phi3, tokenizer=None, *, stop_ids: Sequence[int] | None = None, name: str = "",
-                 max_batch: int = MAX_BATCH):
+                 max_batch: int = MAX_BATCH, kv_cache_tokens: int | None = None, prefix_cache: bool = True):
         self.model = model
         self.config: Phi3Config = model.config
         self.tokenizer = tokenizer
@@ -112,6 +113,8 @@ class LLM:
         self.name = name
         self.max_batch = max_batch
         self.compile = False  # compile the engine's decode step with torch.compile (set before generating)
+        self.kv_cache_tokens = kv_cache_tokens  # the engine's KV pool in positions (None: see engine_for)
+        self.prefix_cache = prefix_cache  # reuse the keys of prompt prefixes seen before
         self._engine: Engine | None = None
 
     def __repr__(self) -> str:
@@ -212,35 +215,22 @@ class LLM:
                            cs[-1].usage) for cs in chunks]
 
     def engine_for(self, requests: Sequence[tuple[int, SamplingParams]]) -> Engine:
-        """An engine with room for these (prompt length, params): the current one, or a larger one.
-
-        Its context is the longest prompt plus its new tokens (capped at the model's context),
-        rounded up to a power of two; its slots, the number of requests (at most `max_batch`,
-        fewer where memory is short)."""
+        """The engine, built on first use: `max_batch` rows over one paged KV cache of
+        `kv_cache_tokens` positions (default: as many as the rows could fill, capped by free memory),
+        kept across calls so that later prompts reuse the keys of earlier ones (`prefix_cache`).
+        Checks that these (prompt length, params) fit the model's context."""
         context = self.config.max_position_embeddings
         for n, _ in requests:
             if n >= context:
                 raise ValueError(f"the prompt has {n} tokens; the model's context is {context}")
-        need = max(n + min(p.max_new_tokens, context - n) for n, p in requests)
-        max_len = min(context, max(MIN_LEN, 1 << (need - 1).bit_length()))
-        slots = min(len(requests), self.max_batch)
-        old = self._engine
-        if old is not None and old.slots >= slots and old.max_len >= max_len:
-            return old
-        if old is not None and not old.busy:
-            self._engine = old = None  # free its cache before allocating the next
-        slots = max(slots, old.slots if old is not None else 0)
-        max_len = max(max_len, old.max_len if old is not None else 0)
-        while True:
-            try:
-                check_memory(self.model, slots, max_len, self.device, self.dtype)
-                break
-            except ValueError:
-                if slots == 1:
-                    raise
-                slots //= 2
-        self._engine = Engine(self.model, slots=slots, max_len=max_len, compile=self.compile)
-        return self._engine
+        engine = self._engine
+        if engine is not None and (engine.slots, engine._compiled, engine.blocks.prefix_cache) != \
+                (self.max_batch, self.compile, self.prefix_cache) and not engine.busy:
+            self._engine = engine = None  # settings changed since it was built: free its cache first
+        if engine is None:
+            engine = self._engine = Engine(self.model, slots=self.max_batch, kv_cache_tokens=self.kv_cache_tokens,
+                                           prefix_cache=self.prefix_cache, compile=self.compile)
+        return engine
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """Token ids of raw text (no template), chat messages (template + generation prompt) or ids."""

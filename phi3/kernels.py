@@ -279,8 +279,9 @@ class _Layer(ctypes.Structure):
 
 class _Step(ctypes.Structure):
     _fields_ = [*((n, I64) for n in ("rows", "hidden", "heads", "kv_heads", "head_dim", "rotary_dim", "intermediate",
-                                     "cache_len", "kv_len", "window", "first_slot")),
-                *((n, P) for n in ("positions", "cos", "sin", "work")), ("eps", ctypes.c_double), ("threads", I64)]
+                                     "block_size", "columns", "kv_len", "window", "first_slot")),
+                *((n, P) for n in ("block_table", "positions", "cos", "sin", "work")), ("eps", ctypes.c_double),
+                ("threads", I64)]
 
 
 def _linear_args(module, keep: list) -> tuple | None:
@@ -392,7 +393,7 @@ def _plan(model, cache) -> _Plan:
 def decode_layers(model, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   cache, slot: int, kv_len: int) -> torch.Tensor | None:
     """All decoder layers of one decode step in C (csrc/layer.c): x (B, 1, C) -> (B, 1, C), each row
-    one token at `positions` (B, 1) written into cache slot `slot + b`, cos/sin (B, 1, R) its rotary
+    one token at `positions` (B, 1) written into cache row `slot + b` (through its block table), cos/sin (B, 1, R) its rotary
     factors. None when the layers do not qualify (every linear packed on phi3's kernels or plain
     fp32, no adapters, no hooks), the batch is large (oneDNN on tiles is faster there), or the
     kernels are not built: the caller runs the torch path. The layers are read once per request
@@ -407,13 +408,18 @@ def decode_layers(model, x: torch.Tensor, positions: torch.Tensor, cos: torch.Te
     if plan.args is None or x.shape[0] >= plan.limit:
         return None
     config, (B, _, C) = model.config, x.shape
+    table = cache.block_table
+    if not (0 <= slot and slot + B <= cache.rows and 1 <= kv_len <= cache.scratch and table.dtype == torch.long
+            and table.is_contiguous() and 0 <= int(positions.min()) and int(positions.max()) <= cache.scratch):
+        raise ValueError(f"phi3.kernels: rows {slot}..{slot + B - 1}, kv_len {kv_len} or positions "
+                         f"{positions.flatten().tolist()} outside a cache of {cache.rows} rows x {cache.scratch} positions")
     x = x.reshape(B, C).clone()  # updated in place by the layers
     positions = positions.reshape(B).contiguous()
     cos, sin = cos.reshape(B, -1).contiguous(), sin.reshape(B, -1).contiguous()
     window = config.sliding_window or 0
     step = _Step(B, C, config.num_attention_heads, config.num_key_value_heads, config.head_dim, cos.shape[1],
-                 config.intermediate_size, cache.k[0].shape[2], kv_len, window, slot,
-                 positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), 0, config.rms_norm_eps,
+                 config.intermediate_size, cache.block_size, table.shape[1], kv_len, window, slot,
+                 table.data_ptr(), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), 0, config.rms_norm_eps,
                  torch.get_num_threads())
     step.work = _scratch(lib.phi3_work_floats(ctypes.byref(step))).data_ptr()
     lib.phi3_decode_layers(ctypes.byref(step), plan.layers, len(plan.args), x.data_ptr())

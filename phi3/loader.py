@@ -25,7 +25,7 @@ Prepare = Callable[[Phi3], None]
 
 def load(model, *, device=None, dtype=None, attn_implementation: str = "sdpa",
          prepare: Prepare | None = None, quantize: str | None = None, adapter=None,
-         activations: str = "fp32") -> LLM:
+         activations: str = "fp32", kv_cache_tokens: int | None = None, prefix_cache: bool = True) -> LLM:
     """Load a model: a local directory, a .gguf file, a hub id or an alias (see `phi3.weights.resolve`).
 
     `device` defaults to CUDA when present, else CPU; `dtype` to fp32 on CPU and the checkpoint's
@@ -38,18 +38,25 @@ def load(model, *, device=None, dtype=None, attn_implementation: str = "sdpa",
     (`adapter_config.json` + `adapter_model.safetensors`) applied on top (see `phi3.lora`).
     `activations`: "fp32" (exact, the default) or "int16", an opt-in faster decode for packed int4/int8
     weights on the CPU that rounds the linears' inputs to int16 (see `phi3.quantize.set_activations`);
-    asking for it where no linear can take it is an error.
+    asking for it where no linear can take it is an error. `kv_cache_tokens`: the size of the
+    paged KV cache in positions, shared by all sequences (default: what `LLM.max_batch` rows could
+    fill, capped by free memory); `prefix_cache`: keep prompts' keys for later requests with the same
+    prefix (on by default; the output is the same either way).
     """
     from .lora import apply_adapter, read_adapter
     from .quantize import check_activations, set_activations
 
     check_activations(activations)  # fails before the slow part, as a bad adapter does
+    if kv_cache_tokens is not None and (not isinstance(kv_cache_tokens, int) or isinstance(kv_cache_tokens, bool)
+                                        or kv_cache_tokens < 1):
+        raise ValueError(f"kv_cache_tokens must be a positive integer, got {kv_cache_tokens!r}")
     lora = read_adapter(adapter) if adapter is not None else None
     llm = _load(model, device, dtype, attn_implementation, prepare, quantize)
     if activations != "fp32":
         set_activations(llm.model, activations)
     if lora is not None:
         apply_adapter(llm.model, lora)
+    llm.kv_cache_tokens, llm.prefix_cache = kv_cache_tokens, bool(prefix_cache)
     return llm
 
 

@@ -87,7 +87,7 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:  # (B, Hkv, S, D): this row's keys 0..S-1, the new ones written
-            k, v = ctx.cache.update(self.layer_idx, ctx.slot, ctx.rows, ctx.positions, k, v, ctx.kv_len)
+            k, v = ctx.cache.update(self.layer_idx, ctx.rows, ctx.positions, k, v, ctx.kv_len)
         if self.implementation == "eager":
             y = _eager_attention(q, k, v, ctx.mask)
         else:
@@ -199,11 +199,14 @@ class Phi3(nn.Module):
 
         Without a cache, each row is a whole sequence (positions default to 0..T-1) and `long_rope`
         picks LongRoPE's factor set (None: by the length, as the reference does). With a cache, row
-        b is cache slot `slot + b`: its keys and values are written at its positions, attention
-        reads that slot's positions 0..kv_len-1 (default: all) masked per row (causal, sliding
-        window), and each row's factor set is its slot's `cache.long_rope`.
+        b is cache row `slot + b`: its keys and values are written at its positions through the
+        row's block table, attention reads its positions 0..kv_len-1 (default: all) masked per row
+        (causal, sliding window), and each row's factor set is the cache's `long_rope[slot + b]`.
         """
         B, T = tokens.shape
+        if cache is not None and not (0 <= slot and slot + B <= cache.rows and (kv_len is None or 1 <= kv_len <= cache.scratch)):
+            raise ValueError(f"rows {slot}..{slot + B - 1} and kv_len {kv_len} do not fit a cache of {cache.rows} rows "
+                             f"x {cache.scratch} positions")
         if (T != 1 or cache is None) and not torch.compiler.is_compiling():  # (a compiled step: no C layers)
             self.prefills += 1
         x = self.model.embed_tokens(tokens)  # (B, T, C)
@@ -215,11 +218,13 @@ class Phi3(nn.Module):
             kv_len, rows = T, None
         else:
             long = cache.long_rope[slot:slot + B]
-            table_len, kv_len = cache.max_len + 1, cache.max_len if kv_len is None else kv_len
+            table_len, kv_len = cache.scratch + 1, cache.scratch if kv_len is None else kv_len
             rows = torch.arange(slot, slot + B, device=tokens.device)[:, None]  # (B, 1)
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
-        cos, sin = self.rope(positions, long, x.dtype, table_len)  # (B, T, R)
+        tables = (cache.cos, cache.sin) if cache is not None and cache.cos is not None and cache.cos.dtype == x.dtype \
+            else None  # an engine's cache owns its tables (see engine.py)
+        cos, sin = self.rope(positions, long, x.dtype, table_len, tables)  # (B, T, R)
         fused = None
         if T == 1 and cache is not None and x.device.type == "cpu" and not torch.is_grad_enabled() \
                 and not torch.compiler.is_compiling():  # a CPU decode step: all layers in C when they qualify
@@ -269,6 +274,6 @@ class Context(NamedTuple):
     sin: torch.Tensor
     mask: torch.Tensor | CausalBias | None  # see Phi3.attention_mask
     cache: KVCache | None
-    slot: int  # row b is cache slot `slot + b`
+    slot: int  # row b is cache row `slot + b`
     rows: torch.Tensor | None  # (B, 1): the same slots as a tensor
     kv_len: int  # keys each row attends over

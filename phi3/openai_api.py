@@ -226,16 +226,17 @@ def prompts(req: _Request, encode: Callable) -> list[list[int]]:
         raise APIError(400, f"Invalid '{param}': {e}", param=param) from None
 
 
-def completion_budget(req: _Request, prompt_tokens: int, context: int) -> int:
+def completion_budget(req: _Request, prompt_tokens: int, context: int,
+                      limit: str = "This model's maximum context length") -> int:
     """New tokens for a prompt: the request's max (a 400 `context_length_exceeded` when the prompt
-    and it do not fit the context), or, when not given, the rest of the context."""
+    and it do not fit the context, `limit` saying what sets it), or, when not given, the rest of the context."""
     asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
     if prompt_tokens + (asked or 1) <= context:
         return asked or context - prompt_tokens
     param = "messages" if isinstance(req, ChatRequest) else "prompt"
     wanted = f"{prompt_tokens + asked} tokens ({prompt_tokens} in the prompt, {asked} for the completion)" if asked \
         else f"{prompt_tokens} tokens in the prompt and at least 1 for the completion"
-    raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested {wanted}. "
+    raise APIError(400, f"{limit} is {context} tokens. However, you requested {wanted}. "
                    "Please reduce the length of the prompt or of the completion.",
                    param="max_tokens" if asked else param, code="context_length_exceeded")
 

@@ -53,23 +53,27 @@ class RotaryEmbedding(nn.Module):
     def tables(self, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (2, >= length, R) in `dtype` for positions 0.. (index 0: short factors, 1: long).
 
-        Rebuilt only when too short (or of another dtype), so a captured step never rebuilds them.
+        Kept and rebuilt only when too short (or of another dtype); the engine builds its own
+        (`build`), so that a captured step never sees these replaced.
         """
-        if self.missing:
-            raise ValueError(f"{self.missing}; load the checkpoint's own config.json")
         if self.cos is None or self.cos.shape[1] < length or self.cos.dtype != dtype:
-            n = max(256, length)
-            positions = torch.arange(n, device=self.inv_freq.device).float()
-            freqs = positions[None, :, None] * self.inv_freq[:, None, :]  # (2, n, R/2)
-            emb = torch.cat((freqs, freqs), dim=-1)
-            self.cos = (emb.cos() * self.attention_factor).to(dtype)
-            self.sin = (emb.sin() * self.attention_factor).to(dtype)
+            self.cos, self.sin = self.build(max(256, length), dtype)
         return self.cos, self.sin
 
-    def forward(self, positions: torch.Tensor, long: torch.Tensor, dtype: torch.dtype,
-                length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (B, T) int < length, long (B,) bool -> cos, sin (B, T, R) in `dtype`."""
-        cos, sin = self.tables(length, dtype)
+    def build(self, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """New cos, sin tables (2, length, R) in `dtype`, as `tables` describes."""
+        if self.missing:
+            raise ValueError(f"{self.missing}; load the checkpoint's own config.json")
+        positions = torch.arange(length, device=self.inv_freq.device).float()
+        freqs = positions[None, :, None] * self.inv_freq[:, None, :]  # (2, n, R/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_factor).to(dtype), (emb.sin() * self.attention_factor).to(dtype)
+
+    def forward(self, positions: torch.Tensor, long: torch.Tensor, dtype: torch.dtype, length: int,
+                tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, T) int < length, long (B,) bool -> cos, sin (B, T, R) in `dtype`, from
+        `tables` (cos, sin) when given, else this module's own."""
+        cos, sin = tables if tables is not None else self.tables(length, dtype)
         which = long.long()[:, None]  # (B, 1)
         return cos[which, positions], sin[which, positions]
 

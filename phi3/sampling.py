@@ -109,11 +109,13 @@ class RowParams:
         self.seen = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=device)  # (rows, V + 1)
         self.modes: list[Mode] = [Mode(False, False, False, False)] * rows  # host copy, per row
 
-    def set(self, row: int, params: SamplingParams, seed: int, history: list[int] | torch.Tensor) -> None:
-        """Give `row` a request's parameters, its seed, step 0, and the ids seen so far."""
+    def set(self, row: int, params: SamplingParams, seed: int, history: list[int] | torch.Tensor,
+            step: int = 0) -> None:
+        """Give `row` a request's parameters, its seed, its step (tokens drawn so far: 0, or more for a
+        request that resumes), and the ids seen so far."""
         for name, value in (("temperature", params.temperature), ("top_p", params.top_p), ("top_k", params.top_k),
                             ("min_p", params.min_p), ("penalty", params.repetition_penalty), ("seed", seed),
-                            ("step", 0)):
+                            ("step", step)):
             getattr(self, name)[row] = value
         self.seen[row] = False
         if params.repetition_penalty != 1.0:

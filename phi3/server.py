@@ -5,9 +5,12 @@
 
 The server has no decode loop of its own (see backend.py): requests become `SamplingParams` and
 engine requests, and their text comes from the same `TextStream` as `LLM.generate`'s, so a
-request's text is the one `LLM.generate` gives. The engine owns the KV cache, planned once at
-start-up: `max_batch` slots × `max_len` positions. Requests beyond the free slots wait in the
-engine's queue, which holds at most `max_queue` (then 429 with Retry-After).
+request's text is the one `LLM.generate` gives. The engine owns the KV cache, one pool of blocks
+allocated at start-up (`kv_cache_tokens` positions, by default from free memory) shared by up to
+`max_batch` rows, with automatic prefix caching (a chat's next turn, a shared system prompt). Requests
+beyond the free rows or blocks wait in the engine's queue, which holds at most `max_queue` (then 429
+with Retry-After). /health reports rows, blocks and prefix-cache hits; /metrics the same in
+Prometheus' text format.
 
 Faults: a client that goes away (stream or not) cancels its requests, which frees their slots at
 the next step. SIGTERM stops accepting connections, lets the requests in flight finish for
@@ -43,12 +46,14 @@ PUBLIC_PATHS = {"/health"}  # every other path needs the API key, when one is se
 
 # -- the app ---------------------------------------------------------------------------------------
 def create_app(model: LLM | Callable[[], LLM], *, name: str, api_key: str | None = None, max_batch: int = 8,
-               max_queue: int = 256, max_len: int | None = None, drain_timeout: float = 30.0) -> FastAPI:
+               max_queue: int = 256, max_len: int | None = None, drain_timeout: float = 30.0,
+               kv_cache_tokens: int | None = None, prefix_cache: bool = True) -> FastAPI:
     """The ASGI app serving `model` (an `LLM`, or a function that loads one: it runs on the engine
     thread at start-up, and /health says 503 until it returns) as `name`."""
-    _check_options(name, max_batch, max_queue, max_len, drain_timeout)
+    _check_options(name, max_batch, max_queue, max_len, drain_timeout, kv_cache_tokens)
     backend = Backend((lambda: model) if isinstance(model, LLM) else model, name=name,
-                      max_batch=max_batch, max_queue=max_queue, max_len=max_len, drain_timeout=drain_timeout)
+                      max_batch=max_batch, max_queue=max_queue, max_len=max_len, drain_timeout=drain_timeout,
+                      kv_cache_tokens=kv_cache_tokens, prefix_cache=prefix_cache)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -68,9 +73,14 @@ def create_app(model: LLM | Callable[[], LLM], *, name: str, api_key: str | None
     async def health():
         body = {"status": backend.status, "model": name}
         if backend.engine is not None:
-            body.update(slots=backend.slots, max_len=backend.max_len, running=min(backend.pending, backend.slots),
-                        waiting=max(0, backend.pending - backend.slots), finished=dict(backend.finished))
+            stats = backend.engine.stats()
+            body.update(slots=backend.slots, max_len=backend.max_len, running=stats.pop("running"),
+                        waiting=stats.pop("waiting"), finished=dict(backend.finished), kv_cache=stats)
         return JSONResponse(body, status_code=200 if backend.status == "ok" else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(_prometheus(backend), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     async def models():
@@ -92,7 +102,35 @@ def create_app(model: LLM | Callable[[], LLM], *, name: str, api_key: str | None
     return app
 
 
-def _check_options(name, max_batch, max_queue, max_len, drain_timeout) -> None:
+def _prometheus(backend: Backend) -> str:
+    """The engine's counters in Prometheus' text exposition format (names as vLLM's where they exist)."""
+    if backend.engine is None:
+        return "# the model is still loading\n"
+    stats, lines = backend.engine.stats(), []
+
+    def metric(name: str, kind: str, help: str, value, labels: str = "") -> None:
+        if not any(line.startswith(f"# TYPE phi3:{name} ") for line in lines):
+            lines.extend([f"# HELP phi3:{name} {help}", f"# TYPE phi3:{name} {kind}"])
+        lines.append(f"phi3:{name}{labels} {value}")
+
+    metric("num_requests_running", "gauge", "Sequences holding a row.", stats["running"])
+    metric("num_requests_waiting", "gauge", "Sequences waiting for a row or KV blocks.", stats["waiting"])
+    for state in ("used", "cached", "free"):
+        metric("kv_cache_blocks", "gauge", f"KV cache blocks of {stats['block_size']} tokens, by state.",
+               stats[f"blocks_{state}"], f'{{state="{state}"}}')
+    metric("kv_cache_usage_perc", "gauge", "Share of KV cache blocks held by sequences.",
+           round(stats["blocks_used"] / max(1, stats["blocks_total"]), 6))
+    metric("prompt_tokens_total", "counter", "Prompt tokens admitted.", stats["prompt_tokens"])
+    metric("prefix_cache_hit_tokens_total", "counter", "Prompt tokens whose keys came from the prefix cache.",
+           stats["prefix_hit_tokens"])
+    metric("num_preemptions_total", "counter", "Sequences preempted when the KV cache ran out.", stats["preempted"])
+    for reason, count in sorted(backend.finished.items()):
+        metric("request_success_total", "counter", "Sequences finished, by reason.", count,
+               f'{{finished_reason="{reason}"}}')
+    return "\n".join(lines) + "\n"
+
+
+def _check_options(name, max_batch, max_queue, max_len, drain_timeout, kv_cache_tokens=None) -> None:
     def whole(value, lo):
         return isinstance(value, int) and not isinstance(value, bool) and value >= lo
 
@@ -104,6 +142,8 @@ def _check_options(name, max_batch, max_queue, max_len, drain_timeout) -> None:
         raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
     if max_len is not None and not whole(max_len, 2):
         raise ValueError(f"max_len must be an integer >= 2, got {max_len!r}")
+    if kv_cache_tokens is not None and not whole(kv_cache_tokens, 1):
+        raise ValueError(f"kv_cache_tokens must be an integer >= 1, got {kv_cache_tokens!r}")
     if not isinstance(drain_timeout, (int, float)) or not drain_timeout >= 0:
         raise ValueError(f"drain_timeout must be a number of seconds >= 0, got {drain_timeout!r}")
 
@@ -161,7 +201,7 @@ async def _complete(request: Request, backend: Backend, shape) -> Response:
     n = req.n or 1
     work = []
     for ids in prompts:
-        budget = api.completion_budget(req, len(ids), backend.max_len)
+        budget = api.completion_budget(req, len(ids), *backend.context)
         work += [(ids, api.sampling_params(req, budget, i)) for i in range(n)]
     job = backend.open(work, bool(req.ignore_eos))
     head = {"id": shape.id_prefix + uuid.uuid4().hex, "created": int(time.time()), "model": backend.name}
@@ -298,7 +338,7 @@ class _Server(uvicorn.Server):
 def serve(model: str | LLM, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 8, max_queue: int = 256, max_len: int | None = None, served_model_name: str | None = None,
           device=None, dtype=None, activations: str = "fp32", drain_timeout: float = 30.0,
-          log_level: str = "info") -> int:
+          log_level: str = "info", kv_cache_tokens: int | None = None, prefix_cache: bool = True) -> int:
     """Serve `model` (a name for `phi3.load`, loaded in the background, or an `LLM`) over HTTP
     until SIGTERM or SIGINT; returns the exit code (0; 1 if the engine failed; 2 if loading did)."""
     if isinstance(model, LLM):
@@ -312,7 +352,7 @@ def serve(model: str | LLM, *, host: str = "127.0.0.1", port: int = 8000, api_ke
         load = lambda: load_model(model, device=device, dtype=dtype, activations=activations)  # noqa: E731
         name = served_model_name or str(model)
     app = create_app(load, name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue, max_len=max_len,
-                     drain_timeout=drain_timeout)
+                     drain_timeout=drain_timeout, kv_cache_tokens=kv_cache_tokens, prefix_cache=prefix_cache)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=drain_timeout + 5)
     server = _Server(config, app.state.backend)

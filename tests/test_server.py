@@ -172,8 +172,10 @@ def test_health_is_503_until_the_model_is_loaded(model_dir):
         assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
         loaded.set()
         s.wait_ready()
-        assert s.health().json() | {"finished": {}} == {"status": "ok", "model": NAME, "slots": 8, "max_len": CONTEXT,
-                                                         "running": 0, "waiting": 0, "finished": {}}
+        health = s.health().json()
+        assert health | {"finished": {}, "kv_cache": {}} == {"status": "ok", "model": NAME, "slots": 8, "max_len": CONTEXT,
+                                                             "running": 0, "waiting": 0, "finished": {}, "kv_cache": {}}
+        assert health["kv_cache"]["blocks_used"] == 0 and health["kv_cache"]["prefix_cache"] is True
     finally:
         loaded.set()
         s.close()
@@ -896,3 +898,44 @@ def test_sigterm_past_the_drain_timeout_ends_streams_in_band(model_dir):
         proc.kill()
     for events in results:
         assert events[-1] == "[DONE]" and events[-2]["error"]["message"] == "the server is shutting down"
+
+
+# -- the paged KV cache under the server ------------------------------------------------------------
+def test_streams_under_pool_pressure_equal_the_library(make_server, ref):
+    """A KV pool far too small for every stream at once: rows are preempted and resumed, and every
+    stream still carries exactly the library's greedy text, in order, nothing dropped or repeated;
+    a follow-up turn reuses the first turn's keys (/health and /metrics count the hit tokens)."""
+    s = make_server(max_batch=8, kv_cache_tokens=12 * 16)
+    prompts = [[{"role": "user", "content": f"Question {k}: tell me about the number {k * 7}."}] for k in range(8)]
+    expected = [ref.generate(p, max_new_tokens=48).text for p in prompts]
+    client, results = s.client(), [None] * len(prompts)
+
+    def ask(k):
+        parts = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model=NAME, messages=prompts[k], max_tokens=48, temperature=0, stream=True) if c.choices]
+        results[k] = "".join(parts)
+
+    threads = [threading.Thread(target=ask, args=(k,)) for k in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    assert results == expected
+    metrics = httpx.get(s.url + "/metrics", timeout=TIMEOUT).text
+    preempted = float(re.search(r"^phi3:num_preemptions_total (\S+)$", metrics, re.M).group(1))
+    assert preempted > 0, metrics
+    turn2 = prompts[0] + [{"role": "assistant", "content": expected[0]}, {"role": "user", "content": "And then?"}]
+    before = s.health().json()["kv_cache"]["prefix_hit_tokens"]
+    answer = client.chat.completions.create(model=NAME, messages=turn2, max_tokens=16, temperature=0)
+    assert answer.choices[0].message.content == ref.generate(turn2, max_new_tokens=16).text
+    assert s.health().json()["kv_cache"]["prefix_hit_tokens"] - before >= 32
+    assert re.search(r'^phi3:kv_cache_blocks\{state="used"\} 0$', httpx.get(s.url + "/metrics").text, re.M)
+
+
+def test_a_prompt_longer_than_the_pool_is_a_400(make_server):
+    s = make_server(max_batch=2, kv_cache_tokens=4 * 16)
+    r = s.post("/v1/completions", {"model": NAME, "prompt": "word " * 100, "max_tokens": 4})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert "KV cache" in r.json()["error"]["message"] and "64 tokens" in r.json()["error"]["message"]
+    with pytest.raises(ValueError, match="kv_cache_tokens"):
+        create_app(lambda: None, name=NAME, kv_cache_tokens=0)

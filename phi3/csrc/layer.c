@@ -40,15 +40,17 @@ typedef struct { /* one linear: packed as phi3.quantize.QuantLinear holds it (ke
 typedef struct { /* one decoder layer's tensors */
     phi3_linear qkv, o, gate_up, down;
     const float *input_norm, *post_attention_norm; /* (C,) RMSNorm weights */
-    float *k_cache, *v_cache;                      /* (slots, Hkv, L, D), keys after RoPE */
+    float *k_cache, *v_cache;                      /* (blocks, block_size, Hkv, D), keys after RoPE */
 } phi3_layer;
 
 typedef struct { /* what the layers of one decode step share */
     int64_t rows, hidden, heads, kv_heads, head_dim, rotary_dim, intermediate; /* B, C, H, Hkv, D, R, I */
-    int64_t cache_len;  /* L: positions per slot in the cache */
-    int64_t kv_len;     /* keys 0..kv_len-1 of a slot may be visible (then masked per row) */
+    int64_t block_size; /* positions per block of the cache */
+    int64_t columns;    /* the block table's columns */
+    int64_t kv_len;     /* keys 0..kv_len-1 of a row may be visible (then masked per row) */
     int64_t window;     /* sliding window (key j visible to position p when j > p - window); 0: none */
-    int64_t first_slot; /* row b is cache slot first_slot + b */
+    int64_t first_slot; /* row b is the block table's row first_slot + b */
+    const int64_t *block_table; /* (rows, columns): position p of row r is in block block_table[r, p / block_size] */
     const int64_t *positions; /* (B,) each row's position */
     const float *cos, *sin;   /* (B, R) each row's rotary factors */
     float *work;              /* phi3_work_floats(step) floats */
@@ -119,7 +121,7 @@ int64_t phi3_work_floats(const phi3_step *s) { /* and the int16 activations' buf
 
 static void layer(const phi3_step *s, const phi3_layer *l, float *x) {
     const int64_t B = s->rows, C = s->hidden, H = s->heads, Hkv = s->kv_heads, D = s->head_dim, R = s->rotary_dim;
-    const int64_t I = s->intermediate, L = s->cache_len, NQKV = (H + 2 * Hkv) * D, group = H / Hkv;
+    const int64_t I = s->intermediate, BS = s->block_size, NQKV = (H + 2 * Hkv) * D, group = H / Hkv;
     float *h = s->work, *qkv = h + B * C, *att = qkv + B * NQKV, *proj = att + B * H * D, *gu = proj + B * C;
     float *act = gu + B * 2 * I, *thread_work = act + B * I;
     const float scale = 1.0f / sqrtf((float)D);
@@ -131,7 +133,8 @@ static void layer(const phi3_step *s, const phi3_layer *l, float *x) {
 #pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < B; b++)
         for (int64_t g = 0; g < Hkv; g++) { /* keys rotated, then keys and values written at the row's position */
-            const int64_t at = (((s->first_slot + b) * Hkv + g) * L + s->positions[b]) * D;
+            const int64_t pos = s->positions[b], block = s->block_table[(s->first_slot + b) * s->columns + pos / BS];
+            const int64_t at = ((block * BS + pos % BS) * Hkv + g) * D;
             rotate(qkv + b * NQKV + (H + g) * D, s->cos + b * R, s->sin + b * R, l->k_cache + at, D, R);
             memcpy(l->v_cache + at, qkv + b * NQKV + (H + Hkv + g) * D, D * sizeof(float));
         }
@@ -143,19 +146,27 @@ static void layer(const phi3_step *s, const phi3_layer *l, float *x) {
             rotate(qkv + b * NQKV + hd * D, s->cos + b * R, s->sin + b * R, q, D, R);
             const int64_t pos = s->positions[b], hi = pos < s->kv_len - 1 ? pos : s->kv_len - 1; /* keys lo..hi */
             const int64_t lo = s->window > 0 && pos - s->window + 1 > 0 ? pos - s->window + 1 : 0;
-            const float *kc = l->k_cache + ((s->first_slot + b) * Hkv + hd / group) * L * D;
-            const float *vc = l->v_cache + ((s->first_slot + b) * Hkv + hd / group) * L * D;
+            const int64_t *table = s->block_table + (s->first_slot + b) * s->columns, stride = Hkv * D;
+            const int64_t head = (hd / group) * D;
             float *out = att + b * H * D + hd * D, top = -INFINITY, sum = 0.0f;
             for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
-            for (int64_t j = lo; j <= hi; j++) {
-                p[j - lo] = dot(q, kc + j * D, D) * scale;
-                top = p[j - lo] > top ? p[j - lo] : top;
+            for (int64_t j0 = lo - lo % BS; j0 <= hi; j0 += BS) { /* a block at a time: keys j0..j0+BS-1 */
+                const float *kc = l->k_cache + table[j0 / BS] * BS * stride + head;
+                const int64_t a = j0 > lo ? j0 : lo, e = j0 + BS - 1 < hi ? j0 + BS - 1 : hi;
+                for (int64_t j = a; j <= e; j++) {
+                    p[j - lo] = dot(q, kc + (j - j0) * stride, D) * scale;
+                    top = p[j - lo] > top ? p[j - lo] : top;
+                }
             }
             for (int64_t j = 0; j <= hi - lo; j++) p[j] = exp_f32(p[j] - top); /* vectorized */
             for (int64_t j = 0; j <= hi - lo; j++) sum += p[j];
-            for (int64_t j = lo; j <= hi; j++) {
-                const float pj = p[j - lo] / sum;
-                for (int64_t d = 0; d < D; d++) out[d] += pj * vc[j * D + d];
+            for (int64_t j0 = lo - lo % BS; j0 <= hi; j0 += BS) {
+                const float *vc = l->v_cache + table[j0 / BS] * BS * stride + head;
+                const int64_t a = j0 > lo ? j0 : lo, e = j0 + BS - 1 < hi ? j0 + BS - 1 : hi;
+                for (int64_t j = a; j <= e; j++) {
+                    const float pj = p[j - lo] / sum, *v = vc + (j - j0) * stride;
+                    for (int64_t d = 0; d < D; d++) out[d] += pj * v[d];
+                }
             }
             if (l->o.input_scale)
                 for (int64_t d = 0; d < D; d++) out[d] *= l->o.input_scale[hd * D + d];

@@ -1,0 +1,215 @@
+"""The paged KV cache and automatic prefix caching: every row's tokens are transformers' greedy
+ones (and the same with the prefix cache off), whatever the pool's pressure: hits and misses,
+partial-block tails, eviction, preemption and resume, the LongRoPE switch and the sliding window
+inside a batch, the C decode step against the torch step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import phi3
+from phi3.engine import Engine
+from phi3.sampling import SamplingParams
+
+BS = 16  # the cache's block size
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _reference(ref, prompt: list[int], new: int) -> list[int]:
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False,
+                           attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return out[0, len(prompt):].tolist()
+
+
+def _run(engine: Engine, work) -> list:
+    """Submit (prompt, params) pairs at once, step until done; the requests."""
+    reqs = [engine.submit(p, q) for p, q in work]
+    while engine.busy:
+        engine.step()
+    return reqs
+
+
+@pytest.fixture(scope="module")
+def models(checkpoints):
+    return {kind: (phi3.load(checkpoints[kind][0], device="cpu", dtype="float32"), checkpoints[kind][1])
+            for kind in ("longrope", "window", "gqa")}
+
+
+@pytest.mark.parametrize("kind", ["window", "gqa", "longrope"])
+def test_prefix_hits_give_transformers_tokens(models, kind):
+    """Prompts sharing a prefix (whole blocks and a partial tail) reuse its keys, and each gets
+    transformers' greedy tokens; the first token's log-probabilities equal a cold engine's."""
+    llm, ref = models[kind]
+    shared = _ids(37, seed=1)  # two whole blocks and 5 tokens
+    prompts = [shared + _ids(k, seed=10 + k) for k in (3, 11, 20)] + [shared[:20], shared[:33]]
+    if kind == "longrope":  # stay below its 32-token pre-training context so that every key is short
+        prompts = [p[:28] for p in prompts]
+    params = SamplingParams(max_new_tokens=12, logprobs=5)
+    warm = Engine(llm.model, slots=4, max_len=128)
+    _run(warm, [(prompts[0], params)])
+    hits = _run(warm, [(p, params) for p in prompts[1:]])
+    cold = _run(Engine(llm.model, slots=4, max_len=128, prefix_cache=False), [(p, params) for p in prompts[1:]])
+    assert [r.cached_tokens for r in hits] == [(min(len(p), len(prompts[0])) - 1) // BS * BS for p in prompts[1:]]
+    assert all(r.cached_tokens == 0 for r in cold)
+    assert sum(r.cached_tokens for r in hits) > 0
+    for hit, miss in zip(hits, cold):
+        assert hit.tokens == miss.tokens == _reference(ref, hit.prompt, 12)
+        (lp_hit, top_hit), (lp_miss, top_miss) = hit.logprobs[0], miss.logprobs[0]
+        assert abs(lp_hit - lp_miss) < 1e-5
+        assert [i for i, _ in top_hit] == [i for i, _ in top_miss]
+        assert max(abs(a - b) for (_, a), (_, b) in zip(top_hit, top_miss)) < 1e-5
+
+
+def test_whole_sequence_cached_still_computes_the_last_token(models):
+    """The same prompt twice: all but its last block come from the cache; the answer is the same."""
+    llm, ref = models["window"]
+    prompt = _ids(48, seed=3)  # exactly three blocks: the third is computed again for its logits
+    engine = Engine(llm.model, slots=2, max_len=128)
+    first, = _run(engine, [(prompt, SamplingParams(max_new_tokens=10))])
+    again, = _run(engine, [(prompt, SamplingParams(max_new_tokens=10))])
+    assert (first.cached_tokens, again.cached_tokens) == (0, 32)
+    assert again.tokens == first.tokens == _reference(ref, prompt, 10)
+
+
+def test_the_next_turn_reuses_the_generated_tokens(models):
+    """A follow-up whose prompt is the last prompt + its answer + more reuses the answer's keys too."""
+    llm, ref = models["gqa"]
+    engine = Engine(llm.model, slots=2, max_len=128)
+    turn1, = _run(engine, [(_ids(21, seed=4), SamplingParams(max_new_tokens=30))])
+    follow = turn1.prompt + turn1.tokens + _ids(9, seed=5)
+    turn2, = _run(engine, [(follow, SamplingParams(max_new_tokens=10))])
+    assert turn2.cached_tokens == (len(turn1.prompt) + len(turn1.tokens) - 1) // BS * BS > len(turn1.prompt)
+    assert turn2.tokens == _reference(ref, follow, 10)
+
+
+def test_longrope_sets_never_share_keys(models):
+    """A prompt past the pre-training context (long factors) does not reuse short-factor keys of
+    the same tokens, and a row crossing mid-decode is prefilled again with the long set; both give
+    transformers' tokens, alone or batched with rows that reuse the prefix."""
+    llm, ref = models["longrope"]
+    base = _ids(30, seed=6)
+    engine = Engine(llm.model, slots=4, max_len=128, prefill_chunk=16)
+    short, = _run(engine, [(base[:28], SamplingParams(max_new_tokens=2))])
+    work = [(base + _ids(12, seed=7), 20), (base[:26], 20), (base[:29], 2), (base + _ids(12, seed=7) + [5], 6)]
+    reqs = _run(engine, [(p, SamplingParams(max_new_tokens=n)) for p, n in work])
+    assert reqs[0].cached_tokens == 0  # 42 tokens: long keys; the cached ones are short
+    assert reqs[1].cached_tokens == reqs[2].cached_tokens == BS  # short prompts: the short block
+    assert reqs[3].cached_tokens == 0  # admitted with the first one, before its blocks were cached
+    again, = _run(engine, [(base + _ids(12, seed=7) + [9], SamplingParams(max_new_tokens=5))])
+    assert again.cached_tokens == 2 * BS  # now the long blocks are there
+    for req, (prompt, n) in zip([*reqs, again], [*work, (again.prompt, 5)]):
+        assert req.tokens == _reference(ref, prompt, n), len(prompt)
+    assert short.tokens == _reference(ref, base[:28], 2)
+
+
+def test_preemption_resumes_with_the_same_tokens(models):
+    """A pool too small for every row at once: the newest rows are preempted and resumed; each
+    request gets the tokens it gets alone, greedy and seeded, in order, with nothing lost."""
+    llm, ref = models["gqa"]
+    work = [(_ids(20 + 3 * k, seed=30 + k),
+             SamplingParams(max_new_tokens=40, **({"temperature": 0.9, "seed": k} if k % 2 else {})))
+            for k in range(5)]
+    alone = [_run(Engine(llm.model, slots=1, max_len=128), [w])[0].tokens for w in work]
+    tight = Engine(llm.model, slots=5, max_len=128, kv_cache_tokens=10 * BS)  # 5 rows would need ~20 blocks
+    streamed: dict[int, list[int]] = {}
+    reqs = [tight.submit(p, q) for p, q in work]
+    while tight.busy:
+        for event in tight.step():
+            if event.token is not None:
+                streamed.setdefault(event.request.id, []).append(event.token)
+    assert tight.preempted > 0 and max(r.preemptions for r in reqs) > 0
+    assert [r.tokens for r in reqs] == alone
+    assert [streamed[r.id] for r in reqs] == alone  # every token streamed once, in order
+    assert alone[0] == _reference(ref, work[0][0], 40)
+    assert tight.blocks.used == 0  # every block given back (the cached ones are evictable)
+
+
+def test_eviction_keeps_answers_right(models):
+    """Many distinct prompts through a small pool: old cached blocks are evicted least recently used
+    first; a prefix used again recently survives, and every answer is transformers'."""
+    llm, ref = models["window"]
+    engine = Engine(llm.model, slots=2, max_len=128, kv_cache_tokens=12 * BS)
+    keep = _ids(40, seed=50)
+    _run(engine, [(keep, SamplingParams(max_new_tokens=4))])
+    for k in range(6):
+        _run(engine, [(_ids(40, seed=60 + k), SamplingParams(max_new_tokens=4))])
+        _run(engine, [(keep, SamplingParams(max_new_tokens=4))])  # used again: most recent
+    stats = engine.stats()
+    assert stats["blocks_cached"] <= 12 and stats["blocks_used"] == 0
+    last, = _run(engine, [(keep + [7, 8], SamplingParams(max_new_tokens=8))])
+    assert last.cached_tokens == 2 * BS
+    assert last.tokens == _reference(ref, keep + [7, 8], 8)
+    gone, = _run(engine, [(_ids(40, seed=60) + [1], SamplingParams(max_new_tokens=8))])
+    assert gone.cached_tokens == 0  # evicted long ago
+    assert gone.tokens == _reference(ref, gone.prompt, 8)
+
+
+def test_c_step_equals_torch_step_through_pages(models, ran_in_c, monkeypatch):
+    """The C decode step reads keys through the block table as the torch step does: same tokens and
+    log-probabilities, with prefix hits and several rows."""
+    llm, _ = models["gqa"]
+    shared = _ids(35, seed=70)
+    work = [(shared + _ids(k, seed=71 + k), SamplingParams(max_new_tokens=24, logprobs=3)) for k in (2, 9, 17)]
+
+    def run():
+        engine = Engine(llm.model, slots=4, max_len=128)
+        _run(engine, work[:1])
+        return _run(engine, work[1:])
+
+    in_c = run()
+    assert ran_in_c and all(ran_in_c)
+    import phi3.kernels
+    monkeypatch.setattr(phi3.kernels, "decode_layers", lambda *a, **k: None)  # the torch step, everywhere
+    in_torch = run()
+    for a, b in zip(in_c, in_torch):
+        assert a.cached_tokens == b.cached_tokens == 32
+        assert a.tokens == b.tokens
+        assert max(abs(x[0] - y[0]) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+
+
+def test_changed_weights_drop_the_prefix_cache(checkpoints):
+    """Keys cached under the old weights are not reused after a weight is written in place."""
+    llm = phi3.load(checkpoints["window"][0], device="cpu", dtype="float32")
+    prompt = _ids(40, seed=80)
+    engine = llm.engine_for([(40, SamplingParams())])
+    llm.generate(prompt, max_new_tokens=4)
+    with torch.no_grad():
+        llm.model.model.layers[0].mlp.down_proj.weight.mul_(-2.0)
+    req, = _run(engine, [(prompt, SamplingParams(max_new_tokens=6))])
+    assert req.cached_tokens == 0
+    assert req.tokens == llm.logits(prompt + req.tokens)[len(prompt) - 1:-1].argmax(-1).tolist()
+
+
+def test_pool_limits_are_clear(models):
+    llm, _ = models["window"]
+    with pytest.raises(ValueError, match="kv_cache_tokens must be an integer of at least 64"):
+        Engine(llm.model, slots=4, max_len=128, kv_cache_tokens=40)
+    engine = Engine(llm.model, slots=2, max_len=128, kv_cache_tokens=4 * BS)
+    with pytest.raises(ValueError, match="the KV cache holds 64 tokens"):
+        engine.submit(_ids(70, seed=1), SamplingParams())
+    req = engine.submit(_ids(50, seed=1), SamplingParams(max_new_tokens=100))
+    assert req.max_new == 14  # the pool's end is the context's end
+    with pytest.raises(ValueError, match="kv_cache_tokens"):
+        phi3.load(llm.name, kv_cache_tokens=0)
+
+
+def test_an_unused_pool_touches_no_memory(models):
+    """A large pool costs address space, not resident memory, until its blocks are used."""
+    llm, _ = models["window"]
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    before = rss()
+    per_token = llm.config.kv_cache_bytes(1, 4)
+    engine = Engine(llm.model, slots=8, max_len=128, kv_cache_tokens=(1 << 30) // per_token)  # 1 GiB
+    grown = rss() - before
+    assert grown < 64 << 20, grown
+    _run(engine, [(_ids(40, seed=2), SamplingParams(max_new_tokens=8))])
+    assert rss() - before < 64 << 20
