@@ -269,6 +269,22 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM lets requests in flight finish (default: %(default)s)")
+    p.add_argument("--allowed-hosts", type=_names, default=None,
+                   help="comma-separated Host names to answer besides localhost (on a loopback --host), or only "
+                        "these (on another); '*' for any (default: loopback names on a loopback --host, else any)")
+    p.add_argument("--allowed-origins", type=_names, default=[],
+                   help="comma-separated web page origins (https://ui.example) that may call the server from a "
+                        "browser (CORS); '*' for any (default: none)")
+    p.add_argument("--max-connections", type=int, default=None,
+                   help="open connections at most (default: below the file limit, ulimit -n, at most 4096)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a request's headers may take to arrive (default: %(default)s)")
+    p.add_argument("--body-timeout", type=float, default=60.0,
+                   help="seconds a request's body may take to arrive (default: %(default)s)")
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def cmd_serve(args) -> int:
@@ -277,7 +293,10 @@ def cmd_serve(args) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get("PHI3_API_KEY")
     return serve(args.model, host=args.host, port=args.port, api_key=api_key, max_batch=args.max_batch,
                  max_queue=args.max_queue, max_len=args.max_len, served_model_name=args.served_model_name,
-                 device=args.device, dtype=args.dtype, activations=args.activations, drain_timeout=args.drain_timeout)
+                 device=args.device, dtype=args.dtype, activations=args.activations, drain_timeout=args.drain_timeout,
+                 allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins,
+                 max_connections=args.max_connections, header_timeout=args.header_timeout,
+                 body_timeout=args.body_timeout)
 
 
 # -- bench ---------------------------------------------------------------------------------------
