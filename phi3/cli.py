@@ -172,7 +172,7 @@ def cmd_chat(args) -> int:
     if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 gets a message, not a traceback
         sys.stdin.reconfigure(errors="surrogateescape")
     history: list[dict] = []
-    print(f"phi3 chat with {args.model}. /reset clears the conversation, /exit (or Ctrl-D) quits; "
+    print(f"phi3 chat with {args.model}. /reset clears the conversation, /exit, /quit (or Ctrl-D) quits; "
           "Ctrl-C stops an answer.", file=sys.stderr)
     while True:
         try:
@@ -185,7 +185,7 @@ def cmd_chat(args) -> int:
             continue
         if not line.strip():
             continue
-        if line.strip() == "/exit":
+        if line.strip() in ("/exit", "/quit"):
             return 0
         if line.strip() == "/reset":
             history.clear()
@@ -436,16 +436,43 @@ COMMANDS = {  # name: (what it does, its flags, its work)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="phi3", description="Run Phi-3 models: " + ", ".join(COMMANDS) + ".")
+    parser.add_argument("--version", action="version", version=f"phi3 {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = {}  # name -> its parser, for `_unrecognized`
     for name, (summary, add_args, run) in COMMANDS.items():
-        p = sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
+        p = parser.commands[name] = sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
         add_args(p)
         p.set_defaults(func=run)
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("phi3")
+    except PackageNotFoundError:  # run from a source tree
+        return "(not installed)"
+
+
+def _unrecognized(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """argparse's message for flags it does not know, with the closest flags of the command."""
+    import difflib
+
+    flags = [flag for action in parser._actions for flag in action.option_strings]
+    hints = []
+    for arg in unknown:
+        close = difflib.get_close_matches(arg.split("=")[0], flags, n=1, cutoff=0.7) if arg.startswith("--") else []
+        hints += [f"did you mean {close[0]}? (for {arg.split('=')[0]})"] if close else []
+    return f"unrecognized arguments: {' '.join(unknown)}" + ("; " + "; ".join(hints) if hints else "")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = parser.commands[args.command]
+        command.error(_unrecognized(command, unknown))
     try:
         return args.func(args)
     except BrokenPipeError:
