@@ -179,7 +179,7 @@ def cmd_chat(args) -> int:
     if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 gets a message, not a traceback
         sys.stdin.reconfigure(errors="surrogateescape")
     history: list[dict] = []
-    print(f"phi3 chat with {args.model}. /reset clears the conversation, /exit (or Ctrl-D) quits; "
+    print(f"phi3 chat with {args.model}. /reset clears the conversation, /exit, /quit (or Ctrl-D) quits; "
           "Ctrl-C stops an answer.", file=sys.stderr)
     while True:
         try:
@@ -192,7 +192,7 @@ def cmd_chat(args) -> int:
             continue
         if not line.strip():
             continue
-        if line.strip() == "/exit":
+        if line.strip() in ("/exit", "/quit"):
             return 0
         if line.strip() == "/reset":
             history.clear()
@@ -276,6 +276,22 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM lets requests in flight finish (default: %(default)s)")
+    p.add_argument("--allowed-hosts", type=_names, default=None,
+                   help="comma-separated Host names to answer besides localhost (on a loopback --host), or only "
+                        "these (on another); '*' for any (default: loopback names on a loopback --host, else any)")
+    p.add_argument("--allowed-origins", type=_names, default=[],
+                   help="comma-separated web page origins (https://ui.example) that may call the server from a "
+                        "browser (CORS); '*' for any (default: none)")
+    p.add_argument("--max-connections", type=int, default=None,
+                   help="open connections at most (default: below the file limit, ulimit -n, at most 4096)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a request's headers may take to arrive (default: %(default)s)")
+    p.add_argument("--body-timeout", type=float, default=60.0,
+                   help="seconds a request's body may take to arrive (default: %(default)s)")
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def cmd_serve(args) -> int:
@@ -285,7 +301,10 @@ def cmd_serve(args) -> int:
     return serve(args.model, host=args.host, port=args.port, api_key=api_key, max_batch=args.max_batch,
                  max_queue=args.max_queue, max_len=args.max_len, served_model_name=args.served_model_name,
                  device=args.device, dtype=args.dtype, activations=args.activations, drain_timeout=args.drain_timeout,
-                 kv_cache_tokens=args.kv_cache_tokens, prefix_cache=args.prefix_cache)
+                 kv_cache_tokens=args.kv_cache_tokens, prefix_cache=args.prefix_cache,
+                 allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins,
+                 max_connections=args.max_connections, header_timeout=args.header_timeout,
+                 body_timeout=args.body_timeout)
 
 
 # -- bench ---------------------------------------------------------------------------------------
@@ -428,16 +447,43 @@ COMMANDS = {  # name: (what it does, its flags, its work)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="phi3", description="Run Phi-3 models: " + ", ".join(COMMANDS) + ".")
+    parser.add_argument("--version", action="version", version=f"phi3 {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = {}  # name -> its parser, for `_unrecognized`
     for name, (summary, add_args, run) in COMMANDS.items():
-        p = sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
+        p = parser.commands[name] = sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
         add_args(p)
         p.set_defaults(func=run)
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("phi3")
+    except PackageNotFoundError:  # run from a source tree
+        return "(not installed)"
+
+
+def _unrecognized(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """argparse's message for flags it does not know, with the closest flags of the command."""
+    import difflib
+
+    flags = [flag for action in parser._actions for flag in action.option_strings]
+    hints = []
+    for arg in unknown:
+        close = difflib.get_close_matches(arg.split("=")[0], flags, n=1, cutoff=0.7) if arg.startswith("--") else []
+        hints += [f"did you mean {close[0]}? (for {arg.split('=')[0]})"] if close else []
+    return f"unrecognized arguments: {' '.join(unknown)}" + ("; " + "; ".join(hints) if hints else "")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = parser.commands[args.command]
+        command.error(_unrecognized(command, unknown))
     try:
         return args.func(args)
     except BrokenPipeError:

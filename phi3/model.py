@@ -9,17 +9,19 @@ C, csrc/layer.c), and runs the blocks below when it declines.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import CausalBias, causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
 from .cache import KVCache
 from .config import Phi3Config
 from .rope import RotaryEmbedding, apply_rotary
+
+if TYPE_CHECKING:  # imported where used: torch.nn.attention.bias pulls in torch._dynamo (~1.6 s)
+    from torch.nn.attention.bias import CausalBias
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -99,7 +101,7 @@ def _sdpa(q, k, v, mask):
     """torch's fused attention. mask: None (causal, T == S), a lower-right CausalBias (a chunk
     after a prefix: flash kernels on CUDA), or a bool tensor (sliding window, decode rows)."""
     gqa = q.shape[1] != k.shape[1]
-    if isinstance(mask, CausalBias):
+    if mask is not None and not isinstance(mask, torch.Tensor):  # a CausalBias
         if gqa and q.is_cuda:  # its flash path takes equal head counts
             k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
             gqa = False
@@ -257,6 +259,8 @@ class Phi3(nn.Module):
         if not windowed and T == kv_len:
             return None
         if not windowed and cached and T > 1 and positions.is_cuda:
+            from torch.nn.attention.bias import causal_lower_right
+
             return causal_lower_right(T, kv_len)
         key = torch.arange(kv_len, device=positions.device)
         query = positions[:, :, None]  # (B, T, 1)

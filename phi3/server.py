@@ -24,6 +24,7 @@ import asyncio
 import hmac
 import json
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -34,10 +35,13 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
+from . import connections
 from . import openai_api as api
 from .backend import Backend, Job, log
 from .generate import LLM
+from .guard import LOOPBACK_HOSTS, Guard, is_loopback
 from .openai_api import APIError
 
 MAX_BODY = 4 * 2**20  # bytes of a request body (a 128k-token prompt is ~0.5 MB)
@@ -47,9 +51,11 @@ PUBLIC_PATHS = {"/health"}  # every other path needs the API key, when one is se
 # -- the app ---------------------------------------------------------------------------------------
 def create_app(model: LLM | Callable[[], LLM], *, name: str, api_key: str | None = None, max_batch: int = 8,
                max_queue: int = 256, max_len: int | None = None, drain_timeout: float = 30.0,
-               kv_cache_tokens: int | None = None, prefix_cache: bool = True) -> FastAPI:
+               kv_cache_tokens: int | None = None, prefix_cache: bool = True,
+               allowed_hosts: list[str] | None = None, allowed_origins: list[str] = ()) -> FastAPI:
     """The ASGI app serving `model` (an `LLM`, or a function that loads one: it runs on the engine
-    thread at start-up, and /health says 503 until it returns) as `name`."""
+    thread at start-up, and /health says 503 until it returns) as `name`. `allowed_hosts`: the Host
+    names it answers (None: any); `allowed_origins`: web page origins that may call it (see guard.py)."""
     _check_options(name, max_batch, max_queue, max_len, drain_timeout, kv_cache_tokens)
     backend = Backend((lambda: model) if isinstance(model, LLM) else model, name=name,
                       max_batch=max_batch, max_queue=max_queue, max_len=max_len, drain_timeout=drain_timeout,
@@ -65,8 +71,10 @@ def create_app(model: LLM | Callable[[], LLM], *, name: str, api_key: str | None
     app.state.backend = backend
     if api_key:
         app.add_middleware(_APIKey, key=api_key)
+    app.add_middleware(Guard, allowed_hosts=allowed_hosts, allowed_origins=list(allowed_origins))  # outermost
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _internal_error)
 
     @app.get("/health")
@@ -171,21 +179,28 @@ async def _http_error(request: Request, e: HTTPException) -> JSONResponse:  # un
                            code="not_found" if e.status_code == 404 else None))
 
 
+async def _client_gone(request: Request, e: ClientDisconnect) -> Response:
+    log.info("%s %s: the client disconnected before its request was read", request.method, request.url.path)
+    return Response(status_code=499)  # nobody reads it: the connection is closed
+
+
 async def _internal_error(request: Request, e: Exception) -> JSONResponse:
     log.error("unexpected error in %s %s", request.method, request.url.path, exc_info=e)
     return _error(APIError(500, "internal server error; see the server's log"))
 
 
 class _APIKey:
-    """`Authorization: Bearer KEY` on every path but /health, compared in constant time."""
+    """`Authorization: Bearer KEY` (the scheme in any case) on every path but /health, the key
+    compared in constant time."""
 
     def __init__(self, app, key: str):
-        self.app, self.expected = app, b"Bearer " + key.encode()
+        self.app, self.expected = app, key.encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
             given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-            if not hmac.compare_digest(given, self.expected):
+            scheme, _, token = given.strip().partition(b" ")
+            if not (scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.expected)):
                 what = "Incorrect API key provided" if given else "Missing API key (send Authorization: Bearer KEY)"
                 await _error(APIError(401, what, code="invalid_api_key"))(scope, receive, send)
                 return
@@ -195,6 +210,11 @@ class _APIKey:
 # -- one completion request ------------------------------------------------------------------------
 async def _complete(request: Request, backend: Backend, shape) -> Response:
     backend.check_ready()
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":  # also closes CORS "simple requests" (text/plain) from web pages
+        raise APIError(415, f"the body must be JSON sent with 'Content-Type: application/json' (got "
+                       f"{media_type[:100] or 'none'!r}; with curl: -H 'Content-Type: application/json')",
+                       code="unsupported_media_type")
     req = api.parse(shape.request, await _read_body(request))
     _check_model(req.model, backend.name)
     prompts = await asyncio.to_thread(api.prompts, req, backend.llm.encode_prompt)
@@ -334,13 +354,45 @@ class _Server(uvicorn.Server):
     async def on_tick(self, counter: int) -> bool:
         return self.backend.status == "failed" or await super().on_tick(counter)
 
+    async def startup(self, sockets=None) -> None:
+        connections.quiet_accept_errors(asyncio.get_running_loop())
+        await super().startup(sockets)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, opened before the model loads, so that a port in use (or a
+    bad host) is one OSError at once, not a failure after the load."""
+    sock = None
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        if sock is not None:
+            sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
 
 def serve(model: str | LLM, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 8, max_queue: int = 256, max_len: int | None = None, served_model_name: str | None = None,
           device=None, dtype=None, activations: str = "fp32", drain_timeout: float = 30.0,
-          log_level: str = "info", kv_cache_tokens: int | None = None, prefix_cache: bool = True) -> int:
+          log_level: str = "info", kv_cache_tokens: int | None = None, prefix_cache: bool = True,
+          allowed_hosts: list[str] | None = None, allowed_origins: list[str] = (),
+          max_connections: int | None = None, header_timeout: float = 10.0, body_timeout: float = 60.0) -> int:
     """Serve `model` (a name for `phi3.load`, loaded in the background, or an `LLM`) over HTTP
-    until SIGTERM or SIGINT; returns the exit code (0; 1 if the engine failed; 2 if loading did)."""
+    until SIGTERM or SIGINT; returns the exit code (0; 1 if the engine failed; 2 if loading did).
+
+    On a loopback `host` only loopback Host names are answered, and `allowed_hosts` (elsewhere:
+    only those, when given); `allowed_origins`: web pages that may call it (guard.py). Connections:
+    at most `max_connections` (default: below the file limit), headers within `header_timeout`
+    seconds, a body within `body_timeout` (connections.py). The address is bound before the load."""
+    limits = connections.Limits(connections.connection_cap(max_connections), header_timeout, body_timeout)
+    if is_loopback(host):
+        allowed_hosts = [*LOOPBACK_HOSTS, *(allowed_hosts or [])]
     if isinstance(model, LLM):
         load, name = (lambda: model), served_model_name or model.name or "phi3"
     else:
@@ -352,16 +404,20 @@ def serve(model: str | LLM, *, host: str = "127.0.0.1", port: int = 8000, api_ke
         load = lambda: load_model(model, device=device, dtype=dtype, activations=activations)  # noqa: E731
         name = served_model_name or str(model)
     app = create_app(load, name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue, max_len=max_len,
-                     drain_timeout=drain_timeout, kv_cache_tokens=kv_cache_tokens, prefix_cache=prefix_cache)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                     drain_timeout=drain_timeout, kv_cache_tokens=kv_cache_tokens, prefix_cache=prefix_cache,
+                     allowed_hosts=allowed_hosts, allowed_origins=allowed_origins)
+    sock = _listen(host, port)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=connections.protocol(limits),
+                            h11_max_incomplete_event_size=connections.MAX_HEADER_BYTES,
                             timeout_graceful_shutdown=drain_timeout + 5)
     server = _Server(config, app.state.backend)
     main = threading.current_thread() is threading.main_thread()
     # uvicorn re-raises SIGTERM once it has shut down gracefully: let that one pass, so the exit is 0
     previous = signal.signal(signal.SIGTERM, lambda *_: None) if main else None
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
+        sock.close()
         if main:
             signal.signal(signal.SIGTERM, previous)
     return app.state.backend.exit_code

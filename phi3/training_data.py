@@ -68,7 +68,7 @@ def read_jsonl(path: str | os.PathLike, tokenizer: Tokenizer, max_len: int) -> D
             if not text.strip():
                 continue
             try:
-                record = json.loads(text)
+                record = json.loads(text.rstrip("\r\n"))  # else an error at the line's end is "line 2 column 1"
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             ids, labels = encode_record(record, tokenizer, where)

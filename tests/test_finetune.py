@@ -262,6 +262,7 @@ GOOD = json.dumps({"messages": TASK[0]})
 
 @pytest.mark.parametrize("lines,message", [
     ([GOOD, "{not json"], r"d.jsonl:2: not valid JSON"),
+    ([GOOD, GOOD[:-1]], rf"d.jsonl:2: not valid JSON \(Expecting ',' delimiter at column {len(GOOD)}\)"),  # the end
     ([GOOD, "", json.dumps({"messages": [{"role": "user", "content": "hi"}]})], r"d.jsonl:3: .*no assistant turn"),
     ([json.dumps({"messages": [{"role": "robot", "content": "hi"}, TASK[0][1]]})], r"d.jsonl:1: .*unknown role 'robot'"),
     ([json.dumps({"messages": [{"role": "user"}, TASK[0][1]]})], r"d.jsonl:1: messages\[0\] must be an object"),

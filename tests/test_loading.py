@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -61,8 +62,9 @@ def test_unreachable_hub_without_cache_is_one_clear_error(tmp_path, monkeypatch)
 def test_unknown_name_is_refused_clearly(tmp_path):
     with pytest.raises(ModelNotFoundError, match="not a local path"):
         resolve("no-such-model")
-    with pytest.raises(ModelNotFoundError, match="not a local path"):
-        resolve(str(tmp_path / "missing" / "dir"))
+    for path in (tmp_path / "missing" / "dir", tmp_path / "model.gguf", "./model.gguf", "model.gguf"):
+        with pytest.raises(ModelNotFoundError, match=f"^{re.escape(str(path))}: no such file or directory$"):
+            resolve(str(path))
 
 
 def test_device_and_dtype_defaults(ckpt):

@@ -106,6 +106,7 @@ class Server:
 
     def post(self, path: str, body, **kw) -> httpx.Response:
         content = json.dumps(body) if isinstance(body, dict) else body
+        kw.setdefault("headers", {"Content-Type": "application/json"})
         return httpx.post(self.url + path, content=content, timeout=kw.pop("timeout", TIMEOUT), **kw)
 
     def close(self):
