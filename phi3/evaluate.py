@@ -176,23 +176,20 @@ def _sampling_params(options: dict, max_new: int, stop: list[str]) -> SamplingPa
 # -- a whole run, as `lm_eval run` does it -------------------------------------------------------
 def evaluate(llm, tasks: Sequence[str], *, num_fewshot: int | None = None, limit: float | None = None,
              include_path: str | None = None, log_samples: bool = False, output_path: str | None = None,
-             seed: int | Sequence[int] = (0, 1234, 1234, 1234), max_length: int | None = None, model_name: str = "phi3") -> dict:
+             seed: int | Sequence[int] = (0, 1234, 1234, 1234), max_length: int | None = None, model_name: str = "phi3",
+             manager=None) -> dict:
     """Run lm-eval's `tasks` on `llm` (a `phi3.LLM`) -> lm-eval's results dict.
 
     With `output_path`, writes lm-eval's layout there: `<model>/results_<time>.json` and, with
     `log_samples`, `<model>/samples_<task>_<time>.jsonl`. `seed`: lm-eval's four seeds (python, numpy,
     torch, few-shot sampling), one integer for all four; its default is lm-eval's. Task data must be on this machine
     (files named by a task YAML under `include_path`, or the datasets cache); when they are not,
-    a ValueError says so rather than a stack of hub errors.
+    a ValueError says so rather than a stack of hub errors. `manager`: a `task_manager(tasks, include_path)`
+    made beforehand (the CLI checks the task names before it loads the model).
     """
     from lm_eval.loggers import EvaluationTracker
-    from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=include_path)
-    unknown = [t for t in tasks if not manager.match_tasks([t])]
-    if unknown:
-        raise ValueError(f"unknown task(s) {', '.join(unknown)}: lm-eval lists its tasks with `lm-eval ls tasks`"
-                         + ("" if include_path else "; local task YAMLs go in a folder given with --include_path"))
+    manager = task_manager(tasks, include_path) if manager is None else manager
     seeds = [seed] * 4 if isinstance(seed, int) else list(seed)
     if len(seeds) != 4:
         raise ValueError(f"seed: one integer or four (python, numpy, torch, few-shot), got {seed!r}")
@@ -210,9 +207,10 @@ def evaluate(llm, tasks: Sequence[str], *, num_fewshot: int | None = None, limit
                          "data in its datasets cache nor the hub in reach; point a task YAML at local files "
                          "(dataset_path: json, dataset_kwargs: data_files) and pass its folder with --include_path"
                          ) from None
-    results["config"]["model"] = model_name
+    results["config"]["model"] = results["model_name"] = model_name
     if tracker is not None:
         samples = results.pop("samples", None) if log_samples else None
+        tracker.general_config_tracker.model_name = model_name
         tracker.general_config_tracker.model_name_sanitized = _sanitize(model_name)
         tracker.save_results_aggregated(results=results, samples=samples)
         for task in results["configs"] if log_samples else ():
@@ -220,6 +218,23 @@ def evaluate(llm, tasks: Sequence[str], *, num_fewshot: int | None = None, limit
         if samples is not None:
             results["samples"] = samples
     return results
+
+
+def task_manager(tasks: Sequence[str], include_path: str | None = None):
+    """lm-eval's TaskManager over its own tasks and those under `include_path`; a ValueError naming
+    any of `tasks` it does not know."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None and not Path(include_path).is_dir():
+        raise ValueError(f"--include_path {include_path}: no such folder")
+    if not tasks:
+        raise ValueError("no tasks given: --tasks t1,t2 (lm-eval lists its tasks with `lm-eval ls tasks`)")
+    manager = TaskManager(include_path=include_path)
+    unknown = [t for t in tasks if not manager.match_tasks([t])]
+    if unknown:
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}: lm-eval lists its tasks with `lm-eval ls tasks`"
+                         + ("" if include_path else "; local task YAMLs go in a folder given with --include_path"))
+    return manager
 
 
 def _sanitize(name: str) -> str:
@@ -235,11 +250,11 @@ def table(results: dict) -> str:
     return out
 
 
-def plot(result_files: Sequence[str | Path], out: str | Path) -> Path:
-    """A bar chart of each task's main metric, one bar per results file (e.g. base, int4, fine-tuned).
+def plot(runs: Sequence[str | Path | dict], out: str | Path) -> Path:
+    """A bar chart of each task's main metric, one bar per run (e.g. base, int4, fine-tuned) -> `out`.
 
-    `result_files`: lm-eval `results_*.json` files (or folders holding them: the newest is read).
-    Needs matplotlib."""
+    `runs`: lm-eval `results_*.json` files, folders holding them (the newest is read), or results
+    dicts as `evaluate` returns them. Needs matplotlib."""
     try:
         import matplotlib
 
@@ -247,26 +262,21 @@ def plot(result_files: Sequence[str | Path], out: str | Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ValueError("the plot needs matplotlib: pip install matplotlib") from None
-    runs = []
-    for f in map(Path, result_files):
-        if f.is_dir():
-            found = sorted(f.rglob("results_*.json"))
-            if not found:
-                raise ValueError(f"no results_*.json under {f}")
-            f = found[-1]
-        data = json.loads(f.read_text(encoding="utf-8"))
-        label = data.get("config", {}).get("model") or f.stem
+    bars = []
+    for run in runs:
+        data = run if isinstance(run, dict) else _read_results(Path(run))
+        label = data.get("model_name") or data.get("config", {}).get("model") or "run"
         scores = {}
         for task, metrics in data["results"].items():
             name = next((m for m in metrics if m.split(",")[0] in ("acc", "acc_norm", "exact_match", "word_perplexity")
                          and not m.split(",")[0].endswith("_stderr")), None)
             if name is not None:
                 scores[f"{task}\n{name.split(',')[0]}"] = metrics[name]
-        runs.append((label, scores))
-    tasks = sorted({t for _, s in runs for t in s})
+        bars.append((label, scores))
+    tasks = sorted({t for _, s in bars for t in s})
     fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(tasks)), 3.2))
-    width = 0.8 / len(runs)
-    for i, (label, scores) in enumerate(runs):
+    width = 0.8 / len(bars)
+    for i, (label, scores) in enumerate(bars):
         ax.bar([t + i * width for t in range(len(tasks))], [scores.get(t, 0.0) for t in tasks], width, label=label)
     ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], tasks, fontsize=8)
     ax.legend(fontsize=8)
@@ -274,6 +284,17 @@ def plot(result_files: Sequence[str | Path], out: str | Path) -> Path:
     fig.savefig(out)
     plt.close(fig)
     return Path(out)
+
+
+def _read_results(path: Path) -> dict:
+    if path.is_dir():
+        found = sorted(path.rglob("results_*.json"))
+        if not found:
+            raise ValueError(f"no results_*.json under {path}")
+        path = found[-1]
+    if not path.is_file():
+        raise ValueError(f"{path}: no such results file")
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 if __name__ == "__main__":  # lm-eval's own command line, with the "phi3" backend registered
