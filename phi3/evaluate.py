@@ -56,6 +56,12 @@ class Phi3LM(TemplateLM):
             from .loader import load
 
             name = model or pretrained
+            if device is not None and str(device).startswith("cuda"):
+                import torch
+
+                if not torch.cuda.is_available():  # lm-eval's command line asks for cuda:0 by default
+                    log.warning("phi3 backend: no CUDA device here; running on the CPU")
+                    device = None
             if not name:
                 raise ValueError("the phi3 backend needs model=<a directory, .gguf file, hub id or alias>")
             llm = load(name, device=device, dtype=dtype, quantize=quantize, adapter=adapter)

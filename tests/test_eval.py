@@ -122,7 +122,7 @@ def test_lm_eval_python_api_finds_the_phi3_backend(model_dir):
     res = lm_eval.simple_evaluate(model="phi3", model_args=f"model={model_dir},max_length=128", tasks=["tiny_letters"],
                                   num_fewshot=3, task_manager=TaskManager(include_path=str(TASKS_DIR)), limit=4)
     ref = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype=float32,max_length=128",
-                                  tasks=["tiny_letters"], num_fewshot=3, limit=4,
+                                  tasks=["tiny_letters"], num_fewshot=3, limit=4, device="cpu",
                                   task_manager=TaskManager(include_path=str(TASKS_DIR)))
     assert res["results"]["tiny_letters"]["acc,none"] == ref["results"]["tiny_letters"]["acc,none"]
 
