@@ -16,6 +16,7 @@ part of a short sequence's work).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -114,8 +115,13 @@ def _run(llm, seqs: list[tuple[int, ...]], batch: list[int], wanted, reads, resu
     place = {p: n for n, p in enumerate(places)}
     where_b, where_t = torch.tensor(places).T
 
-    # Only the read positions go through the output layer: a pre-hook hands lm_head those rows.
+    # Only the read positions go through the output layer: a pre-hook hands lm_head those rows, in
+    # this thread's forward only (a server's engine thread may be running the same model meanwhile).
+    me = threading.get_ident()
+
     def gather(module, args):
+        if threading.get_ident() != me:
+            return None
         return (args[0][where_b, where_t][None],)  # (1, N, C)
     handle = llm.model.lm_head.register_forward_pre_hook(gather)
     try:
