@@ -177,3 +177,78 @@ def test_without_lm_eval_one_line_says_how_to_get_it(monkeypatch, capsys):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
     assert main(["eval", "--tasks", "tiny_mc"]) == 2
     assert capsys.readouterr().err == "phi3: error: phi3 eval needs lm-evaluation-harness: pip install 'phi3[eval]'\n"
+
+
+# -- the server: lm-eval's local-completions against `phi3 serve`'s /v1/completions ----------------
+@pytest.fixture(scope="module")
+def server_url(model_dir):
+    """The model served by uvicorn in a thread on a free loopback port."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    import phi3
+    from phi3.server import create_app
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    app = create_app(phi3.load(model_dir, device="cpu", dtype="float32"), name="tiny", max_batch=8)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(60)
+
+
+def test_echo_gives_the_prompts_log_probabilities(server_url, model_dir):
+    """OpenAI's SDK, `echo` + `logprobs` + `max_tokens: 0`: each prompt token's log-probability under
+    the model (log_softmax of `LLM.logits`), the first one null, the prompt as the text."""
+    import openai
+
+    import phi3
+
+    llm = phi3.load(model_dir, device="cpu", dtype="float32")
+    prompt = "Question: What is the capital of France?\nAnswer: Paris"
+    ids = llm.tokenizer.encode(prompt)
+    client = openai.OpenAI(base_url=server_url + "/v1", api_key="none", max_retries=0, timeout=60)
+    out = client.completions.create(model="tiny", prompt=prompt, echo=True, logprobs=2, max_tokens=0, temperature=0)
+    lp = out.choices[0].logprobs
+    assert out.choices[0].text == prompt and len(lp.token_logprobs) == len(ids)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    expected = torch.log_softmax(llm.logits(ids), dim=-1)
+    for j in range(1, len(ids)):
+        assert lp.token_logprobs[j] == pytest.approx(float(expected[j - 1, ids[j]]), abs=1e-4)
+        assert max(lp.top_logprobs[j].values()) == pytest.approx(float(expected[j - 1].max()), abs=1e-4)
+    both = client.completions.create(model="tiny", prompt=prompt, echo=True, logprobs=1, max_tokens=3, temperature=0)
+    alone = llm.generate(ids, max_new_tokens=3)
+    assert both.choices[0].text == prompt + alone.text
+    assert both.choices[0].logprobs.token_logprobs[:len(ids)] == lp.token_logprobs
+    with pytest.raises(openai.BadRequestError, match="echo"):
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=0)
+
+
+def test_local_completions_against_the_server_gives_phi3_evals_numbers(server_url, model_dir, tmp_path):
+    """lm-eval's API backends leave BOS out unless told (add_bos_token=True): Phi-3's tokenizer adds it."""
+    from lm_eval.__main__ import cli_evaluate
+
+    ours, theirs = tmp_path / "phi3", tmp_path / "served"
+    assert main(["eval", "--model", str(model_dir), "--tasks", ",".join(TASKS), "--include_path", str(TASKS_DIR),
+                 "--num_fewshot", "3", "--limit", "4", "--log_samples", "--output_path", str(ours)]) == 0
+    import sys
+    argv = ["lm_eval", "--model", "local-completions", "--model_args",
+            f"base_url={server_url}/v1/completions,model=tiny,tokenizer={model_dir},tokenizer_backend=huggingface,"
+            "tokenized_requests=True,add_bos_token=True,max_length=512,num_concurrent=2", "--tasks", ",".join(TASKS),
+            "--include_path", str(TASKS_DIR), "--num_fewshot", "3", "--limit", "4", "--batch_size", "4",
+            "--log_samples", "--output_path", str(theirs)]
+    old, sys.argv = sys.argv, argv
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = old
+    _assert_same(ours, theirs)
