@@ -405,7 +405,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{name}", *([f"--{name.replace('_', '-')}"] if "_" in name else []), **kw)
 
     _add_model_arg(p)
-    flag("tasks", default=None, help="lm-eval task names, comma-separated (required unless only plotting)")
+    flag("tasks", default=None, help="lm-eval task names, comma-separated; needed unless only plotting (default: none)")
     flag("num_fewshot", type=int, default=None, help="examples in each prompt (default: each task's own)")
     flag("limit", type=float, default=None, help="at most this many documents per task; below 1, a fraction "
                                                  "(default: all)")
@@ -413,7 +413,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
                                             "lm-eval's tasks only)")
     flag("batch_size", default="auto", help="accepted as lm-eval takes it; phi3 batches by tokens on its own "
                                             "(default: %(default)s)")
-    flag("log_samples", action="store_true", help="also write every request and answer, samples_<task>_*.jsonl")
+    flag("log_samples", action="store_true", help="also write every request and answer, samples_<task>_*.jsonl (default: off)")
     flag("output_path", default=None, help="a folder for lm-eval's results_*.json (and samples) (default: none)")
     flag("seed", default="0,1234,1234,1234", help="lm-eval's seeds: python,numpy,torch,few-shot, or one for all "
                                                   "(default: %(default)s, lm-eval's)")
@@ -427,7 +427,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, help="write a bar chart (png, svg, pdf) of this run beside --compare's "
                                                 "(needs matplotlib) (default: none)")
     p.add_argument("--compare", nargs="+", default=[], help="earlier runs' results_*.json files or --output_path "
-                                                            "folders to draw beside this one in --plot")
+                                                            "folders to draw beside this one in --plot (default: none)")
 
 
 def cmd_eval(args) -> int:

@@ -1,6 +1,6 @@
 """`phi3 eval` against lm-evaluation-harness's own `hf` backend (transformers) on the same checkpoint.
 
-The tasks are tiny local ones (tests/eval_tasks: multiple choice with long and one-token answers,
+lm-eval (with its api extra) and matplotlib come with the test extra. The tasks are tiny local ones (tests/eval_tasks: multiple choice with long and one-token answers,
 a rolling log-likelihood, a greedy generate_until), read from json files as a user's would be.
 Both backends must see the same prompts and give the same per-sample log-likelihoods (1e-3, fp32),
 the same greedy flags and generations, and so the same accuracies.
@@ -16,11 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("lm_eval", reason="the eval extra: pip install -e '.[eval]'")  # installed by the test extra
-
-from conftest import randomize, tiny_config  # noqa: E402
-from phi3.cli import main  # noqa: E402
-from vocab_fixture import write_phi3_tokenizer_dir  # noqa: E402
+from conftest import randomize, tiny_config
+from phi3.cli import main
+from vocab_fixture import write_phi3_tokenizer_dir
 
 TASKS_DIR = Path(__file__).parent / "eval_tasks"
 TASKS = ["tiny_mc", "tiny_letters", "tiny_rolling", "tiny_sums"]
@@ -141,7 +139,6 @@ def test_smollm2_eval_gives_hf_backends_numbers(tmp_path):
 
 
 def test_plot_draws_each_run(model_dir, tmp_path):
-    pytest.importorskip("matplotlib")
     runs = []
     for name, extra in (("base", []), ("int8", ["--quantize", "int8"])):
         assert main(["eval", "--model", str(model_dir), "--tasks", "tiny_letters", "--include_path", str(TASKS_DIR),
