@@ -167,6 +167,14 @@ def test_bad_arguments_fail_before_loading(argv, message, capsys):
     assert err.startswith("phi3: error:") and message in err and len(err.splitlines()) == 1
 
 
+def test_task_data_out_of_reach_is_one_clear_error(model_dir, capsys):
+    """lm-eval's arc_easy reads its data from the hub, which the (offline) test cannot reach."""
+    assert main(["eval", "--model", str(model_dir), "--tasks", "arc_easy", "--limit", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("phi3: error: a task's data could not be read") and "--include_path" in err
+    assert len(err.splitlines()) == 1
+
+
 def test_without_lm_eval_one_line_says_how_to_get_it(monkeypatch, capsys):
     import importlib.util
 
