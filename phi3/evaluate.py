@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -207,8 +206,6 @@ def evaluate(llm, tasks: Sequence[str], *, num_fewshot: int | None = None, limit
                                   random_seed=seeds[0], numpy_random_seed=seeds[1], torch_random_seed=seeds[2],
                                   fewshot_random_seed=seeds[3])
     except (ConnectionError, OSError) as e:  # the datasets library could not reach the hub
-        if os.environ.get("PHI3_EVAL_TRACEBACK"):
-            raise
         raise ValueError(f"a task's data could not be read ({type(e).__name__}): this machine has neither the "
                          "data in its datasets cache nor the hub in reach; point a task YAML at local files "
                          "(dataset_path: json, dataset_kwargs: data_files) and pass its folder with --include_path"
