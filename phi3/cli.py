@@ -1,4 +1,4 @@
-"""`phi3 generate · chat · info · serve · quantize · bench · finetune · merge`: thin argparse subcommands over the library.
+"""`phi3 generate · chat · info · serve · quantize · bench · finetune · merge · eval`: thin argparse subcommands over the library.
 
 A subcommand is a pair, `_add_<name>_args(parser)` (its flags; each help says the default) and
 `cmd_<name>(args) -> int` (the work), listed in COMMANDS. A command checks its input before the
@@ -430,6 +430,83 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    def flag(name: str, **kw) -> None:  # lm-eval's spelling and the dashed one
+        p.add_argument(f"--{name}", *([f"--{name.replace('_', '-')}"] if "_" in name else []), **kw)
+
+    _add_model_arg(p)
+    flag("tasks", default=None, help="lm-eval task names, comma-separated; needed unless only plotting (default: none)")
+    flag("num_fewshot", type=int, default=None, help="examples in each prompt (default: each task's own)")
+    flag("limit", type=float, default=None, help="at most this many documents per task; below 1, a fraction "
+                                                 "(default: all)")
+    flag("include_path", default=None, help="a folder of task YAMLs, e.g. tasks over local data files (default: "
+                                            "lm-eval's tasks only)")
+    flag("batch_size", default="auto", help="accepted as lm-eval takes it; phi3 batches by tokens on its own "
+                                            "(default: %(default)s)")
+    flag("log_samples", action="store_true", help="also write every request and answer, samples_<task>_*.jsonl (default: off)")
+    flag("output_path", default=None, help="a folder for lm-eval's results_*.json (and samples) (default: none)")
+    flag("seed", default="0,1234,1234,1234", help="lm-eval's seeds: python,numpy,torch,few-shot, or one for all "
+                                                  "(default: %(default)s, lm-eval's)")
+    flag("max_length", type=int, default=None, help="tokens the model reads at once (default: its context)")
+    _add_adapter_arg(p)
+    p.add_argument("--quantize", default=None, choices=["int4", "int8"],
+                   help="quantize a floating-point checkpoint in memory first (default: none)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when present, else cpu)")
+    p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: fp32 on CPU, the reference's "
+                                                 "numbers; the checkpoint's own on GPU)")
+    p.add_argument("--plot", default=None, help="write a bar chart (png, svg, pdf) of this run beside --compare's "
+                                                "(needs matplotlib) (default: none)")
+    p.add_argument("--compare", nargs="+", default=[], help="earlier runs' results_*.json files or --output_path "
+                                                            "folders to draw beside this one in --plot (default: none)")
+
+
+def cmd_eval(args) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise RuntimeError("phi3 eval needs lm-evaluation-harness: pip install 'phi3[eval]'")
+    if args.plot is None and args.compare:
+        raise ValueError("--compare names runs to draw in --plot; give --plot FILE")
+    if args.tasks is None and not (args.plot and args.compare):
+        raise ValueError("give --tasks (comma-separated lm-eval task names), or --plot FILE --compare RUNS to draw "
+                         "earlier runs only")
+    for name, value, low in (("num_fewshot", args.num_fewshot, 0), ("max_length", args.max_length, 1)):
+        if value is not None and value < low:
+            raise ValueError(f"--{name} must be at least {low}, got {value}")
+    if args.limit is not None and not args.limit > 0:
+        raise ValueError(f"--limit must be positive, got {args.limit}")
+    if args.batch_size != "auto" and not (args.batch_size.isdigit() and int(args.batch_size) > 0):
+        raise ValueError(f"--batch_size must be a positive integer or auto, got {args.batch_size!r}")
+    try:
+        seed = [int(x) for x in args.seed.split(",")]
+    except ValueError:
+        raise ValueError(f"--seed must be an integer or four comma-separated ones, got {args.seed!r}") from None
+    if len(seed) not in (1, 4):
+        raise ValueError(f"--seed must be an integer or four comma-separated ones, got {args.seed!r}")
+    from . import evaluate
+
+    files = []
+    if args.tasks is not None:
+        tasks = [t for t in args.tasks.split(",") if t.strip()]
+        manager = evaluate.task_manager(tasks, args.include_path)
+        from .loader import load
+
+        llm = load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize, adapter=args.adapter)
+        name = args.model + (f"+{args.quantize}" if args.quantize else "") + ("+adapter" if args.adapter else "")
+        results = evaluate.evaluate(llm, tasks, num_fewshot=args.num_fewshot,
+                                    limit=int(args.limit) if args.limit and args.limit >= 1 else args.limit,
+                                    include_path=args.include_path, log_samples=args.log_samples,
+                                    output_path=args.output_path, seed=seed[0] if len(seed) == 1 else seed,
+                                    max_length=args.max_length, model_name=name, manager=manager)
+        print(f"phi3 ({name}), limit: {args.limit}, num_fewshot: {args.num_fewshot}")
+        print(evaluate.table(results))
+        if args.plot:
+            files.append(results)
+    if args.plot:
+        print(f"phi3 eval: wrote {evaluate.plot([*args.compare, *files], args.plot)}", file=sys.stderr)
+    return 0
+
+
 # -- the program -----------------------------------------------------------------------------------
 COMMANDS = {  # name: (what it does, its flags, its work)
     "generate": ("answer one prompt, streaming", _add_generate_args, cmd_generate),
@@ -442,6 +519,8 @@ COMMANDS = {  # name: (what it does, its flags, its work)
     "finetune": ("LoRA or full fine-tuning on chat or prompt/completion JSONL (data-parallel under torchrun)",
                  _add_finetune_args, cmd_finetune),
     "merge": ("fold a LoRA adapter into its base and write a plain checkpoint", _add_merge_args, cmd_merge),
+    "eval": ("lm-evaluation-harness tasks (few-shot, greedy) with lm-eval's table and output files", _add_eval_args,
+             cmd_eval),
 }
 
 

@@ -10,8 +10,12 @@ Defaults are OpenAI's, so code written for OpenAI gets what it expects: `tempera
   choice i > 0 a seed derived from (seed, i).
 - Accepted only at their neutral values, else a 400 naming the parameter: `logit_bias`,
   `presence_penalty`, `frequency_penalty`, `tools`, `functions`, `response_format` (other than
-  text), and for /v1/completions `echo`, `suffix`, `best_of` != n. Other fields we do not know are
-  ignored, as vLLM does.
+  text), and for /v1/completions `suffix`, `best_of` != n, `echo` with `stream`. Other fields we do
+  not know are ignored, as vLLM does.
+- /v1/completions `echo: true` puts the prompt before each choice's text and, with `logprobs`, the
+  prompt tokens' log-probabilities before the answer's (the first token's null; `phi3.scoring`);
+  `max_tokens: 0` (only with `echo`) scores the prompt without generating: what lm-eval's
+  `local-completions` asks for log-likelihood tasks.
 - Log-probabilities (chat: `logprobs: true` and `top_logprobs` 0..20, which needs `logprobs`;
   /v1/completions: `logprobs` 0..5) are the model's own, before temperature, penalties and filters
   (vLLM's default): `log_softmax` of the logits at each position. How a token is shown (`token`,
@@ -138,6 +142,7 @@ class ChatRequest(_Request):
 
 class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0 with `echo`: the prompt's log-probabilities only
     echo: bool | None = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1, le=MAX_N)
@@ -149,7 +154,7 @@ class CompletionRequest(_Request):
 
     def unsupported(self):
         return super().unsupported() + [
-            ("echo", bool(self.echo)), ("suffix", bool(self.suffix)),
+            ("echo", bool(self.echo and self.stream)), ("suffix", bool(self.suffix)),
             ("best_of", self.best_of is not None and self.best_of != (self.n or 1))]
 
 
@@ -167,6 +172,9 @@ def parse(cls: type[_Request], body: bytes) -> _Request:
         raise _bad_request(e.errors(include_url=False, include_input=False)) from None
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options")
+    if isinstance(req, CompletionRequest) and req.max_tokens == 0 and not req.echo:
+        raise APIError(400, "'max_tokens' 0 needs 'echo': true (the prompt's log-probabilities)", param="max_tokens",
+                       code="invalid_value")
     if isinstance(req, ChatRequest) and req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "'top_logprobs' needs 'logprobs' to be true", param="top_logprobs", code="invalid_value")
     for name, bad in req.unsupported():
@@ -231,6 +239,8 @@ def completion_budget(req: _Request, prompt_tokens: int, context: int,
     """New tokens for a prompt: the request's max (a 400 `context_length_exceeded` when the prompt
     and it do not fit the context, `limit` saying what sets it), or, when not given, the rest of the context."""
     asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
+    if req.max_tokens == 0 and prompt_tokens <= context:  # echo only
+        return 0
     if prompt_tokens + (asked or 1) <= context:
         return asked or context - prompt_tokens
     param = "messages" if isinstance(req, ChatRequest) else "prompt"
@@ -308,12 +318,47 @@ class Completions:
             return None
         top = []
         for t in tokens:
+            if t.logprob is None:  # an echoed prompt's first token: nothing before it to predict it
+                top.append(None)
+                continue
             alternatives = {}
             for a in t.top + [t]:  # the chosen token too, as OpenAI: up to k + 1 entries
                 alternatives.setdefault(a.text, a.logprob)
             top.append(alternatives)
         return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
                 "top_logprobs": top, "text_offset": [t.offset for t in tokens]}
+
+
+def echo(llm, ids: list[int], alternatives: int | None) -> tuple[str, list[TokenLogprob] | None]:
+    """/v1/completions `echo`: the prompt's text and, when log-probabilities are asked for, its
+    tokens' (the first one's null, as OpenAI's legacy API and vLLM give it), from `phi3.scoring`."""
+    from .generate import Chunk
+    from .logprobs import AnswerLogprobs, TokenTexts
+    from .scoring import score
+
+    text = llm.tokenizer.decode(ids, skip_special_tokens=True)
+    if alternatives is None:
+        return text, None
+    scored = score(llm, [(ids[:1], ids[1:])], top=alternatives)[0] if len(ids) > 1 else None
+    placed = AnswerLogprobs(TokenTexts(llm.tokenizer))
+    for j, token in enumerate(ids):
+        got = (0.0, []) if j == 0 else (scored.logprobs[j - 1], scored.top[j - 1])
+        placed.push(token, got)
+    tokens = placed.entries(Chunk(text, [], "length"))
+    tokens[0].logprob, tokens[0].top = None, []
+    return text, tokens
+
+
+def with_echo(choice: dict, text: str, tokens: list[TokenLogprob] | None) -> dict:
+    """A /v1/completions choice with the echoed prompt before its text (and its tokens before the answer's)."""
+    out = {**choice, "text": text + choice["text"]}
+    if tokens is not None and choice["logprobs"] is not None:
+        head, tail = Completions.logprobs(tokens), choice["logprobs"]
+        out["logprobs"] = {"tokens": head["tokens"] + tail["tokens"],
+                           "token_logprobs": head["token_logprobs"] + tail["token_logprobs"],
+                           "top_logprobs": head["top_logprobs"] + tail["top_logprobs"],
+                           "text_offset": head["text_offset"] + [len(text) + o for o in tail["text_offset"]]}
+    return out
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

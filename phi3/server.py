@@ -219,6 +219,15 @@ async def _complete(request: Request, backend: Backend, shape) -> Response:
     _check_model(req.model, backend.name)
     prompts = await asyncio.to_thread(api.prompts, req, backend.llm.encode_prompt)
     n = req.n or 1
+    echoes = None
+    if getattr(req, "echo", False):  # /v1/completions: the prompt, and its log-probabilities if asked for
+        echoes = [await asyncio.to_thread(api.echo, backend.llm, ids, req.alternatives) for ids in prompts]
+        if req.max_tokens == 0:
+            head = {"id": shape.id_prefix + uuid.uuid4().hex, "created": int(time.time()), "model": backend.name}
+            choices = [api.with_echo(shape.choice(k, "", "length", [] if req.alternatives is not None else None),
+                                     *echoes[k // n]) for k in range(len(prompts) * n)]
+            return JSONResponse({**head, "object": shape.object, "choices": choices,
+                                 "usage": api.usage(sum(len(ids) for ids in prompts), 0)})
     work = []
     for ids in prompts:
         budget = api.completion_budget(req, len(ids), *backend.context)
@@ -230,7 +239,7 @@ async def _complete(request: Request, backend: Backend, shape) -> Response:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return _EventStream(_sse(job, shape, head, prompt_tokens, include_usage), on_close=job.close)
     try:
-        return await _collect(job, shape, head, prompt_tokens, request)
+        return await _collect(job, shape, head, prompt_tokens, request, echoes)
     finally:
         job.close()
 
@@ -249,7 +258,7 @@ async def _read_body(request: Request) -> bytes:
     return bytes(body)
 
 
-async def _collect(job: Job, shape, head: dict, prompt_tokens: int, request: Request) -> Response:
+async def _collect(job: Job, shape, head: dict, prompt_tokens: int, request: Request, echoes=None) -> Response:
     """A non-streamed answer; stops early (cancelling the job) if the client disconnects."""
     texts, finish, completion = [[] for _ in job.requests], [None] * len(job.requests), 0
     tokens = [None if lp is None else [] for lp in job.logprobs]  # log-probabilities, where asked for
@@ -272,6 +281,9 @@ async def _collect(job: Job, shape, head: dict, prompt_tokens: int, request: Req
         return Response(status_code=499)  # nobody reads it: the connection is closed
     work.result()  # an APIError from the engine goes to the client
     choices = [shape.choice(k, "".join(t), f, lp) for k, (t, f, lp) in enumerate(zip(texts, finish, tokens))]
+    if echoes is not None:  # one per prompt, its n choices in a row
+        n = len(choices) // len(echoes)
+        choices = [api.with_echo(c, *echoes[k // n]) for k, c in enumerate(choices)]
     return JSONResponse({**head, "object": shape.object, "choices": choices,
                          "usage": api.usage(prompt_tokens, completion)})
 

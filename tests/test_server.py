@@ -635,8 +635,9 @@ BAD = [  # (path, body, status, param, code)
     ("/v1/completions", json.dumps({"model": NAME, "prompt": ""}), 400, "prompt", None),
     ("/v1/completions", json.dumps({"model": NAME, "prompt": [1, -5]}), 400, "prompt", None),
     ("/v1/completions", json.dumps({"model": NAME, "prompt": [40000]}), 400, "prompt", None),
-    ("/v1/completions", json.dumps({"model": NAME, "prompt": "x", "echo": True}), 400, "echo",
+    ("/v1/completions", json.dumps({"model": NAME, "prompt": "x", "echo": True, "stream": True}), 400, "echo",
      "unsupported_parameter"),
+    ("/v1/completions", json.dumps({"model": NAME, "prompt": "x", "max_tokens": 0}), 400, "max_tokens", "invalid_value"),
     ("/v1/completions", json.dumps({"model": NAME, "prompt": ["a", "b", "c"], "n": 128}), 400, "n", None),
     ("/v1/nothing-here", _chat(), 404, None, "not_found"),
 ]
