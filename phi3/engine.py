@@ -123,7 +123,9 @@ class Engine:
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs needs the model on a CUDA device")
         if compile:  # one specialisation per (B, S, mode) bucket: allow as many as there are buckets
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+            dynamo = torch._dynamo.config  # the limit's name before torch 2.7: cache_size_limit
+            limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+            setattr(dynamo, limit, max(getattr(dynamo, limit), 256))
         self._body = torch.compile(self._decode_body, dynamic=False) if compile else self._decode_body
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._pool = None
@@ -359,14 +361,14 @@ def check_memory(model: Phi3, slots: int, max_len: int, device: torch.device, dt
 
 
 def free_memory(device: torch.device) -> int | None:
-    """Bytes free on `device` (CUDA: the driver's count; CPU: the kernel's MemAvailable), or None."""
+    """Bytes free on `device` (CUDA: the driver's count; CPU and MPS: the system's available memory,
+    psutil's reading of MemAvailable on Linux, of the VM statistics on macOS, of
+    GlobalMemoryStatusEx on Windows), or None where the system does not say."""
     if device.type == "cuda":  # what the driver has free, and what torch's allocator holds unused
         return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    import psutil
+
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+        return int(psutil.virtual_memory().available)
+    except (OSError, RuntimeError, NotImplementedError):  # a platform psutil cannot read
+        return None
