@@ -17,6 +17,7 @@ import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
+from . import machine
 from .cache import KVCache
 from .engine import Engine, Event, free_memory
 from .generate import LLM, Chunk, TextStream
@@ -39,6 +40,7 @@ class Backend:
         self.slots, self.max_queue, self.max_len, self.drain_timeout = max_batch, max_queue, max_len, drain_timeout
         self.status, self.exit_code = "loading", 0
         self.llm: LLM | None = None
+        self.warnings: list[str] = []  # what this machine lacks that costs speed (phi3.machine)
         self.token_texts: TokenTexts | None = None  # how log-probabilities show tokens, shared by all requests
         self.engine: Engine | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -72,6 +74,9 @@ class Backend:
             self._post(self._set_failed, 2)
             return
         self.llm, self.max_len, self.token_texts = llm, max_len, TokenTexts(llm.tokenizer)
+        self.warnings = machine.warnings(llm.device)  # shown by /health
+        for line in self.warnings:
+            log.warning("phi3: warning: %s", line)
         gib = KVCache.nbytes(llm.config, self.slots, max_len, llm.dtype) / 2**30
         log.info("serving %s as %r: %d slots x %d tokens (KV cache %.2f GiB), queue %d", llm.name, self.name,
                  self.slots, max_len, gib, self.max_queue)
@@ -212,13 +217,17 @@ class Job:
             self.backend.jobs.pop(req.id, None)
 
 
+UNKNOWN_MEMORY_LEN = 4096  # tokens per slot where the free memory cannot be read
+
+
 def plan_max_len(llm: LLM, slots: int) -> int:
     """The model's context, or the largest power of two below it whose KV cache for `slots` fits
-    in half the free memory (80% on a GPU); `--max-len` overrides."""
+    in half the free memory (80% on a GPU; UNKNOWN_MEMORY_LEN where the free memory is unknown);
+    `--max-len` overrides."""
     context = llm.config.max_position_embeddings
     free = free_memory(llm.device)
-    if free is None:
-        return context
+    if free is None:  # the system does not say: a cache that surely fits, not the whole context
+        return min(context, UNKNOWN_MEMORY_LEN)
     budget = free * (0.8 if llm.device.type == "cuda" else 0.5)
     max_len = context
     while max_len > 256 and KVCache.nbytes(llm.config, slots, max_len, llm.dtype) > budget:

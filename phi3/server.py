@@ -70,6 +70,8 @@ def create_app(model: LLM | Callable[[], LLM], *, name: str, api_key: str | None
         if backend.engine is not None:
             body.update(slots=backend.slots, max_len=backend.max_len, running=min(backend.pending, backend.slots),
                         waiting=max(0, backend.pending - backend.slots), finished=dict(backend.finished))
+        if backend.warnings:  # what this machine lacks that costs speed (phi3.machine)
+            body["warnings"] = backend.warnings
         return JSONResponse(body, status_code=200 if backend.status == "ok" else 503)
 
     @app.get("/v1/models")
