@@ -10,7 +10,9 @@ The layout and the modules are `phi3.quantize`'s; AWQ's search is `phi3.awq`'s.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import torch
@@ -169,8 +171,17 @@ def quantize_checkpoint(model: str | Path, out: str | Path, bits, method: str = 
         awq.calibration_text(calibration)
     llm = load(source, device=device, dtype="float32")
     quantization, packed = quantize_weights(llm, bits, group_size, method, calibration, keep_lm_head)
-    float_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(config.torch_dtype, torch.float32)
+    float_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(config.torch_dtype) or _sixteen_bits(llm)
     return save_quantized(llm, source, out, quantization, packed, float_dtype)
+
+
+def _sixteen_bits(llm) -> torch.dtype:
+    """The dtype the tensors that stay floating point are written in when the source is fp32: fp16
+    (11 significant bits) where all of them fit its range, else bf16 (8 bits, fp32's range). 16 bits
+    either way: at Phi-3-mini width an fp32 embedding alone is 394 MB, more than the packed layers."""
+    limit = torch.finfo(torch.float16).max
+    fits = all(t.abs().max() <= limit for t in llm.model.state_dict().values() if t.is_floating_point() and t.numel())
+    return torch.float16 if fits else torch.bfloat16
 
 
 
@@ -201,6 +212,7 @@ def save_quantized(llm, source: Path, out: str | Path, quantization: dict,
     config = _source_config(source)
     config.update(quantization=quantization, torch_dtype=str(float_dtype).removeprefix("torch."))
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    same_mode(out / "model.safetensors", out / "config.json")
     if source.suffix == ".gguf":
         if llm.tokenizer is not None:
             llm.tokenizer.save(out)
@@ -209,6 +221,12 @@ def save_quantized(llm, source: Path, out: str | Path, quantization: dict,
             if (source / name).is_file():
                 shutil.copyfile(source / name, out / name)
     return out
+
+
+def same_mode(path: Path, like: Path) -> None:
+    """Give `path` the permissions of `like` (a file written as usual, under the umask): safetensors
+    creates its files readable by their owner only."""
+    os.chmod(path, stat.S_IMODE(like.stat().st_mode))
 
 
 def _source_config(source: Path) -> dict:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .convert import same_mode
 from .generate import LLM
 from .weights import FUSED_PROJECTIONS
 
@@ -83,6 +84,7 @@ def save_pretrained(llm: LLM, out: str | Path, base: str | Path | None = None, d
     dtype = dtype or llm.dtype
     save_file(checkpoint_state(llm, dtype), out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config_dict(llm, base, dtype), indent=2) + "\n")
+    same_mode(out / "model.safetensors", out / "config.json")
     copied = [f for f in TOKENIZER_FILES if base is not None and base.is_dir() and (base / f).is_file()]
     for name in copied:
         shutil.copyfile(base / name, out / name)

@@ -284,14 +284,21 @@ def test_without_a_compiler_packed_weights_run_dequantized_and_say_so(checkpoint
 # ---------------------------------------------------------------- whole models against transformers
 
 
-def fake_quantized_reference(folder, ref_model, bits: int, g: int | None, keep_lm_head: bool = False):
-    """transformers' own model with every linear (and lm_head) replaced by its numpy-rounded weights."""
+def fake_quantized_reference(folder, ref_model, bits: int, g: int | None, keep_lm_head: bool = False,
+                             float_dtype=torch.float32):
+    """transformers' own model with every linear (and lm_head) replaced by its numpy-rounded weights,
+    the others (norms, embedding, a kept lm_head) rounded to `float_dtype` (what a checkpoint stores)."""
     model = type(ref_model).from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
+        rounded = set()
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and not (keep_lm_head and name == "lm_head"):
                 w = module.weight.numpy()
                 module.weight.copy_(torch.from_numpy(numpy_int4(w, g) if bits == 4 else numpy_int8(w, g)))
+                rounded.add(module.weight)
+        for p in model.parameters():
+            if p not in rounded:
+                p.copy_(p.to(float_dtype).float())
     return model
 
 
@@ -535,21 +542,43 @@ def test_cli_writes_a_checkpoint_that_loads_into_packed_modules(checkpoints, tmp
     qkv = "model.layers.0.self_attn.qkv_proj"
     assert tensors[f"{qkv}.weight"].dtype == torch.uint8 and tensors[f"{qkv}.weight"].shape == (192, 32)
     assert tensors[f"{qkv}.scales"].shape == tensors[f"{qkv}.biases"].shape == (192, 2)
-    assert tensors["lm_head.weight"].dtype == torch.float32  # kept, in the source's dtype
+    # kept in 16 bits (fp16: the values fit), not the fp32 source's 32; files as readable as their neighbours
+    assert {t.dtype for k, t in tensors.items() if t.is_floating_point() and not k.endswith((".scales", ".biases"))} \
+        == {torch.float16} and tensors["lm_head.weight"].dtype == torch.float16 and config["torch_dtype"] == "float16"
+    assert len({(out / f).stat().st_mode for f in ("model.safetensors", "config.json", "tokenizer.json")
+                if (out / f).exists()}) == 1
     loaded = phi3.load(out, dtype="float32")
     assert isinstance(loaded.model.model.layers[1].mlp.down_proj, QuantLinear)
     assert isinstance(loaded.model.lm_head, torch.nn.Linear) and loaded.stop_ids == {7, 8}
     ids = [5, 4, 3, 2, 1, 40, 41]
-    theirs = fake_quantized_reference(folder, ref, 4, 32, keep_lm_head=True)
+    theirs = fake_quantized_reference(folder, ref, 4, 32, keep_lm_head=True, float_dtype=torch.float16)
     with torch.no_grad():
         torch.testing.assert_close(loaded.logits(ids), theirs(torch.tensor([ids])).logits[0], atol=2e-4, rtol=0)
     on_the_fly = phi3.load(folder, dtype="float32")
     phi3.convert.quantize_model(on_the_fly, 4, keep_lm_head=True)
+    with torch.no_grad():  # the float tensors as the file holds them
+        for p in on_the_fly.model.parameters():
+            p.copy_(p.half().float())
     assert torch.equal(loaded.logits(ids), on_the_fly.logits(ids))
     # bf16 loads run the packed kernels: answers close to the fp32 ones, weights a fraction of the bytes
     fast = phi3.load(out, dtype="bfloat16")
     assert fast.model.model.layers[0].self_attn.qkv_proj.kernel in ("int8", "int4")
     assert (fast.logits(ids) - loaded.logits(ids)).abs().max() < 0.1 * loaded.logits(ids).abs().max()
+
+
+def test_float_tensors_beyond_fp16_range_are_written_in_bf16(checkpoints, tmp_path):
+    """An fp32 source with a value fp16 cannot hold: the float tensors go to bf16 (fp32's range), not inf."""
+    import shutil
+
+    source = tmp_path / "big"
+    shutil.copytree(checkpoints["window"][0], source)
+    tensors = load_file(source / "model.safetensors")
+    tensors["model.embed_tokens.weight"][3, 5] = 1e5
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    out = phi3.convert.quantize_checkpoint(source, tmp_path / "q", 8)
+    written = load_file(out / "model.safetensors")
+    assert written["model.embed_tokens.weight"].dtype == written["model.norm.weight"].dtype == torch.bfloat16
+    assert written["model.embed_tokens.weight"][3, 5] == torch.tensor(1e5).bfloat16()
 
 
 def test_tied_embeddings_are_packed_once(checkpoints, tmp_path):
@@ -563,7 +592,7 @@ def test_tied_embeddings_are_packed_once(checkpoints, tmp_path):
     assert not any(k.startswith("lm_head") for k in load_file(out / "model.safetensors"))
     loaded = phi3.load(out, dtype="float32")
     assert isinstance(loaded.model.model.embed_tokens, QuantEmbedding)
-    theirs = fake_quantized_reference(folder, ref, 8, None)  # its lm_head is the tied embedding
+    theirs = fake_quantized_reference(folder, ref, 8, None, float_dtype=torch.float16)  # lm_head: the tied embedding
     with torch.no_grad():
         theirs.model.embed_tokens.weight.copy_(theirs.lm_head.weight)
         ids = [9, 8, 7, 100, 200, 300]
