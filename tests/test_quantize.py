@@ -59,7 +59,7 @@ def test_rounding_matches_the_numpy_definition(bits, g):
 
 KERNELS = [(bits, kernel, dtype) for bits in (4, 8) for kernel, dtype in
            [("dense", torch.float32), ("cpu-fp32", torch.float32), ("dense", torch.bfloat16), ("int8", torch.bfloat16),
-            ("int4", torch.bfloat16)]
+            ("int8-dequant", torch.bfloat16), ("int4", torch.bfloat16)]
            if not (kernel == "int4" and bits == 8)]  # the int4 kernels take int4 weights only
 
 
@@ -111,6 +111,28 @@ def test_kernels_choice_on_this_machine():
     assert phi3.quantize.choose_kernel(s4, 40, 128, cpu, torch.bfloat16) == "int8"  # int4 kernel: rows in 16s
     assert phi3.quantize.choose_kernel(Scheme(8), 96, 128, cpu, torch.bfloat16) == "int8"
     assert phi3.quantize.choose_kernel(Scheme(8, 32), 96, 128, cpu, torch.bfloat16) == "int8"  # re-rounded per row
+
+
+@pytest.mark.parametrize("capability", [(7, 5), (8, 0), (9, 0)])
+def test_kernels_choice_on_cuda(monkeypatch, capability):
+    """On CUDA (its capability stubbed: no GPU here) packed weights stay packed in 16 bits: int4 on
+    tinygemm where it runs (bf16, sm80+), else per-row int8 widened per call; fp32 dequantizes. A
+    packed checkpoint loads in bf16 by default (fp16 before sm80), a float one in its own dtype."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cuda, choose = torch.device("cuda"), phi3.quantize.choose_kernel
+    sm80 = capability >= (8, 0)
+    assert choose(Scheme(4, 32), 96, 128, cuda, torch.bfloat16) == ("int4" if sm80 else "int8-dequant")
+    assert choose(Scheme(4, 32), 96, 128, cuda, torch.float16) == "int8-dequant"  # tinygemm takes bf16 only
+    assert choose(Scheme(4, 32), 96, 96, cuda, torch.bfloat16) == "int8-dequant"  # K not in 128s
+    assert choose(Scheme(8), 96, 128, cuda, torch.bfloat16) == "int8-dequant"
+    assert choose(Scheme(8, 32), 96, 128, cuda, torch.float16) == "int8-dequant"  # re-rounded per row
+    assert choose(Scheme(4, 32), 96, 128, cuda, torch.float32) == "dense"
+    from phi3.loader import pick_dtype as pick
+    assert pick(None, cuda, "float32", packed=True) == (torch.bfloat16 if sm80 else torch.float16)
+    assert pick(None, cuda, None, packed=True) == (torch.bfloat16 if sm80 else torch.float16)  # a GGUF's blocks
+    assert pick(None, cuda, "float32") == torch.float32 and pick(None, cuda, None) == torch.float32
+    assert pick("float32", cuda, None, packed=True) == torch.float32  # asked for: exact, dequantized
+    assert pick(None, torch.device("cpu"), "bfloat16", packed=True) == torch.float32
 
 
 @pytest.mark.parametrize("bits,g", [(4, 32), (4, 64), (4, 128), (8, None), (8, 32)])
@@ -718,7 +740,7 @@ def test_cuda_kernels(bits):
     scheme = Scheme(bits, 128 if bits == 4 else None)
     packed = quantize_int4(w, 128) if bits == 4 else quantize_int8(w, None)
     module = QuantLinear(512, 256, scheme, torch.bfloat16).set_packed(*[t.cuda() for t in packed])
-    assert module.kernel == ("int4" if bits == 4 else "int8")
+    assert module.kernel == ("int4" if bits == 4 and phi3.quantize.tinygemm_ok(torch.device("cuda")) else "int8-dequant")
     x = torch.randn(2, 3, 512, device="cuda")
     ref = x @ dequantize(*packed).cuda().T
     y = module(x.bfloat16()).float()
