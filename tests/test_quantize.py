@@ -740,7 +740,8 @@ def test_cuda_kernels(bits):
     scheme = Scheme(bits, 128 if bits == 4 else None)
     packed = quantize_int4(w, 128) if bits == 4 else quantize_int8(w, None)
     module = QuantLinear(512, 256, scheme, torch.bfloat16).set_packed(*[t.cuda() for t in packed])
-    assert module.kernel == ("int4" if bits == 4 and phi3.quantize.tinygemm_ok(torch.device("cuda")) else "int8-dequant")
+    int4 = bits == 4 and phi3.quantize.tinygemm_ok(torch.device("cuda"))
+    assert module.kernel == ("int4" if int4 else "int8-dequant")
     x = torch.randn(2, 3, 512, device="cuda")
     ref = x @ dequantize(*packed).cuda().T
     y = module(x.bfloat16()).float()
