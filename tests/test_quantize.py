@@ -756,6 +756,10 @@ def test_requantizing_a_gguf_loaded_for_the_int_kernels(tmp_path):
 
     config, state = tiny_phi3(hidden_size=64, intermediate_size=96, vocab_size=64)
     write_gguf(tmp_path / "q.gguf", config, state, qtype=GGMLQuantizationType.Q4_1)
+    write_gguf(tmp_path / "f.gguf", config, state, qtype=GGMLQuantizationType.F32)
+    from phi3.gguf import has_packed_blocks  # what makes a GGUF load in bf16 on CUDA by default
+
+    assert has_packed_blocks(tmp_path / "q.gguf") and not has_packed_blocks(tmp_path / "f.gguf")
     packed = phi3.load(tmp_path / "q.gguf", dtype="bfloat16")
     assert packed.model.model.layers[0].self_attn.qkv_proj.kernel == "int4"
     requantized = phi3.load(tmp_path / "q.gguf", dtype="bfloat16", quantize="int8")
