@@ -328,7 +328,7 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_quantize(args) -> int:
-    from .convert import quantize_checkpoint
+    from .save import quantize_checkpoint
 
     group_size = ... if args.group_size is None else args.group_size  # ...: the default for the bit width
     out = quantize_checkpoint(args.model, args.out, args.bits, args.method, group_size, args.calibration,
