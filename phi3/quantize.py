@@ -16,8 +16,8 @@ biases = -8 * scales; `dequantize` in fp32 reproduces `gguf.quants.dequantize` b
 
 At load each module picks a kernel for its device and dtype (`choose_kernel`): in fp32 on the CPU
 the weights stay packed and phi3's own kernels (`kernels.py`, `csrc/packed.c`) dequantize them in
-registers, exact (the same as `x @ dequantize(W).T` up to fp32 summation order) and ~2x faster than
-dense fp32 weights at decode; without a C compiler, and in fp32 elsewhere, the weight is dequantized
+registers, exact (the same as `x @ dequantize(W).T` up to fp32 summation order) and faster than
+dense fp32 weights at decode (docs/PERFORMANCE.md); without a C compiler, and in fp32 elsewhere, the weight is dequantized
 once and `F.linear` runs on it, also exact; in bf16/fp16 the weights stay packed and torch's
 int8/int4 weight-only matmuls run on them (approximate: bf16 activations).
 """
@@ -144,7 +144,8 @@ def choose_kernel(scheme: Scheme, out_features: int, in_features: int, device: t
     (per-row int8 kept, converted to the activations' dtype on each call for F.linear: gpt-fast's
     way on CUDA, where `_weight_int8pack_mm` has no fast kernel) or 'int4'
     (`_weight_int4pack_mm[_for_cpu]`), by what each device's kernels accept and what measured fastest.
-    torch's int kernels are 8-40x slower than F.linear with fp32 activations, so fp32 never uses them.
+    torch's int kernels are many times slower than F.linear with fp32 activations (docs/QUANTIZATION.md),
+    so fp32 never uses them.
     On CUDA int4 needs bf16 and sm80+ (tinygemm); elsewhere the weights are re-rounded to per-row int8,
     still packed."""
     if dtype == torch.float32:
@@ -161,7 +162,8 @@ def choose_kernel(scheme: Scheme, out_features: int, in_features: int, device: t
         return "int4" if dtype == torch.bfloat16 and int4_ok and tinygemm_ok(device) else "int8-dequant"
     if device.type == "cpu":
         # Decoding streams every weight once per token: on an AVX2 CPU the int4 kernel, slower than the
-        # int8 one on a cache-hot layer, decodes SmolLM2 as fast or faster end to end, in 30% less memory.
+        # int8 one on a cache-hot layer, decodes SmolLM2 as fast or faster end to end, in less memory
+        # (docs/QUANTIZATION.md).
         # Group-wise int8 (GGUF's Q8_0) and odd-shaped int4 are re-rounded to per-row int8 at load.
         return "int4" if int4_ok else "int8"
     return "dense"
@@ -328,9 +330,8 @@ def set_activations(model: nn.Module, activations: str) -> int:
 
     "fp32" (the default) is exact: the same as `x @ dequantize(W).T` up to the order of fp32 sums.
     "int16" (opt-in) rounds each row of x to int16 per block of 32 columns (scale max|x| / 32767)
-    and takes integer dots, as llama.cpp does with int8: decode 1.7x faster at Phi-3-mini width and
-    1.1-1.3x on SmolLM2 (docs/PERFORMANCE.md), with an error of
-    at most 2^-16 of a block's largest input (bf16 activations: 2^-9 of each). It applies to calls
+    and takes integer dots, as llama.cpp does with int8: a faster decode (docs/PERFORMANCE.md), with
+    an error of at most 2^-16 of a block's largest input (bf16 activations: 2^-9 of each). It applies to calls
     with fewer than `kernels.DENSE_ROWS` rows (decode steps, short prompts); longer prompts stay
     exact. Linears it cannot take (weights not packed, other devices or dtypes, inputs not in whole
     32-column blocks) stay fp32; if none can, it is an error rather than a silent no-op.
