@@ -18,8 +18,8 @@ At load each module picks a kernel for its device and dtype (`choose_kernel`): i
 the weights stay packed and phi3's own kernels (`kernels.py`, `csrc/packed.c`) dequantize them in
 registers, exact (the same as `x @ dequantize(W).T` up to fp32 summation order) and faster than
 dense fp32 weights at decode (docs/PERFORMANCE.md); without a C compiler, and in fp32 elsewhere,
-the weight is dequantized once and `F.linear` runs on it, also exact; in bf16/fp16 the weights stay packed and torch's
-int8/int4 weight-only matmuls run on them (approximate: bf16 activations).
+the weight is dequantized once and `F.linear` runs on it, also exact; in bf16/fp16 the weights stay
+packed and torch's int8/int4 weight-only matmuls run on them (approximate: bf16 activations).
 """
 
 from __future__ import annotations
