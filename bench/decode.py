@@ -23,29 +23,10 @@ import time
 import torch
 
 import phi3
+from phi3.bench import copy_bandwidth, sync
 from phi3.weights import resolve
 
 PROMPT = "The history of the Roman Empire"
-
-
-def bandwidth_gbs(device: torch.device) -> float:
-    """Read + write bandwidth of a large device-to-device copy, GB/s."""
-    n = 256 * 2**20
-    src = torch.ones(n, dtype=torch.uint8, device=device)  # touched: untouched pages read as free zeros
-    dst = torch.zeros_like(src)
-    best = float("inf")
-    for _ in range(5):
-        _sync(device)
-        t = time.perf_counter()
-        dst.copy_(src)
-        _sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n / best / 1e9
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def bench_ours(model, device, dtype, new_tokens, quantize=None) -> tuple[float, int, torch.dtype]:
@@ -54,10 +35,10 @@ def bench_ours(model, device, dtype, new_tokens, quantize=None) -> tuple[float, 
     llm.stop_ids = frozenset()  # measure exactly new_tokens steps
     ids = llm.encode_prompt(PROMPT)
     llm.generate(ids, max_new_tokens=8)  # warm-up
-    _sync(llm.device)
+    sync(llm.device)
     t = time.perf_counter()
     llm.generate(ids, max_new_tokens=new_tokens)
-    _sync(llm.device)
+    sync(llm.device)
     tps = new_tokens / (time.perf_counter() - t)
     weights = [*llm.model.parameters(), *(b for n, b in llm.model.named_buffers() if not n.startswith("rope."))]
     return tps, sum(t.numel() * t.element_size() for t in weights), llm.dtype
@@ -74,10 +55,10 @@ def bench_transformers(model, device, dtype, new_tokens) -> float:
     gen = dict(do_sample=False, eos_token_id=None, pad_token_id=0, attention_mask=torch.ones_like(ids))
     with torch.no_grad():
         ref.generate(ids, max_new_tokens=8, min_new_tokens=8, **gen)
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         ref.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **gen)
-        _sync(device)
+        sync(device)
     return new_tokens / (time.perf_counter() - t)
 
 
@@ -120,7 +101,7 @@ def main() -> None:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"# {args.model}, greedy, {args.new_tokens} new tokens after {PROMPT!r}")
     print(f"# device {device} ({card}), torch {torch.__version__}, {threads} threads, {time.strftime('%Y-%m-%d')}")
-    bw = bandwidth_gbs(device)
+    bw = copy_bandwidth(device) / 1e9
     rows = []
     ours = [(name, None) for name in args.dtypes.split(",")]
     ours += [(args.quantize_dtype, q) for q in args.quantize.split(",") if q]

@@ -17,6 +17,7 @@ import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
+from . import machine
 from .cache import KVCache
 from .engine import Engine, Event
 from .generate import LLM, Chunk, TextStream
@@ -40,6 +41,7 @@ class Backend:
         self.slots, self.max_queue, self.max_len, self.drain_timeout = max_batch, max_queue, max_len, drain_timeout
         self.status, self.exit_code = "loading", 0
         self.llm: LLM | None = None
+        self.warnings: list[str] = []  # what this machine lacks that costs speed (phi3.machine)
         self.token_texts: TokenTexts | None = None  # how log-probabilities show tokens, shared by all requests
         self.engine: Engine | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -74,6 +76,9 @@ class Backend:
             self._post(self._set_failed, 2)
             return
         self.llm, self.max_len, self.token_texts = llm, max_len, TokenTexts(llm.tokenizer)
+        self.warnings = machine.warnings(llm.device)  # shown by /health
+        for line in self.warnings:
+            log.warning("phi3: warning: %s", line)
         tokens = self.engine.cache.tokens
         log.info("serving %s as %r: %d rows, context %d, KV cache %d tokens (%.2f GiB, touched as used; prefix "
                  "cache %s), queue %d", llm.name, self.name, self.slots, max_len, tokens,

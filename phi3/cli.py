@@ -257,6 +257,10 @@ def cmd_info(args) -> int:
               f"{kv / gib:6.2f} GiB = {(weights + kv) / gib:6.2f} GiB")
     if packed is not None:
         print("                 (packed: the file's int4/int8 blocks as phi3's CPU kernels keep them in fp32)")
+    from .machine import warnings
+
+    for line in warnings("cpu"):
+        print(f"warning          {line}")
     return 0
 
 
@@ -354,7 +358,7 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_quantize(args) -> int:
-    from .convert import quantize_checkpoint
+    from .save import quantize_checkpoint
 
     group_size = ... if args.group_size is None else args.group_size  # ...: the default for the bit width
     out = quantize_checkpoint(args.model, args.out, args.bits, args.method, group_size, args.calibration,

@@ -10,7 +10,9 @@ The layout and the modules are `phi3.quantize`'s; AWQ's search is `phi3.awq`'s.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import torch
@@ -151,27 +153,17 @@ def quantize_model(llm, bits: int = 4, group_size: int | None = ..., method: str
 
 
 # -- writing a checkpoint ------------------------------------------------------------------------
-def quantize_checkpoint(model: str | Path, out: str | Path, bits, method: str = "rtn", group_size: int | None = ...,
-                        calibration: str | Path | None = None, keep_lm_head: bool = False, device=None) -> Path:
-    """`phi3 quantize`: load `model` in fp32 (anything `phi3.load` accepts), quantize it, write `out`.
-    Everything that can be checked (bits, method, group size, calibration file, output directory,
-    an already-quantized source) is checked before the weights are read."""
-    from .loader import load
-    from .weights import read_config, resolve
-
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise QuantizationError(f"{out} already exists and is not an empty directory")
-    source = resolve(model)
-    config, _ = read_config(source)
-    check_request(config, bits, group_size, method, keep_lm_head)
-    if method == "awq":
-        awq.calibration_text(calibration)
-    llm = load(source, device=device, dtype="float32")
-    quantization, packed = quantize_weights(llm, bits, group_size, method, calibration, keep_lm_head)
-    float_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(config.torch_dtype, torch.float32)
-    return save_quantized(llm, source, out, quantization, packed, float_dtype)
-
+def stored_float_dtype(llm, checkpoint_dtype: str | None) -> torch.dtype:
+    """The dtype a quantized checkpoint stores its floating-point tensors (norms, embedding, kept
+    linears) in: the source's when it is 16-bit; for an fp32 source fp16 (11 significant bits) where
+    all of them fit its range, else bf16 (8 bits, fp32's range). 16 bits either way: at Phi-3-mini
+    width an fp32 embedding alone is 394 MB, more than the packed layers."""
+    source = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(str(checkpoint_dtype))
+    if source is not None:
+        return source
+    limit = torch.finfo(torch.float16).max
+    fits = all(t.abs().max() <= limit for t in llm.model.state_dict().values() if t.is_floating_point() and t.numel())
+    return torch.float16 if fits else torch.bfloat16
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -201,6 +193,7 @@ def save_quantized(llm, source: Path, out: str | Path, quantization: dict,
     config = _source_config(source)
     config.update(quantization=quantization, torch_dtype=str(float_dtype).removeprefix("torch."))
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    same_mode(out / "model.safetensors", out / "config.json")
     if source.suffix == ".gguf":
         if llm.tokenizer is not None:
             llm.tokenizer.save(out)
@@ -209,6 +202,12 @@ def save_quantized(llm, source: Path, out: str | Path, quantization: dict,
             if (source / name).is_file():
                 shutil.copyfile(source / name, out / name)
     return out
+
+
+def same_mode(path: Path, like: Path) -> None:
+    """Give `path` the permissions of `like` (a file written as usual, under the umask): safetensors
+    creates its files readable by their owner only."""
+    os.chmod(path, stat.S_IMODE(like.stat().st_mode))
 
 
 def _source_config(source: Path) -> dict:

@@ -153,7 +153,9 @@ class Engine:
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs needs the model on a CUDA device")
         if compile:  # one specialisation per (B, S, mode) bucket: allow as many as there are buckets
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+            dynamo = torch._dynamo.config  # the limit's name before torch 2.7: cache_size_limit
+            limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+            setattr(dynamo, limit, max(getattr(dynamo, limit), 256))
         self._compiled = compile
         self._body = torch.compile(self._decode_body, dynamic=False, fullgraph=True) if compile else self._decode_body
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
@@ -483,6 +485,7 @@ class Engine:
         return graph
 
 
+UNKNOWN_MEMORY_TOKENS = 4096  # per row, where the free memory cannot be read
 POOL_SHARE = {"cuda": 0.8}  # of free memory a default pool may take (the CPU's: 0.5, touched only as used)
 
 
@@ -491,8 +494,8 @@ def default_pool_tokens(model: Phi3, slots: int, max_len: int, device: torch.dev
     block per row, so that `check_memory` says what is short rather than a pool of nothing)."""
     want = slots * max_len
     free = free_memory(device)
-    if free is None:
-        return want
+    if free is None:  # the system does not say: a pool that surely fits, not every row's whole context
+        return min(want, slots * UNKNOWN_MEMORY_TOKENS)
     per_token = KVCache.nbytes(model.config, 1, dtype)
     fits = int(free * POOL_SHARE.get(device.type, 0.5)) // per_token
     return max(min(want, fits), slots * BLOCK_SIZE)
@@ -522,14 +525,14 @@ def check_memory(model: Phi3, slots: int, max_len: int, device: torch.device, dt
 
 
 def free_memory(device: torch.device) -> int | None:
-    """Bytes free on `device` (CUDA: the driver's count; CPU: the kernel's MemAvailable), or None."""
+    """Bytes free on `device` (CUDA: the driver's count; CPU and MPS: the system's available memory,
+    psutil's reading of MemAvailable on Linux, of the VM statistics on macOS, of
+    GlobalMemoryStatusEx on Windows), or None where the system does not say."""
     if device.type == "cuda":  # what the driver has free, and what torch's allocator holds unused
         return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    import psutil
+
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+        return int(psutil.virtual_memory().available)
+    except (OSError, RuntimeError, NotImplementedError):  # a platform psutil cannot read
+        return None

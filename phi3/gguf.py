@@ -150,6 +150,11 @@ def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 _PACKED = {GGMLQuantizationType.Q8_0: 8, GGMLQuantizationType.Q4_0: 4, GGMLQuantizationType.Q4_1: 4}
 
 
+def has_packed_blocks(path) -> bool:
+    """Whether `phi3.load` keeps any matrix of this file packed (Q4_0, Q4_1 or Q8_0), from the header."""
+    return any(t.ggml_type in _PACKED and len(t.shape) == 2 for t in _read_header(Path(path))[1].values())
+
+
 def packed_memory_bytes(path) -> int:
     """Bytes of weights `phi3.load` keeps for this file in fp32 on a CPU with phi3's kernels (read from
     the header alone): Q4_0/Q4_1/Q8_0 matrices as their blocks (int4 with fp16 scales and biases:

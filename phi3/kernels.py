@@ -145,12 +145,29 @@ def warn_unavailable() -> None:
               f"{_state.get('why')}", file=sys.stderr)
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> None:
-    if x.dtype != torch.float32 or x.device.type != "cpu" or weight.device.type != "cpu" or x.dim() != 2:
+def _check(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor | None) -> None:
+    """A ValueError naming what is wrong with tensors the C code would misread or read past."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2:
         raise ValueError(f"phi3.kernels: (M, K) fp32 CPU activations expected, got {tuple(x.shape)} {x.dtype} on {x.device}")
-    if (x.shape[1] != weight.shape[1] * (2 if weight.dtype == torch.uint8 else 1) or scales.dtype != torch.float16
-            or not (weight.is_contiguous() and scales.is_contiguous())):
-        raise ValueError("phi3.kernels: packed tensors do not match the activations (shape, fp16 scales, contiguous)")
+    bits, packed = (4, {"weight": weight, "scales": scales, "biases": biases}) if biases is not None else \
+        (8, {"weight": weight, "scales": scales})
+    for name, t in packed.items():
+        if t.device.type != "cpu" or t.dim() != 2 or not t.is_contiguous():
+            raise ValueError(f"phi3.kernels: {name} must be a contiguous 2-D CPU tensor, got {tuple(t.shape)} "
+                             f"on {t.device}{'' if t.is_contiguous() else ' (not contiguous)'}")
+    if weight.dtype != (torch.uint8 if bits == 4 else torch.int8):
+        raise ValueError(f"phi3.kernels: int{bits} weights are {'uint8 (N, K/2)' if bits == 4 else 'int8 (N, K)'}, "
+                         f"got {weight.dtype}")
+    (N, K), G = (weight.shape[0], weight.shape[1] * (2 if bits == 4 else 1)), scales.shape[1]
+    if x.shape[1] != K:
+        raise ValueError(f"phi3.kernels: activations have {x.shape[1]} columns, the int{bits} weight {K}")
+    step = 32 if bits == 4 else 16  # the C loops' blocks: int4 nibble blocks, int8 vectors
+    if scales.dtype != torch.float16 or scales.shape[0] != N or G == 0 or K % G or (K // G) % step:
+        raise ValueError(f"phi3.kernels: scales must be fp16 ({N}, G) with K={K} in G groups of a multiple of "
+                         f"{step} columns, got {scales.dtype} {tuple(scales.shape)}")
+    if biases is not None and (biases.dtype != torch.float16 or biases.shape != scales.shape):
+        raise ValueError(f"phi3.kernels: biases must be fp16 of the scales' shape {tuple(scales.shape)}, got "
+                         f"{biases.dtype} {tuple(biases.shape)}")
 
 
 def q4_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor) -> torch.Tensor:
@@ -220,7 +237,7 @@ def _scratch(numel: int) -> torch.Tensor:
 
 def _packed_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
                    biases: torch.Tensor | None, int16: bool = False) -> torch.Tensor:
-    _check(x, weight, scales)
+    _check(x, weight, scales, biases)
     lib, threads = _lib(), torch.get_num_threads()
     if lib is None:
         raise RuntimeError(f"phi3.kernels are not available: {_state['why']}")

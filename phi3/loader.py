@@ -72,10 +72,10 @@ def _load(model, device, dtype, attn_implementation, prepare, quantize) -> LLM:
         parse_bits(quantize)
     path = resolve(model)
     if path.suffix == ".gguf":
-        from .gguf import load_gguf
+        from .gguf import has_packed_blocks, load_gguf
         from .tokenizer import tokenizer_from_gguf_metadata
 
-        dtype = pick_dtype(dtype, device, None)
+        dtype = pick_dtype(dtype, device, None, packed=has_packed_blocks(path))
         config_dict, state, metadata = load_gguf(path, dtype=dtype, packed=True)  # Q4_0/Q4_1/Q8_0 stay packed
         config = Phi3Config.from_dict(config_dict, source=str(path))
         net = build_model(config, state, device=device, dtype=dtype, attn_implementation=attn_implementation,
@@ -83,7 +83,7 @@ def _load(model, device, dtype, attn_implementation, prepare, quantize) -> LLM:
         llm = LLM(net, tokenizer_from_gguf_metadata(metadata), name=path.name)
     else:
         config = Phi3Config.from_file(path / "config.json")
-        dtype = pick_dtype(dtype, device, config.torch_dtype)
+        dtype = pick_dtype(dtype, device, config.torch_dtype, packed=config.quantization is not None)
         net = load_safetensors_model(path, config, device=device, dtype=dtype, attn_implementation=attn_implementation,
                                      prepare=_prepare(config, dtype, prepare, quantize))
         tokenizer = load_tokenizer(path) if (path / "tokenizer.json").exists() else None
@@ -149,9 +149,11 @@ def pick_device(device=None) -> torch.device:
     return dev
 
 
-def pick_dtype(dtype, device: torch.device, checkpoint_dtype: str | None) -> torch.dtype:
+def pick_dtype(dtype, device: torch.device, checkpoint_dtype: str | None, packed: bool = False) -> torch.dtype:
     """Explicit dtype if given (`"bf16"`, `"float32"`, a torch.dtype …); else fp32 on CPU and the
-    checkpoint's own on GPU (fp32 for a GGUF, which names none, as transformers does).
+    checkpoint's own on GPU (fp32 for a GGUF, which names none, as transformers does), except for a
+    `packed` checkpoint (int4/int8 blocks: a GGUF's Q4/Q8, `phi3 quantize`) on GPU: bf16 (fp16 before
+    sm80), so that its weights stay packed on torch's int kernels instead of dequantized for fp32.
 
     fp32 on CPU, whatever the checkpoint is stored in, because it gives the reference's answers:
     bf16 compute changes a real model's greedy answers (SmolLM2-135M: 6 of 10 everyday prompts),
@@ -167,6 +169,8 @@ def pick_dtype(dtype, device: torch.device, checkpoint_dtype: str | None) -> tor
             raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)} or a torch.dtype")
         return _DTYPES[key]
     if device.type == "cuda":
+        if packed:
+            return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
         return _DTYPES.get(str(checkpoint_dtype).lower(), torch.float32)
     return torch.float32
 

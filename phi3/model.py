@@ -28,11 +28,10 @@ ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`F.linear(x, weight)` (no bias). On the CPU in fp32, a few rows of x (a decode step) run
-    phi3's own kernel (`kernels.dense_linear`), more rows oneDNN's inner product, which measured
-    1.2-2.7x faster than F.linear's BLAS path on an AVX2 CPU at decode and prefill sizes
-    (bench/linear.py); the same result up to fp32 rounding. Not where gradients are needed
-    (neither has a backward), nor in other dtypes, nor under torch.compile (which lowers F.linear
-    its own way)."""
+    phi3's own kernel (`kernels.dense_linear`), more rows oneDNN's inner product, both faster than
+    F.linear's BLAS path at decode and prefill sizes (bench/linear.py, docs/PERFORMANCE.md); the
+    same result up to fp32 rounding. Not where gradients are needed (neither has a backward), nor
+    in other dtypes, nor under torch.compile (which lowers F.linear its own way)."""
     if (x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
             and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):

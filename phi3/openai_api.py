@@ -39,7 +39,7 @@ from .sampling import SamplingParams
 
 MAX_N = 128  # choices per request (OpenAI's cap)
 MAX_STOP = 16  # stop strings per request
-_GOLDEN = 0x9E3779B97F4A7C15
+_CHOICE_SEED_STEP = 0x9E3779B97F4A7C15  # the golden ratio in 64 bits: choices' seeds far apart
 
 
 class APIError(Exception):
@@ -259,7 +259,7 @@ def sampling_params(req: _Request, max_new: int, choice: int) -> SamplingParams:
         top_p, top_k = 1.0, 1
     seed = None
     if req.seed is not None:
-        seed = req.seed % 2**63 if choice == 0 else (req.seed + choice * _GOLDEN) % 2**63
+        seed = req.seed % 2**63 if choice == 0 else (req.seed + choice * _CHOICE_SEED_STEP) % 2**63
     return SamplingParams(max_new_tokens=max_new, temperature=1.0 if req.temperature is None else req.temperature,
                           top_p=top_p, top_k=top_k, min_p=req.min_p or 0.0,
                           repetition_penalty=req.repetition_penalty or 1.0, seed=seed, stop=req.stops,

@@ -16,10 +16,10 @@ biases = -8 * scales; `dequantize` in fp32 reproduces `gguf.quants.dequantize` b
 
 At load each module picks a kernel for its device and dtype (`choose_kernel`): in fp32 on the CPU
 the weights stay packed and phi3's own kernels (`kernels.py`, `csrc/packed.c`) dequantize them in
-registers, exact (the same as `x @ dequantize(W).T` up to fp32 summation order) and ~2x faster than
-dense fp32 weights at decode; without a C compiler, and in fp32 elsewhere, the weight is dequantized
-once and `F.linear` runs on it, also exact; in bf16/fp16 the weights stay packed and torch's
-int8/int4 weight-only matmuls run on them (approximate: bf16 activations).
+registers, exact (the same as `x @ dequantize(W).T` up to fp32 summation order) and faster than
+dense fp32 weights at decode (docs/PERFORMANCE.md); without a C compiler, and in fp32 elsewhere,
+the weight is dequantized once and `F.linear` runs on it, also exact; in bf16/fp16 the weights stay
+packed and torch's int8/int4 weight-only matmuls run on them (approximate: bf16 activations).
 """
 
 from __future__ import annotations
@@ -133,11 +133,21 @@ def dequantize(weight: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor 
 
 
 # -- kernels -------------------------------------------------------------------------------------
+def tinygemm_ok(device: torch.device) -> bool:
+    """Whether torch's int4 CUDA kernel (`_weight_int4pack_mm`, tinygemm: bf16, sm80+) runs on `device`."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def choose_kernel(scheme: Scheme, out_features: int, in_features: int, device: torch.device, dtype: torch.dtype) -> str:
     """'cpu-fp32' (phi3's own kernels on the packed blocks, fp32 activations: exact), 'dense'
-    (dequantized once, F.linear: exact in fp32), 'int8' (`_weight_int8pack_mm`) or 'int4'
+    (dequantized once, F.linear: exact in fp32), 'int8' (`_weight_int8pack_mm`), 'int8-dequant'
+    (per-row int8 kept, converted to the activations' dtype on each call for F.linear: gpt-fast's
+    way on CUDA, where `_weight_int8pack_mm` has no fast kernel) or 'int4'
     (`_weight_int4pack_mm[_for_cpu]`), by what each device's kernels accept and what measured fastest.
-    torch's int kernels are 8-40x slower than F.linear with fp32 activations, so fp32 never uses them."""
+    torch's int kernels are many times slower than F.linear with fp32 activations (docs/QUANTIZATION.md),
+    so fp32 never uses them.
+    On CUDA int4 needs bf16 and sm80+ (tinygemm); elsewhere the weights are re-rounded to per-row int8,
+    still packed."""
     if dtype == torch.float32:
         if device.type == "cpu" and (scheme.bits == 4 or in_features // scheme.groups(in_features) % 16 == 0):
             ok, _ = kernels.available()
@@ -149,12 +159,11 @@ def choose_kernel(scheme: Scheme, out_features: int, in_features: int, device: t
     int4_ok = scheme.bits == 4 and g in (32, 64, 128, 256) and (
         out_features % 16 == 0 if device.type == "cpu" else out_features % 8 == 0 and in_features % 128 == 0)
     if device.type == "cuda":
-        if dtype == torch.bfloat16 and int4_ok:
-            return "int4"
-        return "int8" if scheme.bits == 8 and scheme.group_size is None else "dense"
+        return "int4" if dtype == torch.bfloat16 and int4_ok and tinygemm_ok(device) else "int8-dequant"
     if device.type == "cpu":
         # Decoding streams every weight once per token: on an AVX2 CPU the int4 kernel, slower than the
-        # int8 one on a cache-hot layer, decodes SmolLM2 as fast or faster end to end, in 30% less memory.
+        # int8 one on a cache-hot layer, decodes SmolLM2 as fast or faster end to end, in less memory
+        # (docs/QUANTIZATION.md).
         # Group-wise int8 (GGUF's Q8_0) and odd-shaped int4 are re-rounded to per-row int8 at load.
         return "int4" if int4_ok else "int8"
     return "dense"
@@ -166,7 +175,7 @@ class QuantLinear(nn.Module):
     Built on the meta device with the checkpoint's tensors (module docstring); when they are loaded
     (`load_state_dict(..., assign=True)`) or set with `set_packed`, they are converted once to the
     layout of the kernel `choose_kernel` picks for their device and `dtype` (or `kernel`, if given:
-    "dense", "int8", "int4", or "packed": keep the checkpoint layout and dequantize on every call,
+    "dense", "int8", "int8-dequant", "int4", or "packed": keep the checkpoint layout and dequantize on every call,
     exact in fp32 with a quarter of the memory but slow; for training, where gradients flow through it)
     or "cpu-fp32" (phi3's kernels, the same layout; gradients take the "packed" path).
     """
@@ -207,7 +216,7 @@ class QuantLinear(nn.Module):
         'dense' and 'int8'; for 'int4' read back through the kernel (in its output precision)."""
         if self.kernel == "dense":
             return self.w.to(dtype)
-        if self.kernel == "int8":
+        if self.kernel in ("int8", "int8-dequant"):
             w = self.q8.float() * self.s8.float()[:, None]
         elif self.kernel == "int4":
             eye = torch.eye(self.in_features, dtype=self.dtype, device=self.sz.device)
@@ -230,7 +239,7 @@ class QuantLinear(nn.Module):
             if self.input_scale is not None:  # folded in once
                 w, self.input_scale = w * self.input_scale.float(), None
             self.register_buffer("w", w.to(self.dtype), persistent=False)  # (N, K)
-        elif self.kernel == "int8":  # per-row int8, scales in the activations' dtype
+        elif self.kernel in ("int8", "int8-dequant"):  # per-row int8, scales in the activations' dtype
             if self.scheme.bits == 8 and self.scheme.group_size is None:
                 q, s = self.weight, self.scales.to(self.dtype)
             else:
@@ -263,6 +272,8 @@ class QuantLinear(nn.Module):
             y = linear(x, self.w)
         elif self.kernel == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x, self.q8, self.s8)
+        elif self.kernel == "int8-dequant":  # int8 in memory, widened per call (gpt-fast's CUDA int8)
+            y = F.linear(x, self.q8.to(x.dtype)) * self.s8
         elif self.kernel == "int4":
             y = self._int4(x)
         elif self.kernel == "cpu-fp32" and not (torch.is_grad_enabled() and x.requires_grad):
@@ -283,7 +294,7 @@ class QuantEmbedding(QuantLinear):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C)
         if self.kernel == "dense":
             return F.embedding(tokens, self.w)
-        if self.kernel == "int8":
+        if self.kernel in ("int8", "int8-dequant"):
             x = self.q8[tokens].to(self.dtype) * self.s8[tokens, None]  # (B, T, C)
         else:
             rows = [t[tokens.flatten()] if t is not None else None for t in (self.weight, self.scales, self.biases)]
@@ -319,9 +330,8 @@ def set_activations(model: nn.Module, activations: str) -> int:
 
     "fp32" (the default) is exact: the same as `x @ dequantize(W).T` up to the order of fp32 sums.
     "int16" (opt-in) rounds each row of x to int16 per block of 32 columns (scale max|x| / 32767)
-    and takes integer dots, as llama.cpp does with int8: decode 1.7x faster at Phi-3-mini width and
-    1.1-1.3x on SmolLM2 (docs/PERFORMANCE.md), with an error of
-    at most 2^-16 of a block's largest input (bf16 activations: 2^-9 of each). It applies to calls
+    and takes integer dots, as llama.cpp does with int8: a faster decode (docs/PERFORMANCE.md), with
+    an error of at most 2^-16 of a block's largest input (bf16 activations: 2^-9 of each). It applies to calls
     with fewer than `kernels.DENSE_ROWS` rows (decode steps, short prompts); longer prompts stay
     exact. Linears it cannot take (weights not packed, other devices or dtypes, inputs not in whole
     32-column blocks) stay fp32; if none can, it is an error rather than a silent no-op.

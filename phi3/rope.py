@@ -50,6 +50,19 @@ class RotaryEmbedding(nn.Module):
         self.cos: torch.Tensor | None = None  # (2, L, R) in the activations' dtype
         self.sin: torch.Tensor | None = None
 
+    def _apply(self, fn, recurse=True):
+        """`module.to(...)`, `.half()`, `.cuda()`: the inverse frequencies move but stay fp32 (rounded
+        to bf16 they would shift every rotation angle), and cos/sin tables already built move with them
+        (keeping their dtype, which `tables` owns)."""
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        device = self.inv_freq.device
+        if not inv_freq.is_meta and device.type != "meta":
+            self.inv_freq = inv_freq.to(device)  # the fp32 values as they were, on the new device
+        if self.cos is not None and self.cos.device != device:
+            self.cos, self.sin = self.cos.to(device), self.sin.to(device)
+        return self
+
     def tables(self, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (2, >= length, R) in `dtype` for positions 0.. (index 0: short factors, 1: long).
 

@@ -189,7 +189,7 @@ def sample_rows(logits, temperature, top_k, top_p, min_p, penalty, seen, seed, s
 
 
 # splitmix64's finaliser on int64 tensors (multiplication wraps; shifts made logical by masking).
-_GOLDEN, _C1, _C2 = 0x9E3779B97F4A7C15 - 2**64, 0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64
+_SPLITMIX_GAMMA, _C1, _C2 = 0x9E3779B97F4A7C15 - 2**64, 0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64
 
 
 def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
@@ -204,8 +204,8 @@ def _mix(z: torch.Tensor) -> torch.Tensor:
 
 def uniform(seed: torch.Tensor, step: torch.Tensor, n: int) -> torch.Tensor:
     """(B, n) fp32 in (0, 1): a pure function of each row's (seed, step) and the column."""
-    row = _mix(seed * _GOLDEN + step)  # (B,)
-    column = torch.arange(n, device=seed.device) * _GOLDEN
+    row = _mix(seed * _SPLITMIX_GAMMA + step)  # (B,)
+    column = torch.arange(n, device=seed.device) * _SPLITMIX_GAMMA
     bits = _shr(_mix(row[:, None] + column), 40)  # 24 random bits
     return (bits.float() + 0.5) * 2.0**-24
 

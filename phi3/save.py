@@ -1,5 +1,7 @@
 """Write a model as a plain Hugging Face checkpoint that transformers, PEFT and `phi3.load` all read;
-`merge` folds a LoRA adapter into its base and writes the result.
+`merge` folds a LoRA adapter into its base and writes the result; `quantize_checkpoint` (`phi3
+quantize`) loads a model, quantizes it and writes the packed checkpoint (`phi3.convert`'s layout).
+Both load their source here, so that `convert` and `loader` do not import each other.
 
     model.safetensors (the base's own layout: fused for Phi-3, q/k/v and gate/up apart for Llama)
     config.json (the base's, or built from GGUF metadata)
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .convert import same_mode
 from .generate import LLM
 from .weights import FUSED_PROJECTIONS
 
@@ -83,6 +86,7 @@ def save_pretrained(llm: LLM, out: str | Path, base: str | Path | None = None, d
     dtype = dtype or llm.dtype
     save_file(checkpoint_state(llm, dtype), out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config_dict(llm, base, dtype), indent=2) + "\n")
+    same_mode(out / "model.safetensors", out / "config.json")
     copied = [f for f in TOKENIZER_FILES if base is not None and base.is_dir() and (base / f).is_file()]
     for name in copied:
         shutil.copyfile(base / name, out / name)
@@ -117,3 +121,27 @@ def merge(model, adapter, out, *, dtype=None, device=None) -> Path:
     else:
         dtype = pick_dtype(dtype, torch.device("cpu"), None)
     return save_pretrained(llm, out, base=base, dtype=dtype)
+
+
+def quantize_checkpoint(model: str | Path, out: str | Path, bits, method: str = "rtn", group_size: int | None = ...,
+                        calibration: str | Path | None = None, keep_lm_head: bool = False, device=None) -> Path:
+    """`phi3 quantize`: load `model` in fp32 (anything `phi3.load` accepts), quantize it, write `out`.
+    Everything that can be checked (bits, method, group size, calibration file, output directory,
+    an already-quantized source) is checked before the weights are read."""
+    from . import awq
+    from .convert import check_request, quantize_weights, save_quantized, stored_float_dtype
+    from .loader import load
+    from .quantize import QuantizationError
+    from .weights import read_config, resolve
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise QuantizationError(f"{out} already exists and is not an empty directory")
+    source = resolve(model)
+    config, _ = read_config(source)
+    check_request(config, bits, group_size, method, keep_lm_head)
+    if method == "awq":
+        awq.calibration_text(calibration)
+    llm = load(source, device=device, dtype="float32")
+    quantization, packed = quantize_weights(llm, bits, group_size, method, calibration, keep_lm_head)
+    return save_quantized(llm, source, out, quantization, packed, stored_float_dtype(llm, config.torch_dtype))

@@ -84,6 +84,8 @@ def create_app(model: LLM | Callable[[], LLM], *, name: str, api_key: str | None
             stats = backend.engine.stats()
             body.update(slots=backend.slots, max_len=backend.max_len, running=stats.pop("running"),
                         waiting=stats.pop("waiting"), finished=dict(backend.finished), kv_cache=stats)
+        if backend.warnings:  # what this machine lacks that costs speed (phi3.machine)
+            body["warnings"] = backend.warnings
         return JSONResponse(body, status_code=200 if backend.status == "ok" else 503)
 
     @app.get("/metrics")

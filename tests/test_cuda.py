@@ -61,3 +61,22 @@ def test_cuda_graph_batches_equal_transformers_per_row(checkpoints):
                                attention_mask=torch.ones(1, n, dtype=torch.long))
         assert req.tokens == out[0, n:].tolist(), n
     assert len(engine._graphs) >= 2  # several (batch, length) buckets were captured and replayed
+
+
+@pytest.mark.parametrize("kind", ["longrope", "gqa"])
+def test_cuda_bf16_greedy_tokens_match_transformers(checkpoints, kind):
+    """bf16 on the GPU, the dtype a real Phi-3 loads in there: the greedy tokens of transformers in
+    bf16 on the same device (the tiny models' logits are well separated: no near-ties to flip)."""
+    folder, ref = checkpoints[kind]
+    theirs = type(ref).from_pretrained(folder, dtype=torch.bfloat16).to("cuda").eval()
+    llm = phi3.load(folder, device="cuda", dtype="bfloat16")
+    engine = Engine(llm.model, slots=2, max_len=128)
+    prompts = [_ids(n, n) for n in (11, 30)]
+    reqs = [engine.submit(p, SamplingParams(max_new_tokens=12)) for p in prompts]
+    while engine.busy:
+        engine.step()
+    for req, prompt in zip(reqs, prompts):
+        with torch.no_grad():
+            out = theirs.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=12, do_sample=False,
+                                  attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device="cuda"))
+        assert req.tokens == out[0, len(prompt):].tolist(), (kind, len(prompt))

@@ -206,3 +206,22 @@ def test_real_size_crossing_with_chunked_prefill(tmp_path):
         out = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
                            attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
     assert llm.generate(prompt, max_new_tokens=12).token_ids == out[0, len(prompt):].tolist()
+
+
+def test_model_to_keeps_rope_frequencies_in_fp32_and_moves_the_tables(checkpoints):
+    """`model.to(bf16)` after loading in fp32 gives the logits of a model loaded in bf16 (the rotary
+    frequencies stay fp32, as the reference keeps them); tables already built move with `.to(device)`."""
+    folder, _ = checkpoints["longrope"]
+    ids = _ids(40, seed=9)
+    direct = phi3.load(folder, dtype="bfloat16")
+    cast = phi3.load(folder, dtype="float32")
+    cast.logits(ids)  # tables built in fp32 first
+    cast.model.to(torch.bfloat16)
+    assert cast.model.rope.inv_freq.dtype == torch.float32
+    assert torch.equal(cast.model.rope.inv_freq, direct.model.rope.inv_freq)
+    assert torch.equal(cast.model(torch.tensor([ids])), direct.model(torch.tensor([ids])))
+    rope = cast.model.rope
+    rope.tables(64, torch.bfloat16)
+    rope.to("meta")  # another device (no GPU here): the tables follow, with their dtype and length
+    assert rope.inv_freq.device.type == rope.cos.device.type == rope.sin.device.type == "meta"
+    assert rope.cos.dtype == torch.bfloat16 and rope.cos.shape[1] >= 64

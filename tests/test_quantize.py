@@ -5,6 +5,8 @@ dense weight, checkpoints written and read back, and every bad input's one-line 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -57,7 +59,7 @@ def test_rounding_matches_the_numpy_definition(bits, g):
 
 KERNELS = [(bits, kernel, dtype) for bits in (4, 8) for kernel, dtype in
            [("dense", torch.float32), ("cpu-fp32", torch.float32), ("dense", torch.bfloat16), ("int8", torch.bfloat16),
-            ("int4", torch.bfloat16)]
+            ("int8-dequant", torch.bfloat16), ("int4", torch.bfloat16)]
            if not (kernel == "int4" and bits == 8)]  # the int4 kernels take int4 weights only
 
 
@@ -83,18 +85,54 @@ def test_kernels_against_the_dense_weight(bits, kernel, dtype):
     assert (module.dequantized() - ref).abs().max() <= tol * ref.abs().max()
 
 
+def _compiler_targets_simd(flags: list[str]) -> bool:
+    """Whether the C compiler phi3 builds with defines AVX2, FMA and F16C under the build's flags: the
+    compiler's own answer, which phi3's build must agree with."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    macros = subprocess.run([cc, *flags, "-dM", "-E", "-"], input="", capture_output=True, text=True).stdout
+    return all(f"#define __{m}__ 1" in macros for m in ("AVX2", "FMA", "F16C"))
+
+
 def test_kernels_choice_on_this_machine():
+    """fp32 stays packed on phi3's kernels where they built, dense where they did not (with the reason
+    said); the SIMD path is built exactly where the compiler targets AVX2+FMA+F16C."""
     s4 = Scheme(4, 32)
     cpu = torch.device("cpu")
-    assert phi3.kernels.available() == (True, "")  # the machine's C compiler built phi3/csrc/packed.c
-    assert phi3.kernels.build_info()["simd"] == ("avx2" in open("/proc/cpuinfo").read())
-    assert phi3.quantize.choose_kernel(s4, 96, 128, cpu, torch.float32) == "cpu-fp32"  # fp32: exact, stays packed
-    assert phi3.quantize.choose_kernel(Scheme(8, 32), 96, 128, cpu, torch.float32) == "cpu-fp32"
+    ok, why = phi3.kernels.available()
+    assert ok == (why == "")
+    if ok:
+        info = phi3.kernels.build_info()
+        assert info["simd"] == _compiler_targets_simd(info["flags"])
+    fp32 = "cpu-fp32" if ok else "dense"
+    assert phi3.quantize.choose_kernel(s4, 96, 128, cpu, torch.float32) == fp32  # fp32: exact, stays packed
+    assert phi3.quantize.choose_kernel(Scheme(8, 32), 96, 128, cpu, torch.float32) == fp32
     assert phi3.quantize.choose_kernel(Scheme(8), 96, 120, cpu, torch.float32) == "dense"  # rows not in 16s
     assert phi3.quantize.choose_kernel(s4, 96, 128, cpu, torch.bfloat16) == "int4"
     assert phi3.quantize.choose_kernel(s4, 40, 128, cpu, torch.bfloat16) == "int8"  # int4 kernel: rows in 16s
     assert phi3.quantize.choose_kernel(Scheme(8), 96, 128, cpu, torch.bfloat16) == "int8"
     assert phi3.quantize.choose_kernel(Scheme(8, 32), 96, 128, cpu, torch.bfloat16) == "int8"  # re-rounded per row
+
+
+@pytest.mark.parametrize("capability", [(7, 5), (8, 0), (9, 0)])
+def test_kernels_choice_on_cuda(monkeypatch, capability):
+    """On CUDA (its capability stubbed: no GPU here) packed weights stay packed in 16 bits: int4 on
+    tinygemm where it runs (bf16, sm80+), else per-row int8 widened per call; fp32 dequantizes. A
+    packed checkpoint loads in bf16 by default (fp16 before sm80), a float one in its own dtype."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cuda, choose = torch.device("cuda"), phi3.quantize.choose_kernel
+    sm80 = capability >= (8, 0)
+    assert choose(Scheme(4, 32), 96, 128, cuda, torch.bfloat16) == ("int4" if sm80 else "int8-dequant")
+    assert choose(Scheme(4, 32), 96, 128, cuda, torch.float16) == "int8-dequant"  # tinygemm takes bf16 only
+    assert choose(Scheme(4, 32), 96, 96, cuda, torch.bfloat16) == "int8-dequant"  # K not in 128s
+    assert choose(Scheme(8), 96, 128, cuda, torch.bfloat16) == "int8-dequant"
+    assert choose(Scheme(8, 32), 96, 128, cuda, torch.float16) == "int8-dequant"  # re-rounded per row
+    assert choose(Scheme(4, 32), 96, 128, cuda, torch.float32) == "dense"
+    from phi3.loader import pick_dtype as pick
+    assert pick(None, cuda, "float32", packed=True) == (torch.bfloat16 if sm80 else torch.float16)
+    assert pick(None, cuda, None, packed=True) == (torch.bfloat16 if sm80 else torch.float16)  # a GGUF's blocks
+    assert pick(None, cuda, "float32") == torch.float32 and pick(None, cuda, None) == torch.float32
+    assert pick("float32", cuda, None, packed=True) == torch.float32  # asked for: exact, dequantized
+    assert pick(None, torch.device("cpu"), "bfloat16", packed=True) == torch.float32
 
 
 @pytest.mark.parametrize("bits,g", [(4, 32), (4, 64), (4, 128), (8, None), (8, 32)])
@@ -118,8 +156,36 @@ def test_cpu_kernels_against_the_dequantized_weight(bits, g):
         assert (y.double() - expected).abs().max() <= 1e-5 * expected.abs().max(), M
     with pytest.raises(ValueError, match="fp32 CPU activations"):
         fn(x.bfloat16(), *packed)
-    with pytest.raises(ValueError, match="do not match"):
+    with pytest.raises(ValueError, match="activations have 128 columns"):
         fn(x[:, :128], *packed)
+
+
+def test_packed_kernels_refuse_tensors_they_would_misread():
+    """Tensors whose shapes, dtypes or devices the C loops would read past or misread: a ValueError
+    naming the tensor, never garbage or a crash."""
+    gen = torch.Generator().manual_seed(7)
+    w, x = torch.randn(64, 128, generator=gen), torch.randn(2, 128, generator=gen)
+    q4, s4, b4 = quantize_int4(w, 32)
+    q8, s8 = quantize_int8(w, 32)
+    k = phi3.kernels
+    cases = [
+        (lambda: k.q4_linear(x, q4, s4[:32], b4[:32]), "scales must be fp16 \\(64, G\\)"),  # fewer rows
+        (lambda: k.q4_linear(x, q4, s4[:, :3].contiguous(), b4), "scales must be fp16"),  # K not in 3 groups
+        (lambda: k.q4_linear(x, q4, s4.float(), b4), "scales must be fp16"),
+        (lambda: k.q4_linear(x, q4, s4, b4[:, :2].contiguous()), "biases must be fp16 of the scales' shape"),
+        (lambda: k.q4_linear(x, q4, s4, b4.float()), "biases must be fp16"),
+        (lambda: k.q4_linear(x, q4.view(torch.int8), s4, b4), "int4 weights are uint8"),
+        (lambda: k.q8_linear(x, q8.view(torch.uint8), s8), "int8 weights are int8"),
+        (lambda: k.q8_linear(x, q8, s8.T.contiguous().T), "scales must be a contiguous"),
+        (lambda: k.q8_linear(x, q8, s8.to("meta")), "scales must be a contiguous 2-D CPU tensor"),
+        (lambda: k.q4_linear(x, q4, s4, b4.to("meta")), "biases must be a contiguous 2-D CPU tensor"),
+        (lambda: k.q8_linear(x, q8[:, :64].contiguous(), s8), "activations have 128 columns, the int8 weight 64"),
+        (lambda: k.q8_linear(x, q8.flatten(), s8), "weight must be a contiguous 2-D"),
+        (lambda: k.q8_linear(torch.randn(2, 48), *quantize_int8(torch.randn(4, 48), 8)), "multiple of 16"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
 
 
 @pytest.mark.parametrize("N,K", [(6 * 41, 256), (6 * 40 + 5, 512), (7, 100), (13, 4096)])
@@ -154,7 +220,8 @@ def test_portable_cpu_kernels_against_the_dequantized_weight(checkpoints, tmp_pa
     code = """if True:
         import torch, phi3.kernels as k
         from phi3.quantize import quantize_int4, quantize_int8, dequantize
-        assert k.build_info() == {"simd": False, "flags": ["-O3", "-fopenmp", "-fno-trapping-math"]}, k.build_info()
+        info = k.build_info()  # -fopenmp where the compiler takes it
+        assert not info["simd"] and info["flags"][0] == "-O3" and "-march=native" not in info["flags"], info
         g = torch.Generator().manual_seed(0)
         for bits, gs, M in [(4, 32, 1), (4, 64, 5), (8, None, 3), (8, 32, 1), (4, 32, 60), (8, 32, 60)]:
             w = torch.randn(37, 256, generator=g)
@@ -239,14 +306,21 @@ def test_without_a_compiler_packed_weights_run_dequantized_and_say_so(checkpoint
 # ---------------------------------------------------------------- whole models against transformers
 
 
-def fake_quantized_reference(folder, ref_model, bits: int, g: int | None, keep_lm_head: bool = False):
-    """transformers' own model with every linear (and lm_head) replaced by its numpy-rounded weights."""
+def fake_quantized_reference(folder, ref_model, bits: int, g: int | None, keep_lm_head: bool = False,
+                             float_dtype=torch.float32):
+    """transformers' own model with every linear (and lm_head) replaced by its numpy-rounded weights,
+    the others (norms, embedding, a kept lm_head) rounded to `float_dtype` (what a checkpoint stores)."""
     model = type(ref_model).from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
+        rounded = set()
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and not (keep_lm_head and name == "lm_head"):
                 w = module.weight.numpy()
                 module.weight.copy_(torch.from_numpy(numpy_int4(w, g) if bits == 4 else numpy_int8(w, g)))
+                rounded.add(module.weight)
+        for p in model.parameters():
+            if p not in rounded:
+                p.copy_(p.to(float_dtype).float())
     return model
 
 
@@ -490,21 +564,45 @@ def test_cli_writes_a_checkpoint_that_loads_into_packed_modules(checkpoints, tmp
     qkv = "model.layers.0.self_attn.qkv_proj"
     assert tensors[f"{qkv}.weight"].dtype == torch.uint8 and tensors[f"{qkv}.weight"].shape == (192, 32)
     assert tensors[f"{qkv}.scales"].shape == tensors[f"{qkv}.biases"].shape == (192, 2)
-    assert tensors["lm_head.weight"].dtype == torch.float32  # kept, in the source's dtype
+    # kept in 16 bits (fp16: the values fit), not the fp32 source's 32; files as readable as their neighbours
+    assert {t.dtype for k, t in tensors.items() if t.is_floating_point() and not k.endswith((".scales", ".biases"))} \
+        == {torch.float16} and tensors["lm_head.weight"].dtype == torch.float16 and config["torch_dtype"] == "float16"
+    assert len({(out / f).stat().st_mode for f in ("model.safetensors", "config.json", "tokenizer.json")
+                if (out / f).exists()}) == 1
     loaded = phi3.load(out, dtype="float32")
     assert isinstance(loaded.model.model.layers[1].mlp.down_proj, QuantLinear)
     assert isinstance(loaded.model.lm_head, torch.nn.Linear) and loaded.stop_ids == {7, 8}
     ids = [5, 4, 3, 2, 1, 40, 41]
-    theirs = fake_quantized_reference(folder, ref, 4, 32, keep_lm_head=True)
+    theirs = fake_quantized_reference(folder, ref, 4, 32, keep_lm_head=True, float_dtype=torch.float16)
     with torch.no_grad():
         torch.testing.assert_close(loaded.logits(ids), theirs(torch.tensor([ids])).logits[0], atol=2e-4, rtol=0)
     on_the_fly = phi3.load(folder, dtype="float32")
     phi3.convert.quantize_model(on_the_fly, 4, keep_lm_head=True)
+    with torch.no_grad():  # the float tensors as the file holds them
+        for p in on_the_fly.model.parameters():
+            p.copy_(p.half().float())
     assert torch.equal(loaded.logits(ids), on_the_fly.logits(ids))
     # bf16 loads run the packed kernels: answers close to the fp32 ones, weights a fraction of the bytes
     fast = phi3.load(out, dtype="bfloat16")
     assert fast.model.model.layers[0].self_attn.qkv_proj.kernel in ("int8", "int4")
     assert (fast.logits(ids) - loaded.logits(ids)).abs().max() < 0.1 * loaded.logits(ids).abs().max()
+
+
+def test_float_tensors_beyond_fp16_range_are_written_in_bf16(checkpoints, tmp_path):
+    """An fp32 source with a value fp16 cannot hold: the float tensors go to bf16 (fp32's range), not inf."""
+    import shutil
+
+    source = tmp_path / "big"
+    shutil.copytree(checkpoints["window"][0], source)
+    tensors = load_file(source / "model.safetensors")
+    tensors["model.embed_tokens.weight"][3, 5] = 1e5
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    from phi3.save import quantize_checkpoint
+
+    out = quantize_checkpoint(source, tmp_path / "q", 8)
+    written = load_file(out / "model.safetensors")
+    assert written["model.embed_tokens.weight"].dtype == written["model.norm.weight"].dtype == torch.bfloat16
+    assert written["model.embed_tokens.weight"][3, 5] == torch.tensor(1e5).bfloat16()
 
 
 def test_tied_embeddings_are_packed_once(checkpoints, tmp_path):
@@ -518,7 +616,7 @@ def test_tied_embeddings_are_packed_once(checkpoints, tmp_path):
     assert not any(k.startswith("lm_head") for k in load_file(out / "model.safetensors"))
     loaded = phi3.load(out, dtype="float32")
     assert isinstance(loaded.model.model.embed_tokens, QuantEmbedding)
-    theirs = fake_quantized_reference(folder, ref, 8, None)  # its lm_head is the tied embedding
+    theirs = fake_quantized_reference(folder, ref, 8, None, float_dtype=torch.float16)  # lm_head: the tied embedding
     with torch.no_grad():
         theirs.model.embed_tokens.weight.copy_(theirs.lm_head.weight)
         ids = [9, 8, 7, 100, 200, 300]
@@ -644,7 +742,8 @@ def test_cuda_kernels(bits):
     scheme = Scheme(bits, 128 if bits == 4 else None)
     packed = quantize_int4(w, 128) if bits == 4 else quantize_int8(w, None)
     module = QuantLinear(512, 256, scheme, torch.bfloat16).set_packed(*[t.cuda() for t in packed])
-    assert module.kernel == ("int4" if bits == 4 else "int8")
+    int4 = bits == 4 and phi3.quantize.tinygemm_ok(torch.device("cuda"))
+    assert module.kernel == ("int4" if int4 else "int8-dequant")
     x = torch.randn(2, 3, 512, device="cuda")
     ref = x @ dequantize(*packed).cuda().T
     y = module(x.bfloat16()).float()
@@ -659,6 +758,10 @@ def test_requantizing_a_gguf_loaded_for_the_int_kernels(tmp_path):
 
     config, state = tiny_phi3(hidden_size=64, intermediate_size=96, vocab_size=64)
     write_gguf(tmp_path / "q.gguf", config, state, qtype=GGMLQuantizationType.Q4_1)
+    write_gguf(tmp_path / "f.gguf", config, state, qtype=GGMLQuantizationType.F32)
+    from phi3.gguf import has_packed_blocks  # what makes a GGUF load in bf16 on CUDA by default
+
+    assert has_packed_blocks(tmp_path / "q.gguf") and not has_packed_blocks(tmp_path / "f.gguf")
     packed = phi3.load(tmp_path / "q.gguf", dtype="bfloat16")
     assert packed.model.model.layers[0].self_attn.qkv_proj.kernel == "int4"
     requantized = phi3.load(tmp_path / "q.gguf", dtype="bfloat16", quantize="int8")
