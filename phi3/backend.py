@@ -66,7 +66,7 @@ class Backend:
             if llm.tokenizer is None:
                 raise ValueError("the server needs a tokenizer, and this model has none")
             max_len = self.max_len or plan_max_len(llm, self.slots)
-            self.engine = Engine(llm.model, slots=self.slots, max_len=max_len)
+            self.engine = Engine(llm.model, slots=self.slots, max_len=max_len, tokenizer=llm.tokenizer)
         except Exception as e:
             log.error("phi3: error: %s", e, exc_info=not isinstance(e, (ValueError, OSError, RuntimeError)))
             self._post(self._set_failed, 2)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import KVCache
+from .grammar import Matcher, matcher_for
 from .model import Phi3
 from .sampling import MAX_LOGPROBS, Mode, RowParams, SamplingParams, logprobs_of, random_seed
 
@@ -63,6 +64,7 @@ class Request:
     _todo: list[int] = field(default_factory=list, repr=False)
     _written: int = 0
     _long: bool = False  # the LongRoPE set of the keys in its slot (host copy of cache.long_rope)
+    matcher: Matcher | None = field(default=None, repr=False)  # structured output: its grammar state
 
     @property
     def finished(self) -> bool:
@@ -89,7 +91,8 @@ class Engine:
     module docstring. `submit` and `cancel` may be called from other threads; `step` from one."""
 
     def __init__(self, model: Phi3, *, slots: int = 1, max_len: int | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK, cuda_graphs: bool | None = None, compile: bool = False):
+                 prefill_chunk: int = PREFILL_CHUNK, cuda_graphs: bool | None = None, compile: bool = False,
+                 tokenizer=None):
         config = model.config
         param = next(model.parameters())
         self.model, self.device, self.dtype = model, param.device, param.dtype
@@ -99,6 +102,7 @@ class Engine:
         check_memory(model, slots, max_len, self.device, self.dtype)
         self.cache = KVCache(config, slots, max_len, self.dtype, self.device)
         self.slots, self.max_len, self.prefill_chunk = slots, max_len, prefill_chunk
+        self.tokenizer = tokenizer  # structured output: the grammars' vocabulary
         model.rope.tables(max_len + 1, self.dtype)  # built now, never inside a captured step
         # Per-slot decode state on the device (inactive slots sit at the scratch position).
         self.params = RowParams(slots, config.vocab_size, self.device)
@@ -139,6 +143,7 @@ class Engine:
                              f"{' (the engine was sized below the model)' if self.max_len < self.model.config.max_position_embeddings else ''}")
         req = Request(list(prompt_ids), params, frozenset(stop_ids), min(params.max_new_tokens, self.max_len - n),
                       random_seed() if params.seed is None else params.seed, next(self._ids))
+        req.matcher = matcher_for(params, self.tokenizer, self.model.config.vocab_size, req.stop_ids)  # grammar
         with self._lock:
             self._waiting.append(req)
         return req
@@ -187,6 +192,8 @@ class Engine:
             if req._written == len(req._todo):
                 self._prefilling.popleft()
                 mode, slot = self.params.mode([req.slot]), req.slot
+                if req.matcher is not None:  # grammar: this row's allowed first tokens
+                    self.params.fill_masks({slot: req.matcher})
                 token = self.params.sample(logits, slot, mode)
                 self.params.advance(slot, token, torch.ones_like(token, dtype=torch.bool))
                 if mode.logprobs:
@@ -246,6 +253,9 @@ class Engine:
         req.tokens.append(token)
         if logprob is not None:
             req.logprobs.append(logprob)
+        if req.matcher is not None and req.matcher.advance(token):  # grammar: the answer is complete
+            self._finish(req, "stop")
+            return [Event(req, token, "stop", logprob)]
         if len(req.tokens) >= req.max_new:
             self._finish(req, "length")
             return [Event(req, token, "length", logprob)]
@@ -292,6 +302,8 @@ class Engine:
         longest = max(self.requests[r].length for r in rows)
         kv_len = min(self.max_len, max(MIN_KV_BUCKET, 1 << (longest - 1).bit_length()))
         mode = self.params.mode(rows)
+        if mode.grammar:  # grammar: the constrained rows' allowed tokens, before the step
+            self.params.fill_masks({r: self.requests[r].matcher for r in rows if self.requests[r].matcher})
         self._run(batch, kv_len, mode)
         ids = self.next_ids[:batch].tolist()  # the one host sync of the step
         events = []

@@ -239,7 +239,7 @@ class LLM:
                 if slots == 1:
                     raise
                 slots //= 2
-        self._engine = Engine(self.model, slots=slots, max_len=max_len, compile=self.compile)
+        self._engine = Engine(self.model, slots=slots, max_len=max_len, compile=self.compile, tokenizer=self.tokenizer)
         return self._engine
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
