@@ -242,13 +242,14 @@ class LLM:
         self._engine = Engine(self.model, slots=slots, max_len=max_len, compile=self.compile, tokenizer=self.tokenizer)
         return self._engine
 
-    def encode_prompt(self, prompt: Prompt) -> list[int]:
-        """Token ids of raw text (no template), chat messages (template + generation prompt) or ids."""
+    def encode_prompt(self, prompt: Prompt, tools: list | None = None) -> list[int]:
+        """Token ids of raw text (no template), chat messages (template + generation prompt; `tools`:
+        OpenAI's function definitions, see `phi3.tools`) or ids."""
         if isinstance(prompt, str):
             return self._check_ids(self._require_tokenizer("a text prompt").encode(prompt))
         if isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
             tok = self._require_tokenizer("chat messages")
-            text = tok.apply_chat_template(list(prompt), add_generation_prompt=True)
+            text = tok.apply_chat_template(list(prompt), add_generation_prompt=True, tools=tools)
             return self._check_ids(tok.encode(text, add_special_tokens=False))
         return self._check_ids(prompt)
 

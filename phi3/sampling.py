@@ -234,7 +234,9 @@ def sample_rows(logits, temperature, top_k, top_p, min_p, penalty, seen, seed, s
     if not mode.sample:
         return logits.argmax(-1)
     gumbel = -torch.log(-torch.log(uniform(seed, step, logits.shape[-1])))
-    drawn = (logits + gumbel).argmax(-1)
+    # a filtered (-inf) token stays out even where the noise is +inf (u rounds to 1.0 in fp32: -inf + inf is NaN,
+    # which argmax would pick)
+    drawn = (logits + gumbel).masked_fill(logits == float("-inf"), float("-inf")).argmax(-1)
     return torch.where(temperature == 0.0, logits.argmax(-1), drawn)
 
 
