@@ -144,6 +144,7 @@ class Matcher:
         self.stop_ids = sorted(stop_ids)
         self._ends = sorted(set(vocabulary.eos_tokens) | set(stop_ids))  # the ids whose bit we decide
         self.done = False
+        self.error: str | None = None  # why the grammar could not take a token (never for a masked draw)
 
     def fill_mask(self, row: torch.Tensor) -> None:
         """Write the allowed next tokens into `row`, a contiguous CPU int32 bitmask (vocab / 32 words)."""
@@ -163,10 +164,14 @@ class Matcher:
     def advance(self, token: int) -> bool:
         """Take the drawn token; True when the answer is complete (or the grammar cannot go on)."""
         if not self._m.consume_token(token) or self._m.is_error():
-            self.done = True
+            self.done, self.error = True, self._m.get_error() or f"token {token} is not allowed here"
         elif self._m.is_stopped():
             self.done = True
         return self.done
 
     def is_done(self) -> bool:
         return self.done
+
+    def is_accepting(self) -> bool:
+        """Whether the text so far is a complete answer (the grammar may end here)."""
+        return self._m.is_accepting()

@@ -196,7 +196,7 @@ class Capital(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
     city: str = pydantic.Field(max_length=40)
     country: str = pydantic.Field(max_length=40)
-    population_millions: float
+    founded_year: int = pydantic.Field(ge=-1000, le=2100)
 
 
 def test_smollm2_answers_in_the_schema(smollm2):
@@ -215,6 +215,36 @@ def test_smollm2_answers_in_the_schema(smollm2):
 def test_smollm2_tool_call_arguments(smollm2):
     client = smollm2.client()
     out = client.chat.completions.create(model="smollm2", messages=ASK, tools=[WEATHER], tool_choice="required",
-                                         temperature=0, max_tokens=60)
-    call = out.choices[0].message.tool_calls[0]
+                                         parallel_tool_calls=False, temperature=0, max_tokens=60)
+    assert out.choices[0].finish_reason == "tool_calls"
+    [call] = out.choices[0].message.tool_calls
     assert call.function.name == "get_weather" and json.loads(call.function.arguments)["city"] == "Paris"
+    jsonschema.validate(json.loads(call.function.arguments), PARAMS["get_weather"])
+    # "auto": asked for a poem, the model answers in text (the grammar lets text through)
+    poem = client.chat.completions.create(model="smollm2", tools=[WEATHER], temperature=0, max_tokens=40, messages=[
+        {"role": "user", "content": "Write a haiku about the sea."}])
+    assert poem.choices[0].message.tool_calls is None and len(poem.choices[0].message.content) > 20
+
+
+def test_auto_lets_the_answer_be_text_or_calls(smollm2):
+    """The "auto" grammar, fed token by token: a valid call and plain text are accepted; text that
+    begins like a call must be one (its arguments validated)."""
+    from phi3.grammar import matcher_for
+    from phi3.sampling import SamplingParams
+    from phi3.tools import call_grammar
+
+    llm = phi3.load(assets.fetch(assets.SMOLLM2_GGUF))
+    params = SamplingParams(grammar=call_grammar([WEATHER, TIME], "auto", True))
+
+    def accepted(text: str) -> bool:
+        m = matcher_for(params, llm.tokenizer, llm.config.vocab_size, llm.stop_ids)
+        ids = llm.tokenizer.encode(text, add_special_tokens=False)
+        for i in ids:
+            m.advance(i)
+        return m.error is None and m.is_accepting()
+
+    call = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'
+    assert accepted(call) and accepted(call + "\n" + call)
+    assert accepted("Sunny, 21 degrees.") and accepted("<b>bold</b> text")
+    assert not accepted('<tool_call>\n{"name": "get_time", "arguments": {"zone": "cet"}}\n</tool_call>')
+    assert not accepted('<tool_call>\nhello')
