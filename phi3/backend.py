@@ -70,7 +70,7 @@ class Backend:
                 raise ValueError("the server needs a tokenizer, and this model has none")
             max_len = self.max_len or llm.config.max_position_embeddings
             self.engine = Engine(llm.model, slots=self.slots, max_len=max_len, kv_cache_tokens=self.kv_cache_tokens,
-                                 prefix_cache=self.prefix_cache)
+                                 prefix_cache=self.prefix_cache, tokenizer=llm.tokenizer)
         except Exception as e:
             log.error("phi3: error: %s", e, exc_info=not isinstance(e, (ValueError, OSError, RuntimeError)))
             self._post(self._set_failed, 2)

@@ -48,6 +48,7 @@ import torch
 
 from .blocks import BlockManager, OutOfBlocks
 from .cache import BLOCK_SIZE, KVCache
+from .grammar import Matcher, matcher_for
 from .model import Phi3
 from .sampling import MAX_LOGPROBS, Mode, RowParams, SamplingParams, logprobs_of, random_seed
 
@@ -82,6 +83,7 @@ class Request:
     _blocks: list[int] = field(default_factory=list, repr=False)
     _long: bool = False
     _admitted: int = -1  # admission order: the newest row is preempted first
+    matcher: Matcher | None = field(default=None, repr=False)  # structured output: its grammar state
 
     @property
     def finished(self) -> bool:
@@ -112,7 +114,7 @@ class Engine:
 
     def __init__(self, model: Phi3, *, slots: int = 1, max_len: int | None = None, kv_cache_tokens: int | None = None,
                  block_size: int = BLOCK_SIZE, prefix_cache: bool = True, prefill_chunk: int = PREFILL_CHUNK,
-                 cuda_graphs: bool | None = None, compile: bool = False):
+                 cuda_graphs: bool | None = None, compile: bool = False, tokenizer=None):
         config = model.config
         param = next(model.parameters())
         self.model, self.device, self.dtype = model, param.device, param.dtype
@@ -124,6 +126,7 @@ class Engine:
                              block_size=block_size)
         self.blocks = BlockManager(self.cache.blocks, block_size, prefix_cache)
         self.slots, self.max_len, self.prefill_chunk = slots, max_len, prefill_chunk
+        self.tokenizer = tokenizer  # structured output: the grammars' vocabulary
         # The engine's own RoPE tables, built now for every position a row can reach: never rebuilt
         # (a captured step keeps their addresses), whatever other forwards of the model ask for.
         self.cache.cos, self.cache.sin = model.rope.build(self.cache.scratch + 1, self.dtype)
@@ -172,6 +175,7 @@ class Engine:
             raise ValueError(f"the prompt has {n} tokens; {self.describe_limit()}")
         req = Request(list(prompt_ids), params, frozenset(stop_ids), min(params.max_new_tokens, limit - n),
                       random_seed() if params.seed is None else params.seed, next(self._ids))
+        req.matcher = matcher_for(params, self.tokenizer, self.model.config.vocab_size, req.stop_ids)  # grammar
         with self._lock:
             self._waiting.append(req)
         return req
@@ -240,6 +244,8 @@ class Engine:
                 self._prefilling.popleft()
                 self.blocks.register(req._blocks, req._todo, self._salt(req))
                 mode, row = self.params.mode([req.slot]), req.slot
+                if req.matcher is not None:  # grammar: this row's allowed first tokens
+                    self.params.fill_masks({row: req.matcher})
                 token = self.params.sample(logits, row, mode)
                 self.params.advance(row, token, torch.ones_like(token, dtype=torch.bool))
                 if mode.logprobs:
@@ -335,6 +341,9 @@ class Engine:
         req.tokens.append(token)
         if logprob is not None:
             req.logprobs.append(logprob)
+        if req.matcher is not None and req.matcher.advance(token):  # grammar: the answer is complete
+            self._finish(req, "stop")
+            return [Event(req, token, "stop", logprob)]
         if len(req.tokens) >= req.max_new:
             self._finish(req, "length")
             return [Event(req, token, "length", logprob)]
@@ -433,6 +442,8 @@ class Engine:
         longest = max(self.requests[r].length for r in rows)
         kv_len = min(self.cache.scratch, max(MIN_KV_BUCKET, 1 << (longest - 1).bit_length()))
         mode = self.params.mode(rows)
+        if mode.grammar:  # grammar: the constrained rows' allowed tokens, before the step
+            self.params.fill_masks({r: self.requests[r].matcher for r in rows if self.requests[r].matcher})
         self._run(batch, kv_len, mode)
         ids = self.next_ids[:batch].tolist()  # the one host sync of the step
         logprobs = self._host_logprobs(0, batch) if mode.logprobs else None

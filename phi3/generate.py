@@ -229,16 +229,18 @@ class LLM:
             self._engine = engine = None  # settings changed since it was built: free its cache first
         if engine is None:
             engine = self._engine = Engine(self.model, slots=self.max_batch, kv_cache_tokens=self.kv_cache_tokens,
-                                           prefix_cache=self.prefix_cache, compile=self.compile)
+                                           prefix_cache=self.prefix_cache, compile=self.compile,
+                                           tokenizer=self.tokenizer)
         return engine
 
-    def encode_prompt(self, prompt: Prompt) -> list[int]:
-        """Token ids of raw text (no template), chat messages (template + generation prompt) or ids."""
+    def encode_prompt(self, prompt: Prompt, tools: list | None = None) -> list[int]:
+        """Token ids of raw text (no template), chat messages (template + generation prompt; `tools`:
+        OpenAI's function definitions, see `phi3.tools`) or ids."""
         if isinstance(prompt, str):
             return self._check_ids(self._require_tokenizer("a text prompt").encode(prompt))
         if isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
             tok = self._require_tokenizer("chat messages")
-            text = tok.apply_chat_template(list(prompt), add_generation_prompt=True)
+            text = tok.apply_chat_template(list(prompt), add_generation_prompt=True, tools=tools)
             return self._check_ids(tok.encode(text, add_special_tokens=False))
         return self._check_ids(prompt)
 

@@ -9,13 +9,19 @@ Defaults are OpenAI's, so code written for OpenAI gets what it expects: `tempera
   Choice 0 of a seeded request uses the seed itself (so it equals `LLM.generate(..., seed=s)`);
   choice i > 0 a seed derived from (seed, i).
 - Accepted only at their neutral values, else a 400 naming the parameter: `logit_bias`,
-  `presence_penalty`, `frequency_penalty`, `tools`, `functions`, `response_format` (other than
-  text), and for /v1/completions `suffix`, `best_of` != n, `echo` with `stream`. Other fields we do
-  not know are ignored, as vLLM does.
+  `presence_penalty`, `frequency_penalty`, `functions` (use `tools`), and for /v1/completions
+  `suffix`, `best_of` != n, `echo` with `stream`.
 - /v1/completions `echo: true` puts the prompt before each choice's text and, with `logprobs`, the
   prompt tokens' log-probabilities before the answer's (the first token's null; `phi3.scoring`);
   `max_tokens: 0` (only with `echo`) scores the prompt without generating: what lm-eval's
   `local-completions` asks for log-likelihood tasks.
+- Structured output (see `structured`): chat's `response_format` (`json_object`, `json_schema`),
+  and vLLM's extensions on both endpoints: `guided_json`, `guided_regex`, `guided_choice`,
+  `guided_grammar`, or its newer `structured_outputs` object (`json`, `regex`, `choice`, `grammar`,
+  `json_object`). At most one of them per request. JSON comes out compact (`", "`, `": "`).
+- Tools (see `phi3.tools`): `tools`, `tool_choice` ("auto" by default with tools, "none",
+  "required", a named function), `parallel_tool_calls`; with "none" the tools stay out of the prompt. Other fields we do not know are
+  ignored, as vLLM does.
 - Log-probabilities (chat: `logprobs: true` and `top_logprobs` 0..20, which needs `logprobs`;
   /v1/completions: `logprobs` 0..5) are the model's own, before temperature, penalties and filters
   (vLLM's default): `log_softmax` of the logits at each position. How a token is shown (`token`,
@@ -32,10 +38,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .grammar import check as check_constraint
 from .logprobs import TokenLogprob
 from .sampling import SamplingParams
+from .tools import call_grammar, check_tools
 
 MAX_N = 128  # choices per request (OpenAI's cap)
 MAX_STOP = 16  # stop strings per request
@@ -73,14 +81,39 @@ class TextPart(_Model):
     text: str
 
 
+class FunctionCall(_Model):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Model):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Model):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None  # None only for an assistant's tool calls
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool's result: the call it answers
+
+    @model_validator(mode="after")
+    def _content(self):
+        if self.content is None and self.role != "assistant":
+            raise ValueError("content is required (only an assistant message with tool_calls may leave it out)")
+        return self
 
     def as_dict(self) -> dict:
         """The message as the chat template sees it (OpenAI's "developer" is the system role)."""
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        content = self.content or ""
+        text = content if isinstance(content, str) else "".join(p.text for p in content)
+        out = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 class _Request(_Model):
@@ -100,6 +133,11 @@ class _Request(_Model):
     min_p: Float | None = Field(None, ge=0, le=1)
     repetition_penalty: Float | None = Field(None, gt=0, le=100)
     ignore_eos: bool | None = False
+    guided_json: dict | str | None = None  # structured output: vLLM's extensions (see `structured`)
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict | None = None
 
     @field_validator("stop")
     @classmethod
@@ -128,6 +166,8 @@ class ChatRequest(_Request):
     tools: list | None = None
     functions: list | None = None
     response_format: dict | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
 
     @property
     def alternatives(self) -> int | None:
@@ -136,8 +176,7 @@ class ChatRequest(_Request):
 
     def unsupported(self):
         return super().unsupported() + [
-            ("tools", bool(self.tools)), ("functions", bool(self.functions)),
-            ("response_format", self.response_format is not None and self.response_format.get("type") != "text")]
+            ("functions", bool(self.functions))]
 
 
 class CompletionRequest(_Request):
@@ -158,7 +197,7 @@ class CompletionRequest(_Request):
             ("best_of", self.best_of is not None and self.best_of != (self.n or 1))]
 
 
-_FIELDS = {name for cls in (ChatRequest, CompletionRequest, Message, TextPart, StreamOptions)
+_FIELDS = {name for cls in (ChatRequest, CompletionRequest, Message, TextPart, StreamOptions, ToolCall, FunctionCall)
            for name in cls.model_fields}
 _EXPECTED = {"stop": "a string or a list of strings", "content": "a string or a list of text parts",
              "prompt": "a string, a list of strings, a list of token ids or a list of lists of token ids"}
@@ -220,8 +259,10 @@ def prompts(req: _Request, encode: Callable) -> list[list[int]]:
     """Token ids of each prompt (one for chat; /v1/completions takes a batch); `encode` is
     `LLM.encode_prompt`. A 400 for messages the template rejects or ids outside the vocabulary."""
     param = "messages" if isinstance(req, ChatRequest) else "prompt"
+    tools = None
     if isinstance(req, ChatRequest):
         items = [[m.as_dict() for m in req.messages]]
+        tools = req.tools if tool_choice(req) != "none" else None  # checked by tool_choice
     elif isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int)):
         items = [req.prompt]
     else:
@@ -229,7 +270,7 @@ def prompts(req: _Request, encode: Callable) -> list[list[int]]:
     if not items or any(len(p) == 0 for p in items):
         raise APIError(400, f"'{param}' must not be empty", param=param)
     try:
-        return [encode(p) for p in items]
+        return [encode(p, tools) if tools else encode(p) for p in items]
     except ValueError as e:
         raise APIError(400, f"Invalid '{param}': {e}", param=param) from None
 
@@ -263,7 +304,90 @@ def sampling_params(req: _Request, max_new: int, choice: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=max_new, temperature=1.0 if req.temperature is None else req.temperature,
                           top_p=top_p, top_k=top_k, min_p=req.min_p or 0.0,
                           repetition_penalty=req.repetition_penalty or 1.0, seed=seed, stop=req.stops,
-                          logprobs=req.alternatives)
+                          logprobs=req.alternatives, **structured(req))
+
+
+# -- structured output and tools -------------------------------------------------------------------
+_VLLM = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar"}
+
+
+def structured(req: _Request) -> dict:
+    """SamplingParams' constraint keyword for a request ({} for none); a 400 naming the parameter
+    when it is malformed, invalid, unsupported by the grammar library, or one of several."""
+    found = []  # (param, kind, value)
+    fmt = getattr(req, "response_format", None)
+    if fmt is not None:
+        kind = fmt.get("type")
+        if kind == "json_object":
+            found.append(("response_format", "json_schema", {"type": "object"}))
+        elif kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+                raise APIError(400, "'response_format.json_schema' must be an object with a 'name' and a 'schema'",
+                               param="response_format.json_schema", code="invalid_value")
+            found.append(("response_format.json_schema.schema", "json_schema", spec.get("schema", {"type": "object"})))
+        elif kind != "text":
+            raise APIError(400, f"'response_format.type' must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                           param="response_format.type", code="invalid_value")
+    for param, kind in (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                        ("guided_grammar", "grammar")):
+        if getattr(req, param) is not None:
+            found.append((param, kind, getattr(req, param)))
+    for key, value in (req.structured_outputs or {}).items():
+        if key in _VLLM and value is not None:
+            found.append((f"structured_outputs.{key}", _VLLM[key], value))
+        elif key == "json_object" and value:
+            found.append(("structured_outputs.json_object", "json_schema", {"type": "object"}))
+        elif key not in _VLLM and key != "json_object":
+            raise APIError(400, f"'structured_outputs.{key}' is not supported (json, regex, choice, grammar, "
+                           "json_object)", param=f"structured_outputs.{key}", code="unsupported_parameter")
+    choice = tool_choice(req)
+    if choice != "none":
+        grammar = call_grammar(req.tools, choice, req.parallel_tool_calls is not False)
+        found.append(("tools", "grammar", grammar))
+    if len(found) > 1:
+        names = ", ".join(f"'{p}'" for p, _, _ in found)
+        raise APIError(400, f"give one structured-output constraint per request, got {names}", param=found[1][0],
+                       code="invalid_value")
+    if not found:
+        return {}
+    param, kind, value = found[0]
+    try:
+        return {kind: check_constraint(kind, value)}
+    except ValueError as e:
+        raise APIError(400, f"Invalid '{param}': {e}", param=param, code="invalid_value") from None
+
+
+def tool_choice(req: _Request) -> str | dict:
+    """The request's tool choice, checked: "none" without tools; a 400 for bad tools or choices."""
+    tools, choice = getattr(req, "tools", None), getattr(req, "tool_choice", None)
+    if not tools:
+        if choice not in (None, "none"):
+            raise APIError(400, "'tool_choice' needs 'tools'", param="tool_choice", code="invalid_value")
+        return "none"
+    try:
+        check_tools(tools)
+    except ValueError as e:
+        raise APIError(400, f"Invalid 'tools': {e}", param="tools", code="invalid_value") from None
+    choice = "auto" if choice is None else choice
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            raise APIError(400, f"'tool_choice' must be 'none', 'auto', 'required' or a named function, got {choice!r}",
+                           param="tool_choice", code="invalid_value")
+        return choice
+    name = choice.get("function", {}).get("name") if isinstance(choice.get("function"), dict) else None
+    if choice.get("type") != "function" or not isinstance(name, str):
+        raise APIError(400, "'tool_choice' must be {'type': 'function', 'function': {'name': ...}}",
+                       param="tool_choice", code="invalid_value")
+    if name not in {t["function"]["name"] for t in tools}:
+        raise APIError(400, f"'tool_choice' names the function {name!r}, which is not in 'tools'",
+                       param="tool_choice", code="invalid_value")
+    return choice
+
+
+def calls_expected(req: _Request) -> bool:
+    """Whether the answers are read for tool calls (tools given, tool_choice not "none")."""
+    return tool_choice(req) != "none"
 
 
 # -- responses -------------------------------------------------------------------------------------
@@ -274,15 +398,20 @@ class Chat:
     request, object, chunk_object, id_prefix = ChatRequest, "chat.completion", "chat.completion.chunk", "chatcmpl-"
 
     @staticmethod
-    def choice(index: int, text: str, finish_reason: str, tokens: list[TokenLogprob] | None = None) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": text},
-                "logprobs": Chat.logprobs(tokens), "finish_reason": finish_reason}
+    def choice(index: int, text: str, finish_reason: str, tokens: list[TokenLogprob] | None = None,
+               calls: list[dict] | None = None) -> dict:
+        message = {"role": "assistant", "content": text}
+        if calls:  # tool calls: OpenAI's content is null beside them
+            message = {"role": "assistant", "content": text or None, "tool_calls": calls}
+        return {"index": index, "message": message, "logprobs": Chat.logprobs(tokens), "finish_reason": finish_reason}
 
     @staticmethod
     def chunk_choice(index: int, text: str | None, finish_reason: str | None,
-                     tokens: list[TokenLogprob] | None = None) -> dict:
-        """`text` None: the opening chunk, which carries the role."""
+                     tokens: list[TokenLogprob] | None = None, calls: list[dict] | None = None) -> dict:
+        """`text` None: the opening chunk, which carries the role. `calls`: tool-call deltas."""
         delta = {"role": "assistant", "content": ""} if text is None else {"content": text} if text else {}
+        if calls:
+            delta["tool_calls"] = calls
         return {"index": index, "delta": delta, "logprobs": Chat.logprobs(tokens), "finish_reason": finish_reason}
 
     @staticmethod

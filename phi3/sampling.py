@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 import torch
 
+from . import grammar
+
 MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's top_logprobs limit)
 
 
@@ -33,6 +35,12 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)  # strings that end the text (not included)
     logprobs: int | None = None  # report each new token's log-probability and this many alternatives
+    # Structured output (phi3.grammar), at most one: the answer is guaranteed to match, unless
+    # max_new_tokens cuts it (finish_reason "length"). A schema is kept as its JSON text.
+    json_schema: object = None  # a dict, its JSON text, or a pydantic model class
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None  # one of these strings, exactly
+    grammar: str | None = None  # EBNF/GBNF (llama.cpp's) or Lark
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -58,6 +66,19 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, lo=0)
             if self.logprobs > MAX_LOGPROBS:
                 raise ValueError(f"logprobs must be at most {MAX_LOGPROBS}, got {self.logprobs}")
+        given = [kind for kind in grammar.KINDS if getattr(self, kind) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of json_schema, regex, choice and grammar, got {', '.join(given)}")
+        for kind in given:
+            object.__setattr__(self, kind, grammar.check(kind, getattr(self, kind)))
+
+    @property
+    def constraint(self) -> tuple[str, str | tuple[str, ...]] | None:
+        """(kind, spec) of the structured-output constraint (kind one of phi3.grammar.KINDS), or None."""
+        for kind in grammar.KINDS:
+            if getattr(self, kind) is not None:
+                return kind, getattr(self, kind)
+        return None
 
     @property
     def greedy(self) -> bool:
@@ -90,6 +111,7 @@ class Mode(NamedTuple):
     sample: bool  # some row has temperature > 0
     sort: bool  # some sampling row has top_k or top_p < 1
     logprobs: bool = False  # some row reports log-probabilities
+    grammar: bool = False  # some row has a structured-output constraint: its token mask is applied
 
 
 class RowParams:
@@ -108,6 +130,13 @@ class RowParams:
         self.step = torch.zeros(rows, dtype=torch.long, device=device)
         self.seen = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=device)  # (rows, V + 1)
         self.modes: list[Mode] = [Mode(False, False, False, False)] * rows  # host copy, per row
+        # Structured output: allowed tokens per row as a bitmask (bit i of word w: token 32 w + i),
+        # all ones for a row without a constraint; filled on the host (`host_mask`), copied before a step.
+        words = (vocab + 31) // 32
+        self.mask = torch.full((rows, words), -1, dtype=torch.int32, device=device)  # (rows, V / 32)
+        on_cpu = self.mask.device.type == "cpu"
+        self.host_mask = self.mask if on_cpu else torch.full((rows, words), -1, dtype=torch.int32, pin_memory=True)
+        self._bits = _BITS.to(self.mask.device)
 
     def set(self, row: int, params: SamplingParams, seed: int, history: list[int] | torch.Tensor,
             step: int = 0) -> None:
@@ -123,7 +152,18 @@ class RowParams:
             self.seen[row, ids] = True
         sampling = not params.greedy
         self.modes[row] = Mode(params.repetition_penalty != 1.0, sampling,
-                               sampling and (params.top_k > 0 or params.top_p < 1.0), params.logprobs is not None)
+                               sampling and (params.top_k > 0 or params.top_p < 1.0), params.logprobs is not None,
+                               params.constraint is not None)
+        self.host_mask[row] = self.mask[row] = -1  # no constraint until fill_masks says otherwise
+
+    def fill_masks(self, matchers: dict) -> None:
+        """Write each constrained row's allowed tokens ({row: phi3.grammar.Matcher}) and send the
+        rows up to the highest to the device (outside any captured step)."""
+        for row, matcher in matchers.items():
+            matcher.fill_mask(self.host_mask[row])
+        if self.host_mask is not self.mask and matchers:
+            end = max(matchers) + 1
+            self.mask[:end].copy_(self.host_mask[:end], non_blocking=True)
 
     def mode(self, rows) -> Mode:
         """The stages needed by `rows` (host-side: no device sync)."""
@@ -133,6 +173,8 @@ class RowParams:
     def sample(self, logits: torch.Tensor, first: int, mode: Mode) -> torch.Tensor:
         """Next ids (B,) for rows first..first+B-1 from their logits (B, V)."""
         end = first + logits.shape[0]
+        if mode.grammar:
+            logits = apply_mask(logits, self.mask[first:end], self._bits)
         return sample_rows(logits, self.temperature[first:end], self.top_k[first:end], self.top_p[first:end],
                            self.min_p[first:end], self.penalty[first:end], self.seen[first:end, :self.vocab],
                            self.seed[first:end], self.step[first:end], mode)
@@ -145,6 +187,16 @@ class RowParams:
 
 
 # -- the pure functions ----------------------------------------------------------------------------
+_BITS = (torch.arange(256)[:, None] >> torch.arange(8)) & 1 == 1  # (256, 8): the bits of each byte value
+
+
+def apply_mask(logits: torch.Tensor, mask: torch.Tensor, bits: torch.Tensor = _BITS) -> torch.Tensor:
+    """logits (B, V), int32 bitmask (B, ceil(V / 32)) -> fp32 logits with the banned tokens at -inf.
+    The words' little-endian bytes are looked up in a byte -> 8 bits table: one gather, no branches."""
+    allowed = bits[mask.view(torch.uint8).long()].reshape(mask.shape[0], -1)[:, :logits.shape[-1]]  # (B, V)
+    return logits.float().masked_fill(~allowed, float("-inf"))
+
+
 def logprobs_of(logits: torch.Tensor, ids: torch.Tensor, k: int = MAX_LOGPROBS):
     """The model's log-probabilities (B, V) -> those of ids (B,), and the k most likely (B, k) values and ids."""
     logp = logits.float().log_softmax(-1)
@@ -184,7 +236,9 @@ def sample_rows(logits, temperature, top_k, top_p, min_p, penalty, seen, seed, s
     if not mode.sample:
         return logits.argmax(-1)
     gumbel = -torch.log(-torch.log(uniform(seed, step, logits.shape[-1])))
-    drawn = (logits + gumbel).argmax(-1)
+    # a filtered (-inf) token stays out even where the noise is +inf (u rounds to 1.0 in fp32: -inf + inf is NaN,
+    # which argmax would pick)
+    drawn = (logits + gumbel).masked_fill(logits == float("-inf"), float("-inf")).argmax(-1)
     return torch.where(temperature == 0.0, logits.argmax(-1), drawn)
 
 

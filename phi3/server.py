@@ -30,6 +30,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -43,6 +44,7 @@ from .backend import Backend, Job, log
 from .generate import LLM
 from .guard import LOOPBACK_HOSTS, Guard, is_loopback
 from .openai_api import APIError
+from .tools import CallStream
 
 MAX_BODY = 4 * 2**20  # bytes of a request body (a 128k-token prompt is ~0.5 MB)
 PUBLIC_PATHS = {"/health"}  # every other path needs the API key, when one is set
@@ -234,14 +236,15 @@ async def _complete(request: Request, backend: Backend, shape) -> Response:
     for ids in prompts:
         budget = api.completion_budget(req, len(ids), *backend.context)
         work += [(ids, api.sampling_params(req, budget, i)) for i in range(n)]
+    calls = shape is api.Chat and api.calls_expected(req)  # tools: answers are read for tool calls
     job = backend.open(work, bool(req.ignore_eos))
     head = {"id": shape.id_prefix + uuid.uuid4().hex, "created": int(time.time()), "model": backend.name}
     prompt_tokens = sum(len(ids) for ids in prompts)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _EventStream(_sse(job, shape, head, prompt_tokens, include_usage), on_close=job.close)
+        return _EventStream(_sse(job, shape, head, prompt_tokens, include_usage, calls), on_close=job.close)
     try:
-        return await _collect(job, shape, head, prompt_tokens, request, echoes)
+        return await _collect(job, shape, head, prompt_tokens, request, echoes, calls)
     finally:
         job.close()
 
@@ -260,7 +263,8 @@ async def _read_body(request: Request) -> bytes:
     return bytes(body)
 
 
-async def _collect(job: Job, shape, head: dict, prompt_tokens: int, request: Request, echoes=None) -> Response:
+async def _collect(job: Job, shape, head: dict, prompt_tokens: int, request: Request, echoes=None,
+                   calls: bool = False) -> Response:
     """A non-streamed answer; stops early (cancelling the job) if the client disconnects."""
     texts, finish, completion = [[] for _ in job.requests], [None] * len(job.requests), 0
     tokens = [None if lp is None else [] for lp in job.logprobs]  # log-probabilities, where asked for
@@ -282,7 +286,8 @@ async def _collect(job: Job, shape, head: dict, prompt_tokens: int, request: Req
         work.cancel()
         return Response(status_code=499)  # nobody reads it: the connection is closed
     work.result()  # an APIError from the engine goes to the client
-    choices = [shape.choice(k, "".join(t), f, lp) for k, (t, f, lp) in enumerate(zip(texts, finish, tokens))]
+    choose = partial(_with_calls, shape) if calls else shape.choice  # tools: each answer read as text or calls
+    choices = [choose(k, "".join(t), f, lp) for k, (t, f, lp) in enumerate(zip(texts, finish, tokens))]
     if echoes is not None:  # one per prompt, its n choices in a row
         n = len(choices) // len(echoes)
         choices = [api.with_echo(c, *echoes[k // n]) for k, c in enumerate(choices)]
@@ -295,7 +300,15 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _sse(job: Job, shape, head: dict, prompt_tokens: int, include_usage: bool) -> AsyncIterator[bytes]:
+def _with_calls(shape, k: int, text: str, finish_reason: str, tokens) -> dict:
+    stream = CallStream()
+    content, _ = stream.push(text)
+    rest, _, finish_reason = stream.close(finish_reason)
+    return shape.choice(k, content + rest, finish_reason, tokens, stream.calls)
+
+
+async def _sse(job: Job, shape, head: dict, prompt_tokens: int, include_usage: bool,
+               calls: bool = False) -> AsyncIterator[bytes]:
     """Server-sent events: one chunk per choice with new text (and its tokens' log-probabilities,
     if asked), the last with its finish_reason; then the usage chunk (if asked) and `data: [DONE]`.
     An error after the 200 header is sent in-band as `data: {"error": …}`, then `[DONE]`."""
@@ -311,6 +324,7 @@ async def _sse(job: Job, shape, head: dict, prompt_tokens: int, include_usage: b
         for k in range(len(job.requests)):
             yield chunk(shape.chunk_choice(k, None, None))
     completion = 0
+    streams = [CallStream() for _ in job.requests] if calls else None  # tools: text -> content and call deltas
     try:
         async for batch in job.chunks():
             merged: dict[int, list] = {}  # choice -> [text, finish_reason, tokens]
@@ -323,6 +337,15 @@ async def _sse(job: Job, shape, head: dict, prompt_tokens: int, include_usage: b
                     piece[1] = c.finish_reason
                     completion += c.usage.completion_tokens
             for k, (text, finish_reason, tokens) in merged.items():
+                deltas = None
+                if streams is not None:
+                    text, deltas = streams[k].push(text)
+                    if finish_reason is not None:
+                        rest, more, finish_reason = streams[k].close(finish_reason)
+                        text, deltas = text + rest, deltas + more
+                    if text or finish_reason or tokens or deltas:
+                        yield chunk(shape.chunk_choice(k, text, finish_reason, tokens, deltas))
+                    continue
                 if text or finish_reason or tokens:
                     yield chunk(shape.chunk_choice(k, text, finish_reason, tokens))
     except APIError as e:

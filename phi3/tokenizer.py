@@ -170,15 +170,28 @@ class Tokenizer:
         generation = {"bos_token_id": self.bos_id, "eos_token_id": sorted(self.stop_ids)}
         (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None,
+                            **extra) -> str:
         """Render ``messages`` with the chat template, as transformers' ``apply_chat_template(tokenize=False)``.
 
+        ``tools`` (OpenAI's function definitions), assistant messages with ``tool_calls`` and
+        ``role: "tool"`` results go to the template as `phi3.tools.template_messages` says: as they
+        are where the template reads ``tools``, else written into the roles every template knows.
         ``extra`` become template variables (they override ``bos_token`` and friends). Raises
         ``ChatTemplateError`` for malformed messages, a missing template, or one that fails or tries
         to leave the sandbox.
         """
         if self.chat_template is None:
             raise ChatTemplateError("this tokenizer has no chat template; format the prompt yourself")
+        if isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages) and (
+                tools or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)):
+            from .tools import template_messages
+
+            try:
+                messages, variables = template_messages(messages, tools, self.chat_template)
+            except (KeyError, TypeError, AttributeError) as e:
+                raise ChatTemplateError(f"malformed tools or tool calls: {type(e).__name__}: {e}") from None
+            extra = {**variables, **extra}
         _check_messages(messages)
         context = {"tools": None, "documents": None, **self._special_tokens, **extra,
                    "messages": [dict(m) for m in messages], "add_generation_prompt": add_generation_prompt}

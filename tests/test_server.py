@@ -600,7 +600,7 @@ BAD = [  # (path, body, status, param, code)
     ("/v1/chat/completions", _chat(messages=[{"role": 123, "content": "x"}]), 400, "messages[0].role", "invalid_value"),
     ("/v1/chat/completions", _chat(messages=[{"role": "user", "content": 123}]), 400, "messages[0].content",
      "invalid_type"),
-    ("/v1/chat/completions", _chat(messages=[{"role": "tool", "content": "x"}]), 400, "messages[0].role",
+    ("/v1/chat/completions", _chat(messages=[{"role": "robot", "content": "x"}]), 400, "messages[0].role",
      "invalid_value"),
     ("/v1/chat/completions", _chat(temperature=2.5), 400, "temperature", "invalid_value"),
     ("/v1/chat/completions", _chat(temperature=-0.1), 400, "temperature", "invalid_value"),
@@ -626,7 +626,7 @@ BAD = [  # (path, body, status, param, code)
     ("/v1/completions", json.dumps({"model": NAME, "prompt": "x", "logprobs": 6}), 400, "logprobs", "invalid_value"),
     ("/v1/completions", json.dumps({"model": NAME, "prompt": "x", "logprobs": True}), 400, "logprobs", "invalid_type"),
     ("/v1/chat/completions", _chat(presence_penalty=0.5), 400, "presence_penalty", "unsupported_parameter"),
-    ("/v1/chat/completions", _chat(tools=[{"type": "function"}]), 400, "tools", "unsupported_parameter"),
+    ("/v1/chat/completions", _chat(tools=[{"type": "function"}]), 400, "tools", "invalid_value"),  # a tool without a function
     ("/v1/chat/completions", _chat(max_tokens=CONTEXT), 400, "max_tokens", "context_length_exceeded"),
     ("/v1/chat/completions", _chat(max_tokens=CONTEXT, stream=True), 400, "max_tokens", "context_length_exceeded"),
     ("/v1/chat/completions", _chat(model="gpt-4o"), 404, "model", "model_not_found"),
