@@ -150,7 +150,9 @@ class Engine:
         self._ids = itertools.count()
         self._admissions = itertools.count()
         self._weights: list = []  # weak references and versions of the weights the cached keys came from
-        self.prompt_tokens = self.computed_tokens = self.preempted = 0  # counters for /metrics and bench
+        # counters for /metrics and bench: prompt tokens admitted, of them taken from the prefix cache,
+        # tokens prefilled (resumes and LongRoPE re-prefills included), rows preempted
+        self.prompt_tokens = self.hit_tokens = self.computed_tokens = self.preempted = 0
         # The step: eager, compiled, and/or captured per (B, S, mode).
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
@@ -206,7 +208,8 @@ class Engine:
         return dict(running=len(self.requests), waiting=len(self._waiting), block_size=self.cache.block_size,
                     blocks_total=b.total, blocks_used=b.used, blocks_cached=b.cached,
                     blocks_free=b.available - b.cached, prefix_cache=b.prefix_cache, prompt_tokens=self.prompt_tokens,
-                    prefix_hit_tokens=self.prompt_tokens - self.computed_tokens, preempted=self.preempted)
+                    prefix_hit_tokens=self.hit_tokens, computed_tokens=self.computed_tokens,
+                    preempted=self.preempted)
 
     def generate_step(self, prompt_ids: Sequence[int], params: SamplingParams,
                       stop_ids=frozenset()) -> Generator[int, None, str]:
@@ -293,9 +296,10 @@ class Engine:
                 req._blocks, req._long, req._todo, req._written = hit + new, long, ids, len(hit) * self.cache.block_size
                 self.cache.long_rope[req.slot] = long
                 self._set_table(req)
-                if not req.tokens and not req.preemptions:
+                if not req.tokens and not req.preemptions:  # its first admission (not a resume or a re-prefill)
                     req.cached_tokens = req._written
                     self.prompt_tokens += len(ids)
+                    self.hit_tokens += req._written
                 self.computed_tokens += len(ids) - req._written
                 self._prefilling.append(req)
 

@@ -697,7 +697,7 @@ def test_api_key(model_dir):
         assert s.health().status_code == 200  # public, for load balancers
         routes = [(m, r.path.replace("{model:path}", NAME)) for r in s.app.routes for m in getattr(r, "methods", ())
                   if r.path != "/health" and m != "HEAD"]
-        assert len(routes) == 4
+        assert len(routes) == 5  # /metrics, the models, the two completions
         for method, path in routes + [("GET", "/nothing-here")]:
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekrit"}):
                 r = httpx.request(method, s.url + path, headers=headers, content=_chat(), timeout=TIMEOUT)
@@ -908,7 +908,9 @@ def test_streams_under_pool_pressure_equal_the_library(make_server, ref):
     stream still carries exactly the library's greedy text, in order, nothing dropped or repeated;
     a follow-up turn reuses the first turn's keys (/health and /metrics count the hit tokens)."""
     s = make_server(max_batch=8, kv_cache_tokens=12 * 16)
-    prompts = [[{"role": "user", "content": f"Question {k}: tell me about the number {k * 7}."}] for k in range(8)]
+    prompts = [[{"role": "user", "content": f"Question {k}: tell me everything you know about the number {k * 7}, its "
+                                            "history, its uses in science and the stories told about it."}]
+               for k in range(8)]  # over two blocks of prompt: the next turn reuses them
     expected = [ref.generate(p, max_new_tokens=48).text for p in prompts]
     client, results = s.client(), [None] * len(prompts)
 
@@ -926,6 +928,9 @@ def test_streams_under_pool_pressure_equal_the_library(make_server, ref):
     metrics = httpx.get(s.url + "/metrics", timeout=TIMEOUT).text
     preempted = float(re.search(r"^phi3:num_preemptions_total (\S+)$", metrics, re.M).group(1))
     assert preempted > 0, metrics
+    # the first turn again, alone (under pressure its blocks were evicted), then the next turn
+    assert client.chat.completions.create(model=NAME, messages=prompts[0], max_tokens=48,
+                                          temperature=0).choices[0].message.content == expected[0]
     turn2 = prompts[0] + [{"role": "assistant", "content": expected[0]}, {"role": "user", "content": "And then?"}]
     before = s.health().json()["kv_cache"]["prefix_hit_tokens"]
     answer = client.chat.completions.create(model=NAME, messages=turn2, max_tokens=16, temperature=0)
