@@ -83,6 +83,7 @@ class Request:
     _blocks: list[int] = field(default_factory=list, repr=False)
     _long: bool = False
     _admitted: int = -1  # admission order: the newest row is preempted first
+    _started: bool = False  # its prefill has begun (see Engine._rematch)
     matcher: Matcher | None = field(default=None, repr=False)  # structured output: its grammar state
 
     @property
@@ -240,6 +241,8 @@ class Engine:
         budget = self.prefill_chunk
         while budget > 0 and self._prefilling:
             req = self._prefilling[0]
+            if not req._started:
+                self._rematch(req)
             n = min(budget, len(req._todo) - req._written)
             logits = self._prefill(req, n)
             budget -= n
@@ -301,7 +304,29 @@ class Engine:
                     self.prompt_tokens += len(ids)
                     self.hit_tokens += req._written
                 self.computed_tokens += len(ids) - req._written
+                req._started = False
                 self._prefilling.append(req)
+
+    def _rematch(self, req: Request) -> None:
+        """Look the prompt up again as its prefill begins: requests admitted together (few-shot
+        prompts, a shared system prompt) find the blocks that the ones before them have just
+        written. Longer hits replace the row's unwritten blocks."""
+        req._started = True
+        bs, have = self.cache.block_size, req._written // self.cache.block_size
+        hit = self.blocks.match(req._todo, self._salt(req))
+        self.blocks.release(hit[:have])  # the row already holds these
+        extra = hit[have:]
+        if not extra:
+            return
+        self.blocks.release(req._blocks[have:have + len(extra)])  # never written: back to the free list
+        req._blocks[have:have + len(extra)] = extra
+        gained = len(extra) * bs
+        req._written += gained
+        self.computed_tokens -= gained
+        if not req.preemptions and len(req._todo) == len(req.prompt):  # its first admission: count the hit
+            req.cached_tokens += gained
+            self.hit_tokens += gained
+        self._set_table(req)
 
     def _salt(self, req: Request) -> tuple:
         """What besides the tokens changes a row's keys: its LongRoPE set (the model's weights: `_check_weights`)."""
