@@ -48,6 +48,19 @@ def tiny_config(kind: str) -> dict:
     return base
 
 
+def random_ids(n: int, seed: int) -> list[int]:
+    """`n` token ids of the tiny vocabulary (no special ones), the same for the same seed."""
+    return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def greedy_reference(ref, prompt: list[int], new: int) -> list[int]:
+    """transformers' greedy continuation of `prompt` (`new` tokens) by the reference model `ref`."""
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False,
+                           attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return out[0, len(prompt):].tolist()
+
+
 def randomize(model: torch.nn.Module, seed: int = 0) -> None:
     """Weights large enough that logits are well separated (greedy decoding has no near-ties)."""
     g = torch.Generator().manual_seed(seed)

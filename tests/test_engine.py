@@ -7,19 +7,11 @@ import pytest
 import torch
 
 import phi3
+from conftest import greedy_reference as _reference, random_ids as _ids
 from phi3.engine import Engine
 from phi3.sampling import SamplingParams
 
 
-def _ids(n: int, seed: int) -> list[int]:
-    return torch.randint(3, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def _reference(ref, prompt: list[int], new: int) -> list[int]:
-    with torch.no_grad():
-        out = ref.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False,
-                           attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    return out[0, len(prompt):].tolist()
 
 
 @pytest.fixture(scope="module")
