@@ -9,9 +9,8 @@ import sys
 from importlib.metadata import version
 
 import pytest
-import torch
 
-from conftest import randomize, tiny_config
+from conftest import write_checkpoint
 from phi3.cli import main
 from vocab_fixture import write_phi3_tokenizer_dir
 
@@ -21,14 +20,8 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny random Phi-3 checkpoint with the real Phi-3 tokenizer and generation config."""
-    from transformers import Phi3Config, Phi3ForCausalLM
-
     folder = tmp_path_factory.mktemp("first-contact-model")
-    cfg = {**tiny_config("longrope"), "vocab_size": 32064, "eos_token_id": 32000, "pad_token_id": 32000}
-    torch.manual_seed(0)
-    model = Phi3ForCausalLM(Phi3Config(**cfg)).eval()
-    randomize(model, seed=5)
-    model.save_pretrained(folder)
+    write_checkpoint(folder, "longrope", seed=5, vocab_size=32064, eos_token_id=32000, pad_token_id=32000)
     write_phi3_tokenizer_dir(folder)
     return folder
 

@@ -25,7 +25,7 @@ import torch
 import uvicorn
 
 import phi3
-from conftest import randomize, tiny_config
+from conftest import write_checkpoint
 from phi3 import SamplingParams
 from phi3.server import MAX_BODY, create_app, serve
 from vocab_fixture import write_phi3_tokenizer_dir
@@ -45,14 +45,8 @@ STOPPING = [{"role": "user", "content": "Write a haiku about autumn leaves."}]  
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny random Phi-3 checkpoint with the real Phi-3 tokenizer files and generation config."""
-    from transformers import Phi3Config, Phi3ForCausalLM
-
     folder = tmp_path_factory.mktemp("server-model")
-    cfg = {**tiny_config("longrope"), "vocab_size": 32064, "eos_token_id": 32000, "pad_token_id": 32000}
-    torch.manual_seed(0)
-    model = Phi3ForCausalLM(Phi3Config(**cfg)).eval()
-    randomize(model, seed=5)
-    model.save_pretrained(folder)
+    write_checkpoint(folder, "longrope", seed=5, vocab_size=32064, eos_token_id=32000, pad_token_id=32000)
     write_phi3_tokenizer_dir(folder)  # after save_pretrained: the real generation_config.json
     return folder
 

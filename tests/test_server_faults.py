@@ -22,10 +22,9 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 
 import phi3
-from conftest import randomize, tiny_config
+from conftest import write_checkpoint
 from vocab_fixture import write_phi3_tokenizer_dir
 
 NAME = "tiny-phi3"
@@ -43,14 +42,8 @@ JSON = {**AUTH, "Content-Type": "application/json"}
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny random Phi-3 checkpoint with the real Phi-3 tokenizer and generation config."""
-    from transformers import Phi3Config, Phi3ForCausalLM
-
     folder = tmp_path_factory.mktemp("faults-model")
-    cfg = {**tiny_config("longrope"), "vocab_size": 32064, "eos_token_id": 32000, "pad_token_id": 32000}
-    torch.manual_seed(0)
-    model = Phi3ForCausalLM(Phi3Config(**cfg)).eval()
-    randomize(model, seed=5)
-    model.save_pretrained(folder)
+    write_checkpoint(folder, "longrope", seed=5, vocab_size=32064, eos_token_id=32000, pad_token_id=32000)
     write_phi3_tokenizer_dir(folder)
     return folder
 

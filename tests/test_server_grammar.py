@@ -17,7 +17,7 @@ import pytest
 import phi3
 from phi3 import assets
 from phi3.server import create_app
-from conftest import randomize, tiny_config
+from conftest import write_checkpoint
 from test_server import Server
 from vocab_fixture import write_phi3_tokenizer_dir
 
@@ -43,16 +43,9 @@ class Pet(pydantic.BaseModel):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny random Phi-3 with the real Phi-3 vocabulary and chat template, and room for tool prompts."""
-    import torch
-    from transformers import Phi3Config, Phi3ForCausalLM
-
     folder = tmp_path_factory.mktemp("tools-model")
-    cfg = {**tiny_config("longrope"), "vocab_size": 32064, "eos_token_id": 32000, "pad_token_id": 32000,
-           "max_position_embeddings": 1024}
-    torch.manual_seed(0)
-    model = Phi3ForCausalLM(Phi3Config(**cfg)).eval()
-    randomize(model, seed=11)
-    model.save_pretrained(folder)
+    write_checkpoint(folder, "longrope", seed=11, vocab_size=32064, eos_token_id=32000, pad_token_id=32000,
+                     max_position_embeddings=1024)
     write_phi3_tokenizer_dir(folder)
     return folder
 
