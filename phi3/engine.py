@@ -364,8 +364,8 @@ class Engine:
 
     def _accept(self, req: Request, token: int, logprob=None, from_prefill: bool = False) -> list[Event]:
         """Host-side bookkeeping for a token drawn for `req` (with its logprobs, if asked for)."""
-        if token in req.stop_ids:
-            self._finish(req, "stop")
+        if token in req.stop_ids:  # not kept: every key before it is written (by the step that drew it)
+            self._finish(req, "stop", written=req.length)
             return [Event(req, None, "stop")]
         req.tokens.append(token)
         if logprob is not None:
@@ -404,9 +404,12 @@ class Engine:
         m = (len(row) - 1) // 2
         return row[0], [(int(i), v) for i, v in zip(row[1 + m:1 + m + k], row[1:1 + k])]
 
-    def _release(self, req: Request) -> None:
-        """Give the row and its blocks back; its full, written blocks stay in the prefix cache."""
-        written = req._written if req in self._prefilling or req.slot not in self._decoding else req.length - 1
+    def _release(self, req: Request, written: int | None = None) -> None:
+        """Give the row and its blocks back; its full, written blocks stay in the prefix cache.
+        `written`: positions whose keys are in its blocks (default: a decoding row's last token is
+        not fed yet)."""
+        if written is None:
+            written = req._written if req in self._prefilling or req.slot not in self._decoding else req.length - 1
         self.blocks.register(req._blocks, (req.prompt + req.tokens)[:written] if req._todo else [], self._salt(req))
         self.blocks.release(req._blocks)
         if req in self._prefilling:
@@ -419,9 +422,9 @@ class Engine:
         self._free.sort()
         req.slot = None
 
-    def _finish(self, req: Request, reason: str) -> None:
+    def _finish(self, req: Request, reason: str, written: int | None = None) -> None:
         req.finish_reason = reason
-        self._release(req)
+        self._release(req, written)
         kernels = sys.modules.get("phi3.kernels")  # loaded only where a CPU decode step offered its layers to C
         if not self.requests and kernels is not None:
             kernels.forget(self.model)  # idle: let go of what the C layers read (weights may change before the next request)

@@ -79,6 +79,25 @@ def test_the_next_turn_reuses_the_generated_tokens(models):
     assert turn2.tokens == _reference(ref, follow, 10)
 
 
+def test_an_answer_ending_on_a_stop_id_at_a_block_end_caches_its_last_block(models):
+    """A stop id drawn right after the token that fills a block: the step that drew it wrote that
+    token's key, so the block is whole and a follow-up reuses it (not one block fewer)."""
+    llm, ref = models["gqa"]
+    prompt = _ids(20, seed=40)
+    answer = _reference(ref, prompt, 13)
+    stop = answer[12]  # drawn after 12 new tokens: prompt + answer end at 32, a block end
+    assert stop not in answer[:12]
+    engine = Engine(llm.model, slots=2, max_len=128)
+    turn1 = engine.submit(prompt, SamplingParams(max_new_tokens=30), stop_ids={stop})
+    while engine.busy:
+        engine.step()
+    assert (turn1.finish_reason, turn1.tokens) == ("stop", answer[:12])
+    follow = prompt + turn1.tokens + _ids(9, seed=41)
+    turn2, = _run(engine, [(follow, SamplingParams(max_new_tokens=10))])
+    assert turn2.cached_tokens == 2 * BS
+    assert turn2.tokens == _reference(ref, follow, 10)
+
+
 def test_longrope_sets_never_share_keys(models):
     """A prompt past the pre-training context (long factors) does not reuse short-factor keys of
     the same tokens, and a row crossing mid-decode is prefilled again with the long set; both give
