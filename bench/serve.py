@@ -102,17 +102,19 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
+def start_server(args, extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
+    """`phi3 serve` on a free loopback port with args' settings and `extra` options; (process, url) once healthy."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
     cmd = [sys.executable, "-m", "phi3", "serve", "--model", args.model, "--port", str(port), "--served-model-name",
-           args.served_model_name, "--max-batch", str(args.max_batch), "--max-queue", "1024", "--max-len",
-           str(args.max_len)]
+           args.served_model_name, "--max-batch", str(args.max_batch), "--max-queue", "1024"]
+    cmd += ["--max-len", str(args.max_len)] if args.max_len else []
     cmd += ["--device", args.device] if args.device else []
     cmd += ["--dtype", args.dtype] if args.dtype else []
     cmd += ["--activations", args.activations] if args.activations else []
+    cmd += list(extra)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE if args.quiet else None)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + args.timeout
