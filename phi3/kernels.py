@@ -10,10 +10,12 @@ that small, the torch ops around the linears were half of a step: `decode_layers
 layers of an eager fp32 decode step in C instead (4.5x the dense fp32 step on SmolLM2).
 
 The C files are compiled once per machine with its C compiler (`$CC`, else `cc`; `-O3 -march=native
--fopenmp -fno-trapping-math`) into `$PHI3_CACHE/kernels/` and loaded with ctypes. Without a compiler, or with
-`PHI3_KERNELS=0`, `available()` says why and packed modules dequantize to fp32 at load instead
-(the same answers, slower; a warning says so once). `PHI3_KERNELS=portable` builds the plain C
-path without -march=native (what a CPU without AVX2/FMA/F16C runs).
+-fopenmp -fno-trapping-math`; `-mcpu=native` on arm64) into `$PHI3_CACHE/kernels/` and loaded with
+ctypes. The hot loops are AVX2+FMA+F16C on x86, NEON on arm64, plain C elsewhere. Threads are
+OpenMP's, or POSIX threads where the compiler refuses -fopenmp (Apple's clang; `PHI3_OPENMP=0`
+forces that build). Without a compiler, or with `PHI3_KERNELS=0`, `available()` says why and packed
+modules dequantize to fp32 at load instead (the same answers, slower; a warning says so once).
+`PHI3_KERNELS=portable` builds the plain C path (what a CPU without AVX2/FMA/F16C or NEON runs).
 """
 
 from __future__ import annotations
@@ -35,12 +37,14 @@ import torch
 from .assets import cache_dir
 from .model import Linear, linear
 
-__all__ = ["available", "build_info", "dense_linear", "int16_ok", "packed_linear", "q4_linear", "q8_linear"]
+__all__ = ["available", "build_info", "dense_linear", "int16_ok", "packed_linear", "q4_linear", "q8_linear", "threads_seen"]
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "packed.c", CSRC / "layer.c"]  # one library; packed.h is what layer.c takes from packed.c
+SOURCES = [CSRC / "packed.c", CSRC / "layer.c", CSRC / "parallel.c"]  # one library
+HEADERS = [CSRC / "packed.h", CSRC / "parallel.h"]  # what layer.c takes from packed.c; the threads
+SIMD = {0: None, 1: "avx2", 2: "neon"}  # phi3_simd()'s answer: which hot loops were compiled
 _lock = threading.Lock()
-_state: dict = {}  # "lib": ctypes.CDLL | None, "why": str (why not), "simd": bool
+_state: dict = {}  # "lib": ctypes.CDLL | None, "why": str (why not), "simd": "avx2", "neon" or None
 
 
 def _cpu_id() -> str:
@@ -61,13 +65,15 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
         return None, "no C compiler found (install gcc or clang, or set CC)"
-    source = b"".join(f.read_bytes() for f in [*SOURCES, CSRC / "packed.h"])
+    source = b"".join(f.read_bytes() for f in [*SOURCES, *HEADERS])
+    native = "-mcpu=native" if platform.machine().lower() in ("arm64", "aarch64") else "-march=native"
+    openmp = os.environ.get("PHI3_OPENMP", "1") != "0"
+    # the plain C path (-DPHI3_PORTABLE), for machines (and tests) without AVX2 or NEON
+    targets = [["-DPHI3_PORTABLE"]] if mode == "portable" else [[native], []]
     # -fno-trapping-math: no code here reads floating-point exception flags, and it lets the
     # compiler vectorize layer.c's branch-free exp
-    attempts = [["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"]]
-    if mode == "portable":  # the plain C path, for machines (and tests) without AVX2
-        attempts = [["-O3", "-fopenmp"], ["-O3"]]
-    attempts = [[*flags, "-fno-trapping-math"] for flags in attempts]
+    attempts = [["-O3", *target, threads, "-fno-trapping-math"] for target in targets
+                for threads in (["-fopenmp", "-pthread"] if openmp else ["-pthread"])]
     key = hashlib.sha256(source + cc.encode() + _cpu_id().encode() + platform.machine().encode()).hexdigest()[:16]
     folder = cache_dir() / "kernels"
     errors = []
@@ -109,6 +115,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
               lib.phi3_q8_dequantize):
         f.restype = None
     lib.phi3_simd.restype = C_INT
+    lib.phi3_threads_kind.restype = C_INT
+    lib.phi3_threads_seen.argtypes, lib.phi3_threads_seen.restype = [C_INT], C_INT
     lib.phi3_work_floats.argtypes, lib.phi3_work_floats.restype = [P], I64
     lib.phi3_decode_layers.argtypes, lib.phi3_decode_layers.restype = [P, P, I64, P], None
     return lib
@@ -119,7 +127,7 @@ def _lib() -> ctypes.CDLL | None:
         with _lock:
             if "lib" not in _state:
                 lib, why = _build()
-                _state.update(lib=lib, why=why, simd=bool(lib and lib.phi3_simd()))
+                _state.update(lib=lib, why=why, simd=SIMD.get(lib.phi3_simd()) if lib else None)
     return _state["lib"]
 
 
@@ -129,8 +137,18 @@ def available() -> tuple[bool, str]:
 
 
 def build_info() -> dict:
-    """How the loaded kernels were built: {"simd": AVX2+FMA+F16C code or portable C, "flags": [...]}."""
-    return {"simd": bool(_lib() and _state["simd"]), "flags": _state.get("flags") if _lib() else None}
+    """How the loaded kernels were built: {"simd": "avx2", "neon" or None (plain C), "threads":
+    "openmp" or "pthreads", "flags": [...]}; None values where they are not built."""
+    lib = _lib()
+    return {"simd": _state["simd"] if lib else None, "threads": {1: "openmp", 2: "pthreads"}.get(lib.phi3_threads_kind())
+            if lib else None, "flags": _state.get("flags") if lib else None}
+
+
+def threads_seen(threads: int) -> int:
+    """How many distinct threads a parallel region of the kernels asked for `threads` really ran on
+    (each having met the others at a barrier); 0 if not built. For tests and `phi3 info`."""
+    lib = _lib()
+    return lib.phi3_threads_seen(threads) if lib else 0
 
 
 _warned = False
