@@ -31,13 +31,15 @@ import tempfile
 import threading
 import weakref
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from .assets import cache_dir
-from .model import Linear, linear
 
-__all__ = ["available", "build_info", "dense_linear", "int16_ok", "packed_linear", "q4_linear", "q8_linear", "threads_seen"]
+__all__ = ["CLinear", "available", "build_info", "cpu_linear", "dense_linear", "int16_ok", "packed_linear", "q4_linear",
+           "q8_linear", "threads_seen"]
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "packed.c", CSRC / "layer.c", CSRC / "parallel.c"]  # one library
@@ -201,6 +203,20 @@ def q8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> to
 FP32_ROWS = 24  # fp32 linears (and decode steps with fp32 layers, in C) below this many rows; from here oneDNN (measured)
 
 
+_ONEDNN = torch.backends.mkldnn.is_available()
+
+
+def cpu_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., K) fp32 @ weight (N, K) fp32 on the CPU, no gradients: phi3's kernel below FP32_ROWS
+    rows (`dense_linear`), oneDNN's inner product from there (bench/linear.py), F.linear without oneDNN."""
+    y = dense_linear(x, weight)
+    if y is not None:
+        return y
+    if _ONEDNN:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    return F.linear(x, weight)
+
+
 def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """x (..., K) fp32 @ weight (N, K) fp32 -> (..., N) with phi3's kernel, for fewer than FP32_ROWS
     rows of x (a decode step's batch): there it measured about even (one row) to 1.8x oneDNN's
@@ -274,8 +290,8 @@ def _packed_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
             else:
                 lib.phi3_q8_dequantize(w + n0 * row_bytes, s + n0 * G * 2, dense.data_ptr(), n, K, G, threads)
             if y is None:
-                return linear(x, dense)
-            y[:, n0:n0 + n] = linear(x, dense)
+                return cpu_linear(x, dense)
+            y[:, n0:n0 + n] = cpu_linear(x, dense)
         return y
     x = x.contiguous()
     y = torch.empty(M, N, dtype=torch.float32)
@@ -319,34 +335,43 @@ class _Step(ctypes.Structure):
                 ("threads", I64)]
 
 
+class CLinear(NamedTuple):
+    """What layer.c reads of one linear layer, as the layer's `c_linear()` method returns it: the
+    weight, fp32 (N, K), or packed with its fp16 (N, G) `scales` (and `biases` for int4: the layouts in
+    the module docstring); an AWQ `input_scale` (K,) multiplied into its input; the activations'
+    precision ("fp32", or "int16": `packed_linear`). A module offers `c_linear()` when its forward is
+    exactly that product, so this module needs no knowledge of the layer classes."""
+
+    weight: torch.Tensor
+    scales: torch.Tensor | None = None
+    biases: torch.Tensor | None = None
+    input_scale: torch.Tensor | None = None
+    activations: str = "fp32"
+
+
 def _linear_args(module, keep: list) -> tuple | None:
     """A linear layer.c can run -> its `_Linear` fields (its tensors' storages appended to `keep`);
-    None for any other (an adapter, a hook, bf16). Packed: a `QuantLinear` on phi3's kernels. fp32:
-    phi3's own `Linear`, or a `QuantLinear` dequantized at load (kernel "dense": a GGUF type without a
-    packed kernel). Module attributes are read from their dicts (`nn.Module.__getattr__` costs ~1 µs)."""
+    None for any other (an adapter, a hook, a module without `c_linear`, bf16 or CUDA tensors)."""
     if module._forward_hooks or module._forward_pre_hooks:
         return None
-    kernel = module.__dict__.get("kernel")
-    if type(module) is Linear or kernel == "dense":
-        w = module._parameters["weight"] if type(module) is Linear else module._buffers["w"]
-        if w.dtype != torch.float32 or not w.is_cpu or not w.is_contiguous():
-            return None
-        keep.append(w.untyped_storage())
-        return (w.data_ptr(), 0, 0, 0, 1, 32, 32)
-    if kernel != "cpu-fp32":
+    describe = getattr(module, "c_linear", None)
+    c = describe() if describe is not None else None
+    if c is None:
         return None
-    b = module._buffers
-    w, s, z, scale = b["weight"], b["scales"], b["biases"], b["input_scale"]
-    if s.dtype != torch.float16 or not (w.is_cpu and w.is_contiguous() and s.is_contiguous()):
+    w, s, z, scale = c.weight, c.scales, c.biases, c.input_scale
+    if not (w.is_cpu and w.is_contiguous()) or w.dtype != (torch.float32 if s is None else torch.uint8 if z is not None
+                                                            else torch.int8):
         return None
-    if z is not None and (z.dtype != torch.float16 or not z.is_contiguous()):
+    if s is not None and (s.dtype != torch.float16 or not s.is_cpu or not s.is_contiguous()):
+        return None
+    if z is not None and (s is None or z.dtype != torch.float16 or not z.is_contiguous()):
         return None
     if scale is not None and (scale.dtype != torch.float32 or not scale.is_contiguous()):
         return None
     keep += [t.untyped_storage() for t in (w, s, z, scale) if t is not None]
-    return (w.data_ptr(), s.data_ptr(), z.data_ptr() if z is not None else 0,
-            scale.data_ptr() if scale is not None else 0, s.shape[1], 4 if z is not None else 8,
-            16 if module.__dict__.get("activations") == "int16" else 32)
+    return (w.data_ptr(), s.data_ptr() if s is not None else 0, z.data_ptr() if z is not None else 0,
+            scale.data_ptr() if scale is not None else 0, s.shape[1] if s is not None else 1,
+            32 if s is None else 4 if z is not None else 8, 16 if c.activations == "int16" else 32)
 
 
 def _norm_weight(norm, keep: list) -> int | None:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import kernels
 from .cache import KVCache
 from .config import Phi3Config
 from .rope import RotaryEmbedding, apply_rotary
@@ -35,16 +36,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if (x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
             and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
-        from . import kernels
-        y = kernels.dense_linear(x, weight)
-        if y is not None:
-            return y
-        if _ONEDNN:
-            return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+        return kernels.cpu_linear(x, weight)
     return F.linear(x, weight)
-
-
-_ONEDNN = torch.backends.mkldnn.is_available()
 
 
 class Linear(nn.Linear):
@@ -55,6 +48,11 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight)
+
+    def c_linear(self) -> kernels.CLinear | None:
+        """What phi3's C decode step (`kernels.decode_layers`) runs of this layer: its weight; None
+        for a subclass with another forward."""
+        return kernels.CLinear(self.weight) if type(self).forward is Linear.forward else None
 
 
 class RMSNorm(nn.Module):
@@ -229,7 +227,6 @@ class Phi3(nn.Module):
         fused = None
         if T == 1 and cache is not None and x.device.type == "cpu" and not torch.is_grad_enabled() \
                 and not torch.compiler.is_compiling():  # a CPU decode step: all layers in C when they qualify
-            from . import kernels
             fused = kernels.decode_layers(self, x, positions, cos, sin, cache, slot, kv_len)
         if fused is not None:
             x = fused
