@@ -7,7 +7,7 @@ each. These kernels read the packed blocks (0.56 bytes per int4 weight) and comp
 GGUF or quantized checkpoint decodes faster than its dequantized fp32 copy with the same answers
 (`x @ dequantize(W).T` up to the order of fp32 sums), in a fifth of the memory. With the weights
 that small, the torch ops around the linears were half of a step: `decode_layers` runs all the
-layers of an eager fp32 decode step in C instead (4.5x the dense fp32 step on SmolLM2).
+layers of an eager fp32 decode step in C instead (how much faster: docs/PERFORMANCE.md).
 
 The C files are compiled once per machine with its C compiler (`$CC`, else `cc`; `-O3 -march=native
 -fopenmp -fno-trapping-math`; `-mcpu=native` on arm64) into `$PHI3_CACHE/kernels/` and loaded with
@@ -161,7 +161,7 @@ def warn_unavailable() -> None:
     global _warned
     if not _warned and os.environ.get("PHI3_KERNELS", "1") != "0":
         _warned = True
-        print(f"phi3: packed weights run dequantized to fp32 (same answers, ~2x slower, 5x the memory): "
+        print(f"phi3: packed weights run dequantized to fp32 (same answers, slower, 5x the memory): "
               f"{_state.get('why')}", file=sys.stderr)
 
 
@@ -219,8 +219,8 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """x (..., K) fp32 @ weight (N, K) fp32 -> (..., N) with phi3's kernel, for fewer than FP32_ROWS
-    rows of x (a decode step's batch): there it measured about even (one row) to 1.8x oneDNN's
-    inner product on a 2-core AVX2 CPU (docs/PERFORMANCE.md). None where it does not apply (more
+    rows of x (a decode step's batch), where it beats oneDNN's inner product (measured in
+    docs/PERFORMANCE.md). None where it does not apply (more
     rows, other dtypes or devices, a non-contiguous weight, kernels not built): the caller runs
     oneDNN."""
     K = x.shape[-1]
@@ -243,7 +243,7 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, b
     """int4 weights when `biases` is given (the module docstring's layouts), int8 otherwise. `int16`:
     below DENSE_ROWS rows, round x to int16 per block of 32 columns and take integer dots (opt-in,
     `activations="int16"`: see `int16_ok` and csrc/packed.c); from DENSE_ROWS on it is exact as always."""
-    if torch.compiler.is_compiling():  # an opaque op to the compiler; in eager a direct call (4x less overhead)
+    if torch.compiler.is_compiling():  # an opaque op to the compiler; in eager a direct call (less dispatch overhead)
         return torch.ops.phi3.packed_linear(x, weight, scales, biases, int16)
     return _packed_linear(x, weight, scales, biases, int16)
 
@@ -425,8 +425,8 @@ def forget(model) -> None:
 def _plan(model, cache) -> _Plan:
     """The model's plan, re-read when it may have changed: after any forward other than a one-token
     cached step (a prefill: each new request has one), with another cache, or after `forget`. Reading
-    every layer's modules, hooks and pointers costs ~0.3-0.9 ms a step on SmolLM2 (its 30 layers'
-    Python objects are out of the CPU caches by then), up to ~10% of the step; between two decode
+    every layer's modules, hooks and pointers at every step would be a noticeable part of a small
+    model's step (its layers' Python objects are out of the CPU caches by then); between two decode
     steps of the same requests nothing in phi3 changes them. A change made there by other code (a hook
     registered mid-generation) takes effect from the next request."""
     plan, k0 = _plans.get(model), cache.k[0].data_ptr()

@@ -232,8 +232,7 @@ static void f32_row(const float *x, const float *wr, float *y, int64_t m0, int m
  * the rows of x in pairs, so that each 8-float load of weights feeds two fmas and each load of x six
  * (twelve accumulators in registers). K is walked in chunks of F32_KC columns, and within a chunk
  * every pair of up to eight rows of x runs in turn, so the chunk's weights (6 x 1 KiB) and x (8 x
- * 1 KiB) are read from L1; the partial sums wait in `acc` between chunks. Measured at M = 8 on a
- * 2-core AVX2 CPU: 71-97 GFLOP/s, where oneDNN's inner product ran 46-63 (docs/PERFORMANCE.md). */
+ * 1 KiB) are read from L1; the partial sums wait in `acc` between chunks (against oneDNN: docs/PERFORMANCE.md). */
 #define F32_NW 6
 #define F32_KC 256
 
@@ -276,9 +275,8 @@ static void f32_block6(const float *x, const float *wr, float *y, int64_t m0, in
  * with the integer dot exact (int4: |sum| <= 32 * 15 * 32767 < 2^24, exact even in fp32). The only
  * error is x's rounding, at most d / 2 per element (~2^-16 of the block's largest; bf16 activations
  * are 2^-9 of each element). Two vpmaddwd per 32 weights replace expanding them to fp32 (four
- * conversions and eight fmas). One row of x, a linear call measured on a 2-core AVX2 CPU: 1.5-1.9x
- * the fp32-activation kernels at Phi-3-mini's shapes, 1.1-1.4x at SmolLM2's smaller ones; at 8 rows
- * 1.3-1.5x and 0.8-0.9x (there the fp32 kernels share each expanded block among 8 rows). A row's
+ * conversions and eight fmas): faster than the fp32-activation kernels at one row, less so at 8 rows,
+ * where those share each expanded block among the rows (docs/PERFORMANCE.md). A row's
  * result does not depend on the other rows of x (same operations, same order), so batching keeps
  * it. Needs K and the group size to be multiples of 32 (kernels.py checks). */
 
