@@ -3,7 +3,8 @@
 # start-up included): the timeouts below sum to 9 minutes (540 s). Each step writes its file under $OUT as
 # it finishes, so a run cut short still returns what it did.
 #   1. CUDA correctness: fp32 logits and bf16 greedy tokens against transformers, chunked flash
-#      prefill, CUDA-graph batches (tests/test_cuda.py), the int4/int8 CUDA kernels
+#      prefill, CUDA-graph batches, GQA attention with SDPA's math backend switched off (it fails if a
+#      call is not on a flash or memory-efficient kernel) (tests/test_cuda.py), the int4/int8 CUDA kernels
 #      (tests/test_quantize.py::test_cuda_kernels), the engine's CUDA-graph step
 #   2. decode at batch 1/16/64 on random Phi-3-mini-128k weights (bf16), against transformers
 #   3. the same with --quantize int4 (tinygemm on sm80+)

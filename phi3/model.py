@@ -96,14 +96,35 @@ class Attention(nn.Module):
 
 def _sdpa(q, k, v, mask):
     """torch's fused attention. mask: None (causal, T == S), a lower-right CausalBias (a chunk
-    after a prefix: flash kernels on CUDA), or a bool tensor (sliding window, decode rows)."""
+    after a prefix: flash kernels on CUDA), or a bool tensor (sliding window, decode rows).
+
+    With grouped-query attention on CUDA, what keeps SDPA off its slow math backend: flash takes
+    GQA but no mask tensor (and no fp32), memory-efficient takes masks and fp32 but equal head
+    counts. So masked calls (every decode step) fold the query heads into rows (`_sdpa_grouped`),
+    and the rest repeat K/V where flash cannot run them (a CausalBias, fp32)."""
     gqa = q.shape[1] != k.shape[1]
-    if mask is not None and not isinstance(mask, torch.Tensor):  # a CausalBias
-        if gqa and q.is_cuda:  # its flash path takes equal head counts
+    if gqa and q.is_cuda:
+        if isinstance(mask, torch.Tensor):
+            return _sdpa_grouped(q, k, v, mask)
+        if mask is not None or q.dtype == torch.float32:
             k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
             gqa = False
+    if mask is not None and not isinstance(mask, torch.Tensor):  # a CausalBias
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+
+
+def _sdpa_grouped(q, k, v, mask):
+    """Grouped-query attention with a bool mask as attention over equal head counts, without copying
+    K/V: the g query heads that share KV head j (heads j*g .. j*g+g-1, as `enable_gqa` pairs them)
+    become g times as many query rows of head j, each row still attending on its own.
+    q (B, H, T, D), k/v (B, Hkv, S, D), mask (B or 1, 1, T, S) -> (B, H, T, D)."""
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    g = H // Hkv
+    rows = mask[:, :, None].expand(-1, -1, g, -1, -1).reshape(mask.shape[0], 1, g * T, S)  # row i*T + t: mask row t
+    y = F.scaled_dot_product_attention(q.reshape(B, Hkv, g * T, D), k, v, attn_mask=rows)
+    return y.reshape(B, H, T, D)
 
 
 def _eager_attention(q, k, v, mask):
