@@ -111,12 +111,22 @@ def test_cancel_frees_the_slot(longrope):
     assert again[:3] == got and len(again) == 40
 
 
+def _graphs_compiled() -> int:
+    """How many graphs dynamo has compiled in this process (a compiled step that fell back to eager,
+    or was never called, adds none)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 def test_compiled_step_equals_eager(longrope):
     llm, _ = longrope
     prompt, params = _ids(20, 5), SamplingParams(max_new_tokens=24)
     eager = list(Engine(llm.model, slots=2, max_len=64).generate_step(prompt, params))
+    before = _graphs_compiled()
     compiled = list(Engine(llm.model, slots=2, max_len=64, compile=True).generate_step(prompt, params))
     assert compiled == eager
+    assert _graphs_compiled() > before
 
 
 def test_compiled_step_with_packed_weights_equals_eager(checkpoints):
@@ -125,8 +135,10 @@ def test_compiled_step_with_packed_weights_equals_eager(checkpoints):
     assert llm.model.model.layers[0].mlp.gate_up_proj.kernel == ("cpu-fp32" if llm.device.type == "cpu" else "dense")
     prompt, params = _ids(20, 5), SamplingParams(max_new_tokens=24)
     eager = list(Engine(llm.model, slots=2, max_len=64).generate_step(prompt, params))
+    before = _graphs_compiled()
     compiled = list(Engine(llm.model, slots=2, max_len=64, compile=True).generate_step(prompt, params))
     assert compiled == eager
+    assert _graphs_compiled() > before
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
