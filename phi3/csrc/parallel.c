@@ -1,4 +1,5 @@
-/* parallel.h's team: OpenMP's, or one of POSIX threads started per parallel region. */
+/* parallel.h's team: OpenMP's, or POSIX threads from a pool kept for the process (as OpenMP keeps
+ * its own): its workers spin a little after a region, then sleep until the next. */
 #include "parallel.h"
 
 #include <pthread.h>
@@ -20,58 +21,87 @@ void phi3_barrier(void) {
 
 int phi3_threads_kind(void) { return 1; }
 
-#else /* POSIX threads: the caller is thread 0, threads 1.. are started for the region and joined after it */
+#else /* POSIX threads: a pool started on first use, kept for the process; the caller is thread 0 */
 #include <sched.h>
 
 typedef struct {
     void (*body)(void *);
     void *arg;
-    atomic_int ready;         /* the team's size is final (some thread may have failed to start) */
-    int size;
-    atomic_int waiting;       /* threads at the barrier */
-    atomic_uint generation;   /* barriers passed */
+    int size;               /* the team: the caller and workers 1 .. size - 1 */
+    atomic_int waiting;     /* threads at the barrier */
+    atomic_uint generation; /* barriers passed */
+    atomic_int finished;    /* workers done with body */
 } team_t;
 
 static _Thread_local team_t *my_team; /* NULL outside a region: a team of one */
 static _Thread_local int my_id;
 
-typedef struct {
-    team_t *team;
-    int id;
-} member_t;
+#define MAX_THREADS 256
+#define SPINS 50000 /* a worker's looks at its slot before it sleeps: per-linear calls come back to back */
 
-static void *member(void *p) {
-    const member_t *m = p;
-    my_team = m->team, my_id = m->id;
-    while (!atomic_load(&my_team->ready)) sched_yield();
-    my_team->body(my_team->arg);
-    my_team = NULL, my_id = 0;
+static struct {
+    pthread_mutex_t lock; /* with `wake`: sleeping workers; also guards `workers` */
+    pthread_cond_t wake;
+    pthread_mutex_t region;             /* one region at a time; a second caller thread runs alone */
+    int workers;                        /* started: ids 1 .. workers */
+    _Atomic(team_t *) task[MAX_THREADS]; /* worker i's region to run, NULL when none */
+} pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER, .region = PTHREAD_MUTEX_INITIALIZER};
+
+static void *worker(void *p) {
+    const int id = (int)(intptr_t)p;
+    for (;;) {
+        team_t *team = NULL;
+        for (int spins = 0; spins < SPINS && !(team = atomic_load(&pool.task[id])); spins++) {
+        }
+        if (!team) {
+            pthread_mutex_lock(&pool.lock);
+            while (!(team = atomic_load(&pool.task[id]))) pthread_cond_wait(&pool.wake, &pool.lock);
+            pthread_mutex_unlock(&pool.lock);
+        }
+        my_team = team, my_id = id;
+        team->body(team->arg);
+        my_team = NULL;
+        atomic_store(&pool.task[id], NULL);
+        atomic_fetch_add(&team->finished, 1); /* the last touch: the caller may return from the region now */
+    }
     return NULL;
 }
 
-#define MAX_THREADS 256
+/* a forked child has the pool's memory but not its threads: it starts its own */
+static void after_fork(void) {
+    pthread_mutex_init(&pool.lock, NULL), pthread_cond_init(&pool.wake, NULL), pthread_mutex_init(&pool.region, NULL);
+    for (int i = 0; i < MAX_THREADS; i++) atomic_store(&pool.task[i], NULL);
+    pool.workers = 0;
+}
+
+static void register_fork_handler(void) { pthread_atfork(NULL, NULL, after_fork); }
 
 void phi3_parallel(int threads, void (*body)(void *), void *arg) {
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads <= 1 || my_team) { /* one thread, or a region inside a region: run it on this thread */
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    threads = threads > MAX_THREADS ? MAX_THREADS : threads;
+    if (threads <= 1 || my_team || pthread_mutex_trylock(&pool.region) != 0) { /* alone: one thread, nested, or busy */
         body(arg);
         return;
     }
-    team_t team = {.body = body, .arg = arg};
-    atomic_init(&team.ready, 0), atomic_init(&team.waiting, 0), atomic_init(&team.generation, 0);
-    pthread_t ids[MAX_THREADS];
-    member_t members[MAX_THREADS];
-    int started = 1;
-    for (int i = 1; i < threads; i++) {
-        members[started] = (member_t){&team, started};
-        if (pthread_create(&ids[started], NULL, member, &members[started]) == 0) started++;
+    pthread_once(&once, register_fork_handler);
+    pthread_mutex_lock(&pool.lock);
+    while (pool.workers < threads - 1) {
+        pthread_t id;
+        if (pthread_create(&id, NULL, worker, (void *)(intptr_t)(pool.workers + 1)) != 0) break;
+        pthread_detach(id);
+        pool.workers++;
     }
-    team.size = started;
-    atomic_store(&team.ready, 1);
+    team_t team = {.body = body, .arg = arg, .size = pool.workers + 1 < threads ? pool.workers + 1 : threads};
+    atomic_init(&team.waiting, 0), atomic_init(&team.generation, 0), atomic_init(&team.finished, 0);
+    for (int i = 1; i < team.size; i++) atomic_store(&pool.task[i], &team);
+    pthread_cond_broadcast(&pool.wake); /* under the lock: a worker about to sleep sees its task, or is woken */
+    pthread_mutex_unlock(&pool.lock);
     my_team = &team, my_id = 0;
     body(arg);
     my_team = NULL;
-    for (int i = 1; i < started; i++) pthread_join(ids[i], NULL);
+    for (unsigned spins = 0; atomic_load(&team.finished) < team.size - 1; spins++)
+        if (spins >= 2000) sched_yield();
+    pthread_mutex_unlock(&pool.region);
 }
 
 int phi3_thread(void) { return my_team ? my_id : 0; }

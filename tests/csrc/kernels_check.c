@@ -179,6 +179,15 @@ int main(int argc, char **argv) {
                                        {1, 9, 256, 16}, {6, 11, 128, 8}, {1, 7, 100, 0}, {4, 13, 36, 0}};
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
         run_case(cases[i][0], cases[i][1], cases[i][2], cases[i][3]);
+    /* regions of changing sizes back to back: each on as many distinct threads as asked, all meeting at a barrier */
+    int regions_ok = 1;
+    for (int i = 0; i < 1200; i++) {
+        static const int sizes[] = {2, 3, 1, 4, 2, 5};
+        const int n = sizes[i % 6];
+        regions_ok &= phi3_threads_seen(n) == n;
+    }
+    printf("%-40s n 0 %s\n", "1200 regions of 1-5 threads", regions_ok ? "ok" : "FAILED");
+    failed |= !regions_ok;
     if (out) fclose(out);
     return failed;
 }
