@@ -10,6 +10,7 @@ them and sets PHI3_REQUIRE_ARM64=1, which turns their absence into a failure ins
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 from pathlib import Path
@@ -34,6 +35,14 @@ def _arm64() -> tuple[list[str], list[str]] | None:
             pytest.fail("PHI3_REQUIRE_ARM64=1 but aarch64-linux-gnu-gcc, qemu-aarch64 or /usr/aarch64-linux-gnu is missing")
         return None
     return [cc], [qemu, "-L", SYSROOT]
+
+
+def _simd_expected(compiler: list[str], flags: list[str]) -> int:
+    """Which hot loops the compiler targets under these flags, in phi3_simd's numbers: 1 AVX2+FMA+F16C, 2 NEON, 0 none."""
+    macros = subprocess.run([*compiler, *flags, "-dM", "-E", "-"], input="", capture_output=True, text=True).stdout
+    if all(f"#define __{m}__ 1" in macros for m in ("AVX2", "FMA", "F16C")):
+        return 1
+    return 2 if "#define __ARM_NEON 1" in macros and "#define __aarch64__ 1" in macros else 0
 
 
 def _run(compiler: list[str], runner: list[str], flags: list[str], tmp: Path, name: str) -> tuple[dict, dict]:
@@ -68,12 +77,12 @@ def test_simd_and_portable_builds_agree(target, tmp_path):
         pytest.skip("no aarch64 cross compiler and qemu-user (apt install gcc-aarch64-linux-gnu libc6-dev-arm64-cross "
                     "qemu-user)")
     compiler, runner = tools
-    native = ["-march=native"] if target == "native" else []
+    arm = platform.machine().lower() in ("arm64", "aarch64")
+    native = [] if target == "arm64" else ["-mcpu=native" if arm else "-march=native"]
     simd, results = _run(compiler, runner, [*native, "-pthread"], tmp_path, "simd")
     portable, plain = _run(compiler, runner, ["-DPHI3_PORTABLE", "-pthread"], tmp_path, "portable")
     openmp, with_openmp = _run(compiler, runner, [*native, "-fopenmp"], tmp_path, "openmp")
-    if target == "arm64":
-        assert simd["simd"] == 2  # the NEON path was compiled
+    assert simd["simd"] == _simd_expected(compiler, native) and (target == "native" or simd["simd"] == 2)  # NEON there
     assert portable["simd"] == 0 and simd["threads"] == portable["threads"] == 2 and simd["seen"] == portable["seen"] == 4
     if with_openmp:
         assert openmp["threads"] == 1 and openmp["seen"] == 4
