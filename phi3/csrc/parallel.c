@@ -37,7 +37,7 @@ static _Thread_local team_t *my_team; /* NULL outside a region: a team of one */
 static _Thread_local int my_id;
 
 #define MAX_THREADS 256
-#define SPINS 50000 /* a worker's looks at its slot before it sleeps: per-linear calls come back to back */
+#define SPINS 1000 /* a worker's looks at its slot before it sleeps: few, torch's own threads want the cores */
 
 static struct {
     pthread_mutex_t lock; /* with `wake`: sleeping workers; also guards `workers` */
