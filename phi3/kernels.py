@@ -148,7 +148,7 @@ def build_info() -> dict:
 
 def threads_seen(threads: int) -> int:
     """How many distinct threads a parallel region of the kernels asked for `threads` really ran on
-    (each having met the others at a barrier); 0 if not built. For tests and `phi3 info`."""
+    (each having met the others at a barrier); 0 if not built. For tests."""
     lib = _lib()
     return lib.phi3_threads_seen(threads) if lib else 0
 
