@@ -3,14 +3,16 @@
 # start-up included): the timeouts below sum to 9 minutes (540 s). Each step writes its file under $OUT as
 # it finishes, so a run cut short still returns what it did.
 #   1. CUDA correctness: fp32 logits and bf16 greedy tokens against transformers, chunked flash
-#      prefill, CUDA-graph batches (tests/test_cuda.py), the int4/int8 CUDA kernels
-#      (tests/test_quantize.py::test_cuda_kernels), the engine's CUDA-graph step
+#      prefill, CUDA-graph batches, GQA attention with SDPA's math backend switched off (it fails if a
+#      call is not on a flash or memory-efficient kernel) (tests/test_cuda.py), the int4/int8 CUDA kernels
+#      (tests/test_quantize.py::test_cuda_kernels), the engine's CUDA-graph step; then which SDPA
+#      backend attention runs at Phi-3-mini's and -medium's (GQA) shapes (bench/sdpa_backend.py)
 #   2. decode at batch 1/16/64 on random Phi-3-mini-128k weights (bf16), against transformers
 #   3. the same with --quantize int4 (tinygemm on sm80+)
 #   4. the same with the decode step compiled (--compile)
 #   5. a 130,000-token prompt's first token and decode at that length
 #
-#   bash bench/gpu.sh            # results in $OUT (or /tmp/phi3-gpu): gpu.txt, tests.txt, bench*.md
+#   bash bench/gpu.sh            # results in $OUT (or /tmp/phi3-gpu): gpu.txt, tests.txt, sdpa.txt, bench*.md
 #
 # Needs torch with CUDA, transformers, safetensors, tokenizers, jinja2, tqdm, huggingface_hub, psutil,
 # pytest (the lent machines' image has them); runs from the checkout without installing it.
@@ -30,8 +32,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
     | tee -a "$OUT/gpu.txt"
 
-step 150 tests.txt python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+step 130 tests.txt python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
     tests/test_quantize.py::test_cuda_kernels tests/test_engine.py::test_cuda_graph_step_equals_eager
+step 20 sdpa.txt python3 bench/sdpa_backend.py
 
 MODEL="--random --model phi-3-mini-128k-instruct --device cuda --dtype bf16"
 DECODE="--batch 1,16,64 --prompt-len 512 --new-tokens 64"

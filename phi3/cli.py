@@ -257,10 +257,14 @@ def cmd_info(args) -> int:
               f"{kv / gib:6.2f} GiB = {(weights + kv) / gib:6.2f} GiB")
     if packed is not None:
         print("                 (packed: the file's int4/int8 blocks as phi3's CPU kernels keep them in fp32)")
+    from .kernels import build_info
     from .machine import warnings
 
     for line in warnings("cpu"):
         print(f"warning          {line}")
+    built = build_info()
+    if built["flags"]:
+        print(f"CPU kernels      {built['simd'] or 'portable C'}, {built['threads']} threads ({' '.join(built['flags'])})")
     return 0
 
 

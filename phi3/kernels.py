@@ -7,13 +7,15 @@ each. These kernels read the packed blocks (0.56 bytes per int4 weight) and comp
 GGUF or quantized checkpoint decodes faster than its dequantized fp32 copy with the same answers
 (`x @ dequantize(W).T` up to the order of fp32 sums), in a fifth of the memory. With the weights
 that small, the torch ops around the linears were half of a step: `decode_layers` runs all the
-layers of an eager fp32 decode step in C instead (4.5x the dense fp32 step on SmolLM2).
+layers of an eager fp32 decode step in C instead (how much faster: docs/PERFORMANCE.md).
 
 The C files are compiled once per machine with its C compiler (`$CC`, else `cc`; `-O3 -march=native
--fopenmp -fno-trapping-math`) into `$PHI3_CACHE/kernels/` and loaded with ctypes. Without a compiler, or with
-`PHI3_KERNELS=0`, `available()` says why and packed modules dequantize to fp32 at load instead
-(the same answers, slower; a warning says so once). `PHI3_KERNELS=portable` builds the plain C
-path without -march=native (what a CPU without AVX2/FMA/F16C runs).
+-fopenmp -fno-trapping-math`; `-mcpu=native` on arm64) into `$PHI3_CACHE/kernels/` and loaded with
+ctypes. The hot loops are AVX2+FMA+F16C on x86, NEON on arm64, plain C elsewhere. Threads are
+OpenMP's, or POSIX threads where the compiler refuses -fopenmp (Apple's clang; `PHI3_OPENMP=0`
+forces that build). Without a compiler, or with `PHI3_KERNELS=0`, `available()` says why and packed
+modules dequantize to fp32 at load instead (the same answers, slower; a warning says so once).
+`PHI3_KERNELS=portable` builds the plain C path (what a CPU without AVX2/FMA/F16C or NEON runs).
 """
 
 from __future__ import annotations
@@ -29,18 +31,22 @@ import tempfile
 import threading
 import weakref
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from .assets import cache_dir
-from .model import Linear, linear
 
-__all__ = ["available", "build_info", "dense_linear", "int16_ok", "packed_linear", "q4_linear", "q8_linear"]
+__all__ = ["CLinear", "available", "build_info", "cpu_linear", "dense_linear", "int16_ok", "packed_linear", "q4_linear",
+           "q8_linear", "threads_seen"]
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "packed.c", CSRC / "layer.c"]  # one library; packed.h is what layer.c takes from packed.c
+SOURCES = [CSRC / "packed.c", CSRC / "layer.c", CSRC / "parallel.c"]  # one library
+HEADERS = [CSRC / "packed.h", CSRC / "parallel.h"]  # what layer.c takes from packed.c; the threads
+SIMD = {0: None, 1: "avx2", 2: "neon"}  # phi3_simd()'s answer: which hot loops were compiled
 _lock = threading.Lock()
-_state: dict = {}  # "lib": ctypes.CDLL | None, "why": str (why not), "simd": bool
+_state: dict = {}  # "lib": ctypes.CDLL | None, "why": str (why not), "simd": "avx2", "neon" or None
 
 
 def _cpu_id() -> str:
@@ -61,13 +67,15 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
         return None, "no C compiler found (install gcc or clang, or set CC)"
-    source = b"".join(f.read_bytes() for f in [*SOURCES, CSRC / "packed.h"])
+    source = b"".join(f.read_bytes() for f in [*SOURCES, *HEADERS])
+    native = "-mcpu=native" if platform.machine().lower() in ("arm64", "aarch64") else "-march=native"
+    openmp = os.environ.get("PHI3_OPENMP", "1") != "0"
+    # the plain C path (-DPHI3_PORTABLE), for machines (and tests) without AVX2 or NEON
+    targets = [["-DPHI3_PORTABLE"]] if mode == "portable" else [[native], []]
     # -fno-trapping-math: no code here reads floating-point exception flags, and it lets the
     # compiler vectorize layer.c's branch-free exp
-    attempts = [["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"]]
-    if mode == "portable":  # the plain C path, for machines (and tests) without AVX2
-        attempts = [["-O3", "-fopenmp"], ["-O3"]]
-    attempts = [[*flags, "-fno-trapping-math"] for flags in attempts]
+    attempts = [["-O3", *target, threads, "-fno-trapping-math"] for target in targets
+                for threads in (["-fopenmp", "-pthread"] if openmp else ["-pthread"])]
     key = hashlib.sha256(source + cc.encode() + _cpu_id().encode() + platform.machine().encode()).hexdigest()[:16]
     folder = cache_dir() / "kernels"
     errors = []
@@ -109,6 +117,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
               lib.phi3_q8_dequantize):
         f.restype = None
     lib.phi3_simd.restype = C_INT
+    lib.phi3_threads_kind.restype = C_INT
+    lib.phi3_threads_seen.argtypes, lib.phi3_threads_seen.restype = [C_INT], C_INT
     lib.phi3_work_floats.argtypes, lib.phi3_work_floats.restype = [P], I64
     lib.phi3_decode_layers.argtypes, lib.phi3_decode_layers.restype = [P, P, I64, P], None
     return lib
@@ -119,7 +129,7 @@ def _lib() -> ctypes.CDLL | None:
         with _lock:
             if "lib" not in _state:
                 lib, why = _build()
-                _state.update(lib=lib, why=why, simd=bool(lib and lib.phi3_simd()))
+                _state.update(lib=lib, why=why, simd=SIMD.get(lib.phi3_simd()) if lib else None)
     return _state["lib"]
 
 
@@ -129,8 +139,18 @@ def available() -> tuple[bool, str]:
 
 
 def build_info() -> dict:
-    """How the loaded kernels were built: {"simd": AVX2+FMA+F16C code or portable C, "flags": [...]}."""
-    return {"simd": bool(_lib() and _state["simd"]), "flags": _state.get("flags") if _lib() else None}
+    """How the loaded kernels were built: {"simd": "avx2", "neon" or None (plain C), "threads":
+    "openmp" or "pthreads", "flags": [...]}; None values where they are not built."""
+    lib = _lib()
+    return {"simd": _state["simd"] if lib else None, "threads": {1: "openmp", 2: "pthreads"}.get(lib.phi3_threads_kind())
+            if lib else None, "flags": _state.get("flags") if lib else None}
+
+
+def threads_seen(threads: int) -> int:
+    """How many distinct threads a parallel region of the kernels asked for `threads` really ran on
+    (each having met the others at a barrier); 0 if not built. For tests."""
+    lib = _lib()
+    return lib.phi3_threads_seen(threads) if lib else 0
 
 
 _warned = False
@@ -141,7 +161,7 @@ def warn_unavailable() -> None:
     global _warned
     if not _warned and os.environ.get("PHI3_KERNELS", "1") != "0":
         _warned = True
-        print(f"phi3: packed weights run dequantized to fp32 (same answers, ~2x slower, 5x the memory): "
+        print(f"phi3: packed weights run dequantized to fp32 (same answers, slower, 5x the memory): "
               f"{_state.get('why')}", file=sys.stderr)
 
 
@@ -183,10 +203,24 @@ def q8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> to
 FP32_ROWS = 24  # fp32 linears (and decode steps with fp32 layers, in C) below this many rows; from here oneDNN (measured)
 
 
+_ONEDNN = torch.backends.mkldnn.is_available()
+
+
+def cpu_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., K) fp32 @ weight (N, K) fp32 on the CPU, no gradients: phi3's kernel below FP32_ROWS
+    rows (`dense_linear`), oneDNN's inner product from there (bench/linear.py), F.linear without oneDNN."""
+    y = dense_linear(x, weight)
+    if y is not None:
+        return y
+    if _ONEDNN:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    return F.linear(x, weight)
+
+
 def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """x (..., K) fp32 @ weight (N, K) fp32 -> (..., N) with phi3's kernel, for fewer than FP32_ROWS
-    rows of x (a decode step's batch): there it measured about even (one row) to 1.8x oneDNN's
-    inner product on a 2-core AVX2 CPU (docs/PERFORMANCE.md). None where it does not apply (more
+    rows of x (a decode step's batch), where it beats oneDNN's inner product (measured in
+    docs/PERFORMANCE.md). None where it does not apply (more
     rows, other dtypes or devices, a non-contiguous weight, kernels not built): the caller runs
     oneDNN."""
     K = x.shape[-1]
@@ -209,7 +243,7 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, b
     """int4 weights when `biases` is given (the module docstring's layouts), int8 otherwise. `int16`:
     below DENSE_ROWS rows, round x to int16 per block of 32 columns and take integer dots (opt-in,
     `activations="int16"`: see `int16_ok` and csrc/packed.c); from DENSE_ROWS on it is exact as always."""
-    if torch.compiler.is_compiling():  # an opaque op to the compiler; in eager a direct call (4x less overhead)
+    if torch.compiler.is_compiling():  # an opaque op to the compiler; in eager a direct call (less dispatch overhead)
         return torch.ops.phi3.packed_linear(x, weight, scales, biases, int16)
     return _packed_linear(x, weight, scales, biases, int16)
 
@@ -256,8 +290,8 @@ def _packed_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
             else:
                 lib.phi3_q8_dequantize(w + n0 * row_bytes, s + n0 * G * 2, dense.data_ptr(), n, K, G, threads)
             if y is None:
-                return linear(x, dense)
-            y[:, n0:n0 + n] = linear(x, dense)
+                return cpu_linear(x, dense)
+            y[:, n0:n0 + n] = cpu_linear(x, dense)
         return y
     x = x.contiguous()
     y = torch.empty(M, N, dtype=torch.float32)
@@ -301,34 +335,43 @@ class _Step(ctypes.Structure):
                 ("threads", I64)]
 
 
+class CLinear(NamedTuple):
+    """What layer.c reads of one linear layer, as the layer's `c_linear()` method returns it: the
+    weight, fp32 (N, K), or packed with its fp16 (N, G) `scales` (and `biases` for int4: the layouts in
+    the module docstring); an AWQ `input_scale` (K,) multiplied into its input; the activations'
+    precision ("fp32", or "int16": `packed_linear`). A module offers `c_linear()` when its forward is
+    exactly that product, so this module needs no knowledge of the layer classes."""
+
+    weight: torch.Tensor
+    scales: torch.Tensor | None = None
+    biases: torch.Tensor | None = None
+    input_scale: torch.Tensor | None = None
+    activations: str = "fp32"
+
+
 def _linear_args(module, keep: list) -> tuple | None:
     """A linear layer.c can run -> its `_Linear` fields (its tensors' storages appended to `keep`);
-    None for any other (an adapter, a hook, bf16). Packed: a `QuantLinear` on phi3's kernels. fp32:
-    phi3's own `Linear`, or a `QuantLinear` dequantized at load (kernel "dense": a GGUF type without a
-    packed kernel). Module attributes are read from their dicts (`nn.Module.__getattr__` costs ~1 µs)."""
+    None for any other (an adapter, a hook, a module without `c_linear`, bf16 or CUDA tensors)."""
     if module._forward_hooks or module._forward_pre_hooks:
         return None
-    kernel = module.__dict__.get("kernel")
-    if type(module) is Linear or kernel == "dense":
-        w = module._parameters["weight"] if type(module) is Linear else module._buffers["w"]
-        if w.dtype != torch.float32 or not w.is_cpu or not w.is_contiguous():
-            return None
-        keep.append(w.untyped_storage())
-        return (w.data_ptr(), 0, 0, 0, 1, 32, 32)
-    if kernel != "cpu-fp32":
+    describe = getattr(module, "c_linear", None)
+    c = describe() if describe is not None else None
+    if c is None:
         return None
-    b = module._buffers
-    w, s, z, scale = b["weight"], b["scales"], b["biases"], b["input_scale"]
-    if s.dtype != torch.float16 or not (w.is_cpu and w.is_contiguous() and s.is_contiguous()):
+    w, s, z, scale = c.weight, c.scales, c.biases, c.input_scale
+    if not (w.is_cpu and w.is_contiguous()) or w.dtype != (torch.float32 if s is None else torch.uint8 if z is not None
+                                                            else torch.int8):
         return None
-    if z is not None and (z.dtype != torch.float16 or not z.is_contiguous()):
+    if s is not None and (s.dtype != torch.float16 or not s.is_cpu or not s.is_contiguous()):
+        return None
+    if z is not None and (s is None or z.dtype != torch.float16 or not z.is_contiguous()):
         return None
     if scale is not None and (scale.dtype != torch.float32 or not scale.is_contiguous()):
         return None
     keep += [t.untyped_storage() for t in (w, s, z, scale) if t is not None]
-    return (w.data_ptr(), s.data_ptr(), z.data_ptr() if z is not None else 0,
-            scale.data_ptr() if scale is not None else 0, s.shape[1], 4 if z is not None else 8,
-            16 if module.__dict__.get("activations") == "int16" else 32)
+    return (w.data_ptr(), s.data_ptr() if s is not None else 0, z.data_ptr() if z is not None else 0,
+            scale.data_ptr() if scale is not None else 0, s.shape[1] if s is not None else 1,
+            32 if s is None else 4 if z is not None else 8, 16 if c.activations == "int16" else 32)
 
 
 def _norm_weight(norm, keep: list) -> int | None:
@@ -382,8 +425,8 @@ def forget(model) -> None:
 def _plan(model, cache) -> _Plan:
     """The model's plan, re-read when it may have changed: after any forward other than a one-token
     cached step (a prefill: each new request has one), with another cache, or after `forget`. Reading
-    every layer's modules, hooks and pointers costs ~0.3-0.9 ms a step on SmolLM2 (its 30 layers'
-    Python objects are out of the CPU caches by then), up to ~10% of the step; between two decode
+    every layer's modules, hooks and pointers at every step would be a noticeable part of a small
+    model's step (its layers' Python objects are out of the CPU caches by then); between two decode
     steps of the same requests nothing in phi3 changes them. A change made there by other code (a hook
     registered mid-generation) takes effect from the next request."""
     plan, k0 = _plans.get(model), cache.k[0].data_ptr()

@@ -27,6 +27,6 @@ def warnings(device: torch.device | str = "cpu") -> list[str]:
     if ok:
         return []
     return [f"phi3's CPU kernels are not built ({why}): packed int4/int8 weights are dequantized to fp32 "
-            "(the same answers in about 5x the memory) and decode steps run in torch instead of C (3-4.5x "
-            "slower on SmolLM2, docs/PERFORMANCE.md). Fix: install a C compiler (Debian/Ubuntu: apt install "
+            "(the same answers in about 5x the memory) and decode steps run in torch instead of C (several "
+            "times slower, docs/PERFORMANCE.md). Fix: install a C compiler (Debian/Ubuntu: apt install "
             "gcc; Fedora: dnf install gcc; macOS: xcode-select --install) or set $CC to one, then restart phi3."]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import kernels
 from .cache import KVCache
 from .config import Phi3Config
 from .rope import RotaryEmbedding, apply_rotary
@@ -35,16 +36,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if (x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
             and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
-        from . import kernels
-        y = kernels.dense_linear(x, weight)
-        if y is not None:
-            return y
-        if _ONEDNN:
-            return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+        return kernels.cpu_linear(x, weight)
     return F.linear(x, weight)
-
-
-_ONEDNN = torch.backends.mkldnn.is_available()
 
 
 class Linear(nn.Linear):
@@ -55,6 +48,11 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight)
+
+    def c_linear(self) -> kernels.CLinear | None:
+        """What phi3's C decode step (`kernels.decode_layers`) runs of this layer: its weight; None
+        for a subclass with another forward."""
+        return kernels.CLinear(self.weight) if type(self).forward is Linear.forward else None
 
 
 class RMSNorm(nn.Module):
@@ -98,14 +96,35 @@ class Attention(nn.Module):
 
 def _sdpa(q, k, v, mask):
     """torch's fused attention. mask: None (causal, T == S), a lower-right CausalBias (a chunk
-    after a prefix: flash kernels on CUDA), or a bool tensor (sliding window, decode rows)."""
+    after a prefix: flash kernels on CUDA), or a bool tensor (sliding window, decode rows).
+
+    With grouped-query attention on CUDA, what keeps SDPA off its slow math backend: flash takes
+    GQA but no mask tensor (and no fp32), memory-efficient takes masks and fp32 but equal head
+    counts. So masked calls (every decode step) fold the query heads into rows (`_sdpa_grouped`),
+    and the rest repeat K/V where flash cannot run them (a CausalBias, fp32)."""
     gqa = q.shape[1] != k.shape[1]
-    if mask is not None and not isinstance(mask, torch.Tensor):  # a CausalBias
-        if gqa and q.is_cuda:  # its flash path takes equal head counts
+    if gqa and q.is_cuda:
+        if isinstance(mask, torch.Tensor):
+            return _sdpa_grouped(q, k, v, mask)
+        if mask is not None or q.dtype == torch.float32:
             k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
             gqa = False
+    if mask is not None and not isinstance(mask, torch.Tensor):  # a CausalBias
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+
+
+def _sdpa_grouped(q, k, v, mask):
+    """Grouped-query attention with a bool mask as attention over equal head counts, without copying
+    K/V: the g query heads that share KV head j (heads j*g .. j*g+g-1, as `enable_gqa` pairs them)
+    become g times as many query rows of head j, each row still attending on its own.
+    q (B, H, T, D), k/v (B, Hkv, S, D), mask (B or 1, 1, T, S) -> (B, H, T, D)."""
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    g = H // Hkv
+    rows = mask[:, :, None].expand(-1, -1, g, -1, -1).reshape(mask.shape[0], 1, g * T, S)  # row i*T + t: mask row t
+    y = F.scaled_dot_product_attention(q.reshape(B, Hkv, g * T, D), k, v, attn_mask=rows)
+    return y.reshape(B, H, T, D)
 
 
 def _eager_attention(q, k, v, mask):
@@ -229,7 +248,6 @@ class Phi3(nn.Module):
         fused = None
         if T == 1 and cache is not None and x.device.type == "cpu" and not torch.is_grad_enabled() \
                 and not torch.compiler.is_compiling():  # a CPU decode step: all layers in C when they qualify
-            from . import kernels
             fused = kernels.decode_layers(self, x, positions, cos, sin, cache, slot, kv_len)
         if fused is not None:
             x = fused

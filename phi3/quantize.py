@@ -259,6 +259,18 @@ class QuantLinear(nn.Module):
         if not (self.kernel == "int4" and isinstance(self, QuantEmbedding)):  # int4 embeddings read rows from them
             self.weight = self.scales = self.biases = None
 
+    def c_linear(self) -> kernels.CLinear | None:
+        """What phi3's C decode step (`kernels.decode_layers`) runs of this layer: the packed tensors
+        (kernel "cpu-fp32") or the dequantized fp32 weight (kernel "dense", a GGUF type without a
+        packed kernel); None for other kernels and for subclasses with another forward."""
+        if type(self).forward is not QuantLinear.forward:
+            return None
+        if self.kernel == "dense":
+            return kernels.CLinear(self.w)
+        if self.kernel == "cpu-fp32":
+            return kernels.CLinear(self.weight, self.scales, self.biases, self.input_scale, self.activations)
+        return None
+
     def _int4(self, x: torch.Tensor) -> torch.Tensor:
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu if x.device.type == "cpu" else torch.ops.aten._weight_int4pack_mm
         return mm(x, self.w4, self.scheme.group_size, self.sz)

@@ -220,8 +220,8 @@ def build_model(config: Phi3Config, tensors: dict[str, LazyTensor | torch.Tensor
         t = tensors.pop(k).load().to(device=device, dtype=target[k])  # pop: the source copy can go
         if t.device.type == "cpu" and t.data_ptr() % 64:
             # a slice of a mapped file at its own offset (safetensors aligns data to 8 bytes): copied to
-            # 64-byte-aligned memory, else half the kernels' vector loads split cache lines (an fp32
-            # decode step was 15-25% slower, docs/PERFORMANCE.md)
+            # 64-byte-aligned memory, else half the kernels' vector loads split cache lines (a slower
+            # fp32 decode step, docs/PERFORMANCE.md)
             t = t.clone()
         state[k] = t
     model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)

@@ -80,3 +80,27 @@ def test_cuda_bf16_greedy_tokens_match_transformers(checkpoints, kind):
             out = theirs.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=12, do_sample=False,
                                   attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device="cuda"))
         assert req.tokens == out[0, len(prompt):].tolist(), (kind, len(prompt))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_gqa_attention_runs_on_fused_kernels(checkpoints, dtype):
+    """Grouped-query attention (8 query heads on 2 KV heads, a 16-token window) with SDPA's math
+    backend switched off, so that any call needing it raises: prefill, windowed chunks and every
+    decode step run on flash or memory-efficient kernels, and give transformers' greedy tokens."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    folder, ref = checkpoints["gqa"]
+    torch_dtype = getattr(torch, dtype)
+    theirs = type(ref).from_pretrained(folder, dtype=torch_dtype).to("cuda").eval()
+    llm = phi3.load(folder, device="cuda", dtype=dtype)
+    prompts = [_ids(n, n) for n in (11, 30)]
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        engine = Engine(llm.model, slots=2, max_len=128)
+        reqs = [engine.submit(p, SamplingParams(max_new_tokens=24)) for p in prompts]
+        while engine.busy:
+            engine.step()
+    for req, prompt in zip(reqs, prompts):
+        with torch.no_grad():
+            out = theirs.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=24, do_sample=False,
+                                  attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device="cuda"))
+        assert req.tokens == out[0, len(prompt):].tolist(), (dtype, len(prompt))

@@ -111,12 +111,22 @@ def test_cancel_frees_the_slot(longrope):
     assert again[:3] == got and len(again) == 40
 
 
+def _graphs_compiled() -> int:
+    """How many graphs dynamo has compiled in this process (a compiled step that fell back to eager,
+    or was never called, adds none)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 def test_compiled_step_equals_eager(longrope):
     llm, _ = longrope
     prompt, params = _ids(20, 5), SamplingParams(max_new_tokens=24)
     eager = list(Engine(llm.model, slots=2, max_len=64).generate_step(prompt, params))
+    before = _graphs_compiled()
     compiled = list(Engine(llm.model, slots=2, max_len=64, compile=True).generate_step(prompt, params))
     assert compiled == eager
+    assert _graphs_compiled() > before
 
 
 def test_compiled_step_with_packed_weights_equals_eager(checkpoints):
@@ -125,8 +135,48 @@ def test_compiled_step_with_packed_weights_equals_eager(checkpoints):
     assert llm.model.model.layers[0].mlp.gate_up_proj.kernel == ("cpu-fp32" if llm.device.type == "cpu" else "dense")
     prompt, params = _ids(20, 5), SamplingParams(max_new_tokens=24)
     eager = list(Engine(llm.model, slots=2, max_len=64).generate_step(prompt, params))
+    before = _graphs_compiled()
     compiled = list(Engine(llm.model, slots=2, max_len=64, compile=True).generate_step(prompt, params))
     assert compiled == eager
+    assert _graphs_compiled() > before
+
+
+def test_captured_steps_are_dropped_when_the_weights_change(checkpoints, monkeypatch):
+    """CUDA graphs' bookkeeping, on the CPU with the capture stubbed (a "graph" that replays the eager
+    step and counts captures): each shape is captured once and then replayed; a longer forward
+    outside the engine leaves the engine's RoPE tables alone (it owns them: a graph holds their
+    addresses); a weight written in place drops the captured steps, so the next request captures
+    again and gives the new weights' tokens, those of a fresh engine."""
+    llm = phi3.load(checkpoints["longrope"][0], device="cpu", dtype="float32")  # its own copy: weights change
+    engine = Engine(llm.model, slots=2, max_len=64)
+    captured = []
+
+    class Replay:
+        def __init__(self, shape):
+            self.shape = shape
+
+        def replay(self):
+            with torch.inference_mode():
+                engine._body(*self.shape)
+
+    def capture(*shape):
+        captured.append(shape)
+        return Replay(shape)
+
+    monkeypatch.setattr(engine, "_capture", capture)
+    engine.cuda_graphs = True
+    prompt, params = _ids(20, 5), SamplingParams(max_new_tokens=8)
+    first = list(engine.generate_step(prompt, params))
+    n, tables = len(captured), (engine.cache.cos, engine.cache.sin)
+    assert n >= 1
+    llm.logits(_ids(200, 1))  # longer than any table the model built so far: its own tables are rebuilt
+    assert engine.cache.cos is tables[0] and engine.cache.sin is tables[1]
+    assert list(engine.generate_step(prompt, params)) == first and len(captured) == n  # replayed, not captured
+    with torch.no_grad():
+        llm.model.lm_head.weight.mul_(-1)
+    flipped = list(engine.generate_step(prompt, params))
+    assert len(captured) > n and flipped != first
+    assert flipped == list(Engine(llm.model, slots=2, max_len=64).generate_step(prompt, params))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

@@ -112,3 +112,7 @@ def test_with_the_kernels_built_there_is_nothing_to_say(model_dir):
     info = subprocess.run([sys.executable, "-m", "phi3", "info", "--model", str(model_dir)], capture_output=True,
                           text=True, timeout=300)
     assert info.returncode == 0 and ("warning" in info.stdout) == (not ok), info.stderr
+    built = kernels.build_info()  # and it names how the kernels were built: which SIMD path, which threads
+    line = [ln for ln in info.stdout.splitlines() if ln.startswith("CPU kernels")]
+    assert line == ([f"CPU kernels      {built['simd'] or 'portable C'}, {built['threads']} threads "
+                     f"({' '.join(built['flags'])})"] if ok else [])

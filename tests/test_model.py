@@ -225,3 +225,43 @@ def test_model_to_keeps_rope_frequencies_in_fp32_and_moves_the_tables(checkpoint
     rope.to("meta")  # another device (no GPU here): the tables follow, with their dtype and length
     assert rope.inv_freq.device.type == rope.cos.device.type == rope.sin.device.type == "meta"
     assert rope.cos.dtype == torch.bfloat16 and rope.cos.shape[1] >= 64
+
+
+def test_gqa_attention_with_query_heads_folded_into_rows_equals_transformers(checkpoints, monkeypatch):
+    """Masked grouped-query attention as CUDA runs it (`_sdpa_grouped`: the query heads of each KV
+    head folded into rows, so SDPA's memory-efficient kernel takes it without copying K/V), here on the
+    CPU for every masked call: a batch of rows decoding past the 16-token window, 8 query heads on 2 KV
+    heads, gives transformers' greedy tokens; and on random tensors it equals SDPA's own GQA."""
+    import phi3.kernels
+    import phi3.model as m
+    from conftest import greedy_reference, random_ids
+    from phi3.engine import Engine
+    from phi3.sampling import SamplingParams
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 8, 5, 16, generator=g), torch.randn(3, 2, 40, 16, generator=g), torch.randn(3, 2, 40, 16, generator=g)
+    mask = torch.rand(3, 1, 5, 40, generator=g) > 0.3
+    mask[..., 0] = True  # every row sees a key
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert torch.allclose(m._sdpa_grouped(q, k, v, mask), expected, atol=1e-6, rtol=0)
+
+    real, folded = m._sdpa, []
+
+    def sdpa(q, k, v, mask):
+        if isinstance(mask, torch.Tensor) and q.shape[1] != k.shape[1]:
+            folded.append(q.shape[2])
+            return m._sdpa_grouped(q, k, v, mask)
+        return real(q, k, v, mask)
+
+    monkeypatch.setattr(m, "_sdpa", sdpa)
+    monkeypatch.setattr(phi3.kernels, "decode_layers", lambda *args: None)  # the torch layers, not the C ones
+    folder, ref = checkpoints["gqa"]
+    llm = phi3.load(folder, device="cpu", dtype="float32")
+    engine = Engine(llm.model, slots=3, max_len=64)
+    prompts = [random_ids(n, n) for n in (9, 30, 4)]
+    rows = [engine.submit(p, SamplingParams(max_new_tokens=20)) for p in prompts]
+    while engine.busy:
+        engine.step()
+    assert 1 in folded  # decode steps took the folded path
+    for row, prompt in zip(rows, prompts):
+        assert row.tokens == greedy_reference(ref, prompt, 20), len(prompt)

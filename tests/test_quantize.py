@@ -85,17 +85,22 @@ def test_kernels_against_the_dense_weight(bits, kernel, dtype):
     assert (module.dequantized() - ref).abs().max() <= tol * ref.abs().max()
 
 
-def _compiler_targets_simd(flags: list[str]) -> bool:
-    """Whether the C compiler phi3 builds with defines AVX2, FMA and F16C under the build's flags: the
-    compiler's own answer, which phi3's build must agree with."""
+def _compiler_targets_simd(flags: list[str]) -> str | None:
+    """Which SIMD path the C compiler phi3 builds with targets under the build's flags ("avx2" where it
+    defines AVX2, FMA and F16C, "neon" on arm64, else None): the compiler's own answer, which phi3's
+    build must agree with."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     macros = subprocess.run([cc, *flags, "-dM", "-E", "-"], input="", capture_output=True, text=True).stdout
-    return all(f"#define __{m}__ 1" in macros for m in ("AVX2", "FMA", "F16C"))
+    if "-DPHI3_PORTABLE" in flags:
+        return None
+    if all(f"#define __{m}__ 1" in macros for m in ("AVX2", "FMA", "F16C")):
+        return "avx2"
+    return "neon" if "#define __ARM_NEON 1" in macros and "#define __aarch64__ 1" in macros else None
 
 
 def test_kernels_choice_on_this_machine():
     """fp32 stays packed on phi3's kernels where they built, dense where they did not (with the reason
-    said); the SIMD path is built exactly where the compiler targets AVX2+FMA+F16C."""
+    said); the SIMD path is built exactly where the compiler targets AVX2+FMA+F16C (or arm64's NEON)."""
     s4 = Scheme(4, 32)
     cpu = torch.device("cpu")
     ok, why = phi3.kernels.available()
@@ -257,6 +262,32 @@ def test_portable_cpu_kernels_against_the_dequantized_weight(checkpoints, tmp_pa
     for run_portable, run_simd, atol in zip(portable, simd, (1e-5, 1e-3, 1e-5), strict=True):
         assert [t for t, _ in run_portable] == [t for t, _ in run_simd]
         assert np.allclose([lp for _, lp in run_portable], [lp for _, lp in run_simd], atol=atol, rtol=0)
+
+
+def test_kernels_without_openmp_run_on_posix_threads(checkpoints, tmp_path):
+    """Where the compiler refuses -fopenmp (Apple's clang), the kernels are built with POSIX threads
+    (forced here with PHI3_OPENMP=0): a region asked for 2 threads runs on 2 distinct threads that meet
+    at a barrier, and a batched decode (all layers in C, many barriers a step) gives this machine's
+    OpenMP build's tokens and log-probabilities."""
+    code = """if True:
+        import torch, phi3.kernels as k
+        torch.set_num_threads(2)
+        info = k.build_info()
+        assert info["threads"] == "pthreads" and "-fopenmp" not in info["flags"], info
+        print(k.threads_seen(2), k.threads_seen(3))
+    """ + "\n" + DECODE.replace("import json, sys, phi3, phi3.kernels", "import json, sys, torch, phi3, phi3.kernels\n"
+                                "    torch.set_num_threads(2)")
+    env = {**os.environ, "PHI3_OPENMP": "0", "PHI3_CACHE": str(tmp_path)}
+    folder = str(checkpoints["gqa"][0])
+    done = subprocess.run([sys.executable, "-c", code, folder], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == "2 3"
+    here = subprocess.run([sys.executable, "-c", DECODE, folder], capture_output=True, text=True, timeout=300)
+    assert here.returncode == 0, here.stderr
+    threads, openmp = json.loads(done.stdout.splitlines()[1]), json.loads(here.stdout)
+    for run_threads, run_openmp, atol in zip(threads, openmp, (1e-5, 1e-3, 1e-5), strict=True):
+        assert [t for t, _ in run_threads] == [t for t, _ in run_openmp]
+        assert np.allclose([lp for _, lp in run_threads], [lp for _, lp in run_openmp], atol=atol, rtol=0)
 
 
 # Rows decoded in one batch (sys.argv[1]: the gqa checkpoint), all layers in C: three with int4

@@ -5,7 +5,7 @@
  * Why: with packed weights the linears of a small model take less than half of an eager decode
  * step; the rest is ~25 torch ops per layer, each a few microseconds of dispatch. And at a few
  * rows (up to 23), fp32 weights streamed once for all rows beat oneDNN's small-batch matmul. Here a layer is
- * one pass in one OpenMP parallel region, stages split by the loops' barriers:
+ * one pass in one parallel region (OpenMP, or POSIX threads: parallel.h), stages split by barriers:
  *
  *   h = rmsnorm(x) -> qkv = h W^T -> rotate q, k; write k, v at each row's position in its slot ->
  *   attention over the row's visible keys -> x += att Wo^T -> h = rmsnorm(x) -> gu = h W^T ->
@@ -21,11 +21,7 @@
 
 #include "packed.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#else
-static int omp_get_thread_num(void) { return 0; }
-#endif
+#include "parallel.h"
 
 typedef struct { /* one linear: packed as phi3.quantize.QuantLinear holds it (kernel "cpu-fp32"), or fp32 */
     const void *weight;       /* int4: uint8 (N, K/2); int8: int8 (N, K); fp32: float (N, K) */
@@ -126,78 +122,97 @@ static void layer(const phi3_step *s, const phi3_layer *l, float *x) {
     float *act = gu + B * 2 * I, *thread_work = act + B * I;
     const float scale = 1.0f / sqrtf((float)D);
 
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < B; b++) rmsnorm_row(x + b * C, l->input_norm, l->qkv.input_scale, h + b * C, C, s->eps);
+    phi3_range share = phi3_share(B);
+    for (int64_t b = share.begin; b < share.end; b++) rmsnorm_row(x + b * C, l->input_norm, l->qkv.input_scale, h + b * C, C, s->eps);
+    phi3_barrier();
     linear(s, &l->qkv, h, qkv, B, NQKV, C);
 
-#pragma omp for collapse(2) schedule(static)
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t g = 0; g < Hkv; g++) { /* keys rotated, then keys and values written at the row's position */
-            const int64_t pos = s->positions[b], block = s->block_table[(s->first_slot + b) * s->columns + pos / BS];
-            const int64_t at = ((block * BS + pos % BS) * Hkv + g) * D;
-            rotate(qkv + b * NQKV + (H + g) * D, s->cos + b * R, s->sin + b * R, l->k_cache + at, D, R);
-            memcpy(l->v_cache + at, qkv + b * NQKV + (H + Hkv + g) * D, D * sizeof(float));
-        }
+    share = phi3_share(B * Hkv);
+    for (int64_t bg = share.begin; bg < share.end; bg++) { /* keys rotated, then keys and values written at the row's position */
+        const int64_t b = bg / Hkv, g = bg % Hkv;
+        const int64_t pos = s->positions[b], block = s->block_table[(s->first_slot + b) * s->columns + pos / BS];
+        const int64_t at = ((block * BS + pos % BS) * Hkv + g) * D;
+        rotate(qkv + b * NQKV + (H + g) * D, s->cos + b * R, s->sin + b * R, l->k_cache + at, D, R);
+        memcpy(l->v_cache + at, qkv + b * NQKV + (H + Hkv + g) * D, D * sizeof(float));
+    }
+    phi3_barrier();
 
-#pragma omp for collapse(2) schedule(static)
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t hd = 0; hd < H; hd++) {
-            float *q = thread_work + omp_get_thread_num() * (s->kv_len + D), *p = q + D;
-            rotate(qkv + b * NQKV + hd * D, s->cos + b * R, s->sin + b * R, q, D, R);
-            const int64_t pos = s->positions[b], hi = pos < s->kv_len - 1 ? pos : s->kv_len - 1; /* keys lo..hi */
-            const int64_t lo = s->window > 0 && pos - s->window + 1 > 0 ? pos - s->window + 1 : 0;
-            const int64_t *table = s->block_table + (s->first_slot + b) * s->columns, stride = Hkv * D;
-            const int64_t head = (hd / group) * D;
-            float *out = att + b * H * D + hd * D, top = -INFINITY, sum = 0.0f;
-            for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
-            for (int64_t j0 = lo - lo % BS; j0 <= hi; j0 += BS) { /* a block at a time: keys j0..j0+BS-1 */
-                const float *kc = l->k_cache + table[j0 / BS] * BS * stride + head;
-                const int64_t a = j0 > lo ? j0 : lo, e = j0 + BS - 1 < hi ? j0 + BS - 1 : hi;
-                for (int64_t j = a; j <= e; j++) {
-                    p[j - lo] = dot(q, kc + (j - j0) * stride, D) * scale;
-                    top = p[j - lo] > top ? p[j - lo] : top;
-                }
+    share = phi3_share(B * H);
+    for (int64_t bh = share.begin; bh < share.end; bh++) {
+        const int64_t b = bh / H, hd = bh % H;
+        float *q = thread_work + phi3_thread() * (s->kv_len + D), *p = q + D;
+        rotate(qkv + b * NQKV + hd * D, s->cos + b * R, s->sin + b * R, q, D, R);
+        const int64_t pos = s->positions[b], hi = pos < s->kv_len - 1 ? pos : s->kv_len - 1; /* keys lo..hi */
+        const int64_t lo = s->window > 0 && pos - s->window + 1 > 0 ? pos - s->window + 1 : 0;
+        const int64_t *table = s->block_table + (s->first_slot + b) * s->columns, stride = Hkv * D;
+        const int64_t head = (hd / group) * D;
+        float *out = att + b * H * D + hd * D, top = -INFINITY, sum = 0.0f;
+        for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
+        for (int64_t j0 = lo - lo % BS; j0 <= hi; j0 += BS) { /* a block at a time: keys j0..j0+BS-1 */
+            const float *kc = l->k_cache + table[j0 / BS] * BS * stride + head;
+            const int64_t a = j0 > lo ? j0 : lo, e = j0 + BS - 1 < hi ? j0 + BS - 1 : hi;
+            for (int64_t j = a; j <= e; j++) {
+                p[j - lo] = dot(q, kc + (j - j0) * stride, D) * scale;
+                top = p[j - lo] > top ? p[j - lo] : top;
             }
-            for (int64_t j = 0; j <= hi - lo; j++) p[j] = exp_f32(p[j] - top); /* vectorized */
-            for (int64_t j = 0; j <= hi - lo; j++) sum += p[j];
-            for (int64_t j0 = lo - lo % BS; j0 <= hi; j0 += BS) {
-                const float *vc = l->v_cache + table[j0 / BS] * BS * stride + head;
-                const int64_t a = j0 > lo ? j0 : lo, e = j0 + BS - 1 < hi ? j0 + BS - 1 : hi;
-                for (int64_t j = a; j <= e; j++) {
-                    const float pj = p[j - lo] / sum, *v = vc + (j - j0) * stride;
-                    for (int64_t d = 0; d < D; d++) out[d] += pj * v[d];
-                }
-            }
-            if (l->o.input_scale)
-                for (int64_t d = 0; d < D; d++) out[d] *= l->o.input_scale[hd * D + d];
         }
+        for (int64_t j = 0; j <= hi - lo; j++) p[j] = exp_f32(p[j] - top); /* vectorized */
+        for (int64_t j = 0; j <= hi - lo; j++) sum += p[j];
+        for (int64_t j0 = lo - lo % BS; j0 <= hi; j0 += BS) {
+            const float *vc = l->v_cache + table[j0 / BS] * BS * stride + head;
+            const int64_t a = j0 > lo ? j0 : lo, e = j0 + BS - 1 < hi ? j0 + BS - 1 : hi;
+            for (int64_t j = a; j <= e; j++) {
+                const float pj = p[j - lo] / sum, *v = vc + (j - j0) * stride;
+                for (int64_t d = 0; d < D; d++) out[d] += pj * v[d];
+            }
+        }
+        if (l->o.input_scale)
+            for (int64_t d = 0; d < D; d++) out[d] *= l->o.input_scale[hd * D + d];
+    }
+    phi3_barrier();
     linear(s, &l->o, att, proj, B, C, H * D);
 
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < B; b++) {
+    share = phi3_share(B);
+    for (int64_t b = share.begin; b < share.end; b++) {
         for (int64_t c = 0; c < C; c++) x[b * C + c] += proj[b * C + c];
         rmsnorm_row(x + b * C, l->post_attention_norm, l->gate_up.input_scale, h + b * C, C, s->eps);
     }
+    phi3_barrier();
     linear(s, &l->gate_up, h, gu, B, 2 * I, C);
 
-#pragma omp for collapse(2) schedule(static)
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t i0 = 0; i0 < I; i0 += 256) { /* up * silu(gate), silu(g) = g / (1 + e^-g) */
-            const float *gate = gu + b * 2 * I, *up = gate + I;
-            const int64_t end = i0 + 256 < I ? i0 + 256 : I;
-            for (int64_t i = i0; i < end; i++) act[b * I + i] = up[i] * (gate[i] / (1.0f + exp_f32(-gate[i])));
-            if (l->down.input_scale)
-                for (int64_t i = i0; i < end; i++) act[b * I + i] *= l->down.input_scale[i];
-        }
+    const int64_t chunks = (I + 255) / 256;
+    share = phi3_share(B * chunks);
+    for (int64_t bi = share.begin; bi < share.end; bi++) { /* up * silu(gate), silu(g) = g / (1 + e^-g) */
+        const int64_t b = bi / chunks, i0 = bi % chunks * 256;
+        const float *gate = gu + b * 2 * I, *up = gate + I;
+        const int64_t end = i0 + 256 < I ? i0 + 256 : I;
+        for (int64_t i = i0; i < end; i++) act[b * I + i] = up[i] * (gate[i] / (1.0f + exp_f32(-gate[i])));
+        if (l->down.input_scale)
+            for (int64_t i = i0; i < end; i++) act[b * I + i] *= l->down.input_scale[i];
+    }
+    phi3_barrier();
     linear(s, &l->down, act, proj, B, C, I);
 
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < B; b++)
+    share = phi3_share(B);
+    for (int64_t b = share.begin; b < share.end; b++)
         for (int64_t c = 0; c < C; c++) x[b * C + c] += proj[b * C + c];
+    phi3_barrier();
+}
+
+typedef struct {
+    const phi3_step *s;
+    const phi3_layer *layers;
+    int64_t n;
+    float *x;
+} decode_t;
+
+static void decode(void *p) {
+    const decode_t *d = p;
+    for (int64_t i = 0; i < d->n; i++) layer(d->s, &d->layers[i], d->x);
 }
 
 /* x (B, C) in place through n layers, all threads in one parallel region. */
 void phi3_decode_layers(const phi3_step *s, const phi3_layer *layers, int64_t n, float *x) {
-#pragma omp parallel num_threads((int)s->threads)
-    for (int64_t i = 0; i < n; i++) layer(s, &layers[i], x);
+    decode_t d = {s, layers, n, x};
+    phi3_parallel((int)s->threads, decode, &d);
 }

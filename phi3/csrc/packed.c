@@ -10,7 +10,8 @@
  * fp16 (N, G), G groups of K/G columns. x (M, K) and y (M, N) fp32, contiguous.
  *
  * Built on first use by phi3/kernels.py with the machine's C compiler (-O3 -march=native
- * -fopenmp); AVX2+FMA+F16C where the CPU has them, portable C otherwise.
+ * -fopenmp); AVX2+FMA+F16C where the CPU has them, NEON on arm64, portable C otherwise (and with
+ * -DPHI3_PORTABLE). Threads: parallel.h.
  */
 #include <math.h>
 #include <stddef.h>
@@ -18,18 +19,14 @@
 
 #include "packed.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#else
-static int omp_get_thread_num(void) { return 0; }
-#endif
+#include "parallel.h"
 
 #define MR 4 /* rows of x that share one pass over the weights (8 where there is a q*_row8) */
 #define A16_MR 8 /* the same with int16 activations */
 
 /* The row functions: y[m, n] for rows m0.. of x and one weight row n. */
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(PHI3_PORTABLE)
 #include <immintrin.h>
 
 static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
@@ -235,8 +232,7 @@ static void f32_row(const float *x, const float *wr, float *y, int64_t m0, int m
  * the rows of x in pairs, so that each 8-float load of weights feeds two fmas and each load of x six
  * (twelve accumulators in registers). K is walked in chunks of F32_KC columns, and within a chunk
  * every pair of up to eight rows of x runs in turn, so the chunk's weights (6 x 1 KiB) and x (8 x
- * 1 KiB) are read from L1; the partial sums wait in `acc` between chunks. Measured at M = 8 on a
- * 2-core AVX2 CPU: 71-97 GFLOP/s, where oneDNN's inner product ran 46-63 (docs/PERFORMANCE.md). */
+ * 1 KiB) are read from L1; the partial sums wait in `acc` between chunks (against oneDNN: docs/PERFORMANCE.md). */
 #define F32_NW 6
 #define F32_KC 256
 
@@ -279,9 +275,8 @@ static void f32_block6(const float *x, const float *wr, float *y, int64_t m0, in
  * with the integer dot exact (int4: |sum| <= 32 * 15 * 32767 < 2^24, exact even in fp32). The only
  * error is x's rounding, at most d / 2 per element (~2^-16 of the block's largest; bf16 activations
  * are 2^-9 of each element). Two vpmaddwd per 32 weights replace expanding them to fp32 (four
- * conversions and eight fmas). One row of x, a linear call measured on a 2-core AVX2 CPU: 1.5-1.9x
- * the fp32-activation kernels at Phi-3-mini's shapes, 1.1-1.4x at SmolLM2's smaller ones; at 8 rows
- * 1.3-1.5x and 0.8-0.9x (there the fp32 kernels share each expanded block among 8 rows). A row's
+ * conversions and eight fmas): faster than the fp32-activation kernels at one row, less so at 8 rows,
+ * where those share each expanded block among the rows (docs/PERFORMANCE.md). A row's
  * result does not depend on the other rows of x (same operations, same order), so batching keeps
  * it. Needs K and the group size to be multiples of 32 (kernels.py checks). */
 
@@ -407,7 +402,193 @@ static void q4_dequant_row(const uint8_t *wr, const uint16_t *sr, const uint16_t
 
 int phi3_simd(void) { return 1; }
 
-#else /* portable C: the compiler vectorizes what it can */
+#elif defined(__ARM_NEON) && defined(__aarch64__) && !defined(PHI3_PORTABLE)
+/* arm64 (Apple Silicon, Graviton, Ampere): NEON is part of the base architecture, 32 registers of
+ * four floats. The same blocking as the AVX2 path, four lanes where it has eight. */
+#include <arm_neon.h>
+
+static inline float half_to_float(uint16_t h) {
+    return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(h))), 0);
+}
+
+/* The eight 4-weight vectors of the int4 block at p (columns 0-3, 4-7, .., 28-31), w = q * s + b
+ * rounded once (fma), as on AVX2: low nibbles are columns 0-15, high ones 16-31. */
+static inline __attribute__((always_inline)) void q4_expand(const uint8_t *p, float32x4_t s, float32x4_t b,
+                                                            float32x4_t w[8]) {
+    const uint8x16_t bytes = vld1q_u8(p);
+    const uint8x16_t nib[2] = {vandq_u8(bytes, vdupq_n_u8(0x0F)), vshrq_n_u8(bytes, 4)};
+    for (int h = 0; h < 2; h++) {
+        const uint16x8_t u0 = vmovl_u8(vget_low_u8(nib[h])), u1 = vmovl_high_u8(nib[h]);
+        w[4 * h + 0] = vfmaq_f32(b, vcvtq_f32_u32(vmovl_u16(vget_low_u16(u0))), s);
+        w[4 * h + 1] = vfmaq_f32(b, vcvtq_f32_u32(vmovl_high_u16(u0)), s);
+        w[4 * h + 2] = vfmaq_f32(b, vcvtq_f32_u32(vmovl_u16(vget_low_u16(u1))), s);
+        w[4 * h + 3] = vfmaq_f32(b, vcvtq_f32_u32(vmovl_high_u16(u1)), s);
+    }
+}
+
+/* mr (<= MR) rows of x against weight row n: one row keeps four accumulators (independent fma
+ * chains), more rows two each. Always inlined, so that the constant mr of q4_row's calls unrolls. */
+static inline __attribute__((always_inline)) void q4_row_mr(const float *x, const uint8_t *wr, const uint16_t *sr,
+        const uint16_t *br, float *y, int64_t m0, int mr, int64_t n, int64_t N, int64_t K, int64_t G) {
+    const int64_t bpg = K / 32 / G;
+    const int chains = mr == 1 ? 4 : 2;
+    float32x4_t acc[MR][4], w[8];
+    for (int i = 0; i < MR; i++)
+        for (int c = 0; c < 4; c++) acc[i][c] = vdupq_n_f32(0.0f);
+    for (int64_t g = 0; g < G; g++) {
+        const float32x4_t s = vdupq_n_f32(half_to_float(sr[g])), b = vdupq_n_f32(half_to_float(br[g]));
+        for (int64_t j = g * bpg; j < (g + 1) * bpg; j++) {
+            q4_expand(wr + j * 16, s, b, w);
+            for (int i = 0; i < mr; i++) {
+                const float *xr = x + (m0 + i) * K + j * 32;
+                for (int v = 0; v < 8; v++) acc[i][v % chains] = vfmaq_f32(acc[i][v % chains], w[v], vld1q_f32(xr + 4 * v));
+            }
+        }
+    }
+    for (int i = 0; i < mr; i++)
+        y[(m0 + i) * N + n] = vaddvq_f32(vaddq_f32(vaddq_f32(acc[i][0], acc[i][1]), vaddq_f32(acc[i][2], acc[i][3])));
+}
+
+static void q4_row(const float *x, const uint8_t *wr, const uint16_t *sr, const uint16_t *br, float *y, int64_t m0,
+                   int mr, int64_t n, int64_t N, int64_t K, int64_t G) {
+    if (mr == MR) q4_row_mr(x, wr, sr, br, y, m0, MR, n, N, K, G);
+    else if (mr == 1) q4_row_mr(x, wr, sr, br, y, m0, 1, n, N, K, G);
+    else q4_row_mr(x, wr, sr, br, y, m0, mr, n, N, K, G);
+}
+
+/* int8: 16 weights (gs, the columns per group, is a multiple of 16) as four vectors, w = q * s */
+static inline __attribute__((always_inline)) void q8_expand(const int8_t *p, float32x4_t s, float32x4_t w[4]) {
+    const int8x16_t q = vld1q_s8(p);
+    const int16x8_t q0 = vmovl_s8(vget_low_s8(q)), q1 = vmovl_high_s8(q);
+    w[0] = vmulq_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(q0))), s);
+    w[1] = vmulq_f32(vcvtq_f32_s32(vmovl_high_s16(q0)), s);
+    w[2] = vmulq_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(q1))), s);
+    w[3] = vmulq_f32(vcvtq_f32_s32(vmovl_high_s16(q1)), s);
+}
+
+static inline __attribute__((always_inline)) void q8_row_mr(const float *x, const int8_t *wr, const uint16_t *sr,
+        float *y, int64_t m0, int mr, int64_t n, int64_t N, int64_t K, int64_t G) {
+    const int64_t gs = K / G;
+    const int chains = mr == 1 ? 4 : 2;
+    float32x4_t acc[MR][4], w[4];
+    for (int i = 0; i < MR; i++)
+        for (int c = 0; c < 4; c++) acc[i][c] = vdupq_n_f32(0.0f);
+    for (int64_t g = 0; g < G; g++) {
+        const float32x4_t s = vdupq_n_f32(half_to_float(sr[g]));
+        for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
+            q8_expand(wr + k, s, w);
+            for (int i = 0; i < mr; i++) {
+                const float *xr = x + (m0 + i) * K + k;
+                for (int v = 0; v < 4; v++) acc[i][v % chains] = vfmaq_f32(acc[i][v % chains], w[v], vld1q_f32(xr + 4 * v));
+            }
+        }
+    }
+    for (int i = 0; i < mr; i++)
+        y[(m0 + i) * N + n] = vaddvq_f32(vaddq_f32(vaddq_f32(acc[i][0], acc[i][1]), vaddq_f32(acc[i][2], acc[i][3])));
+}
+
+static void q8_row(const float *x, const int8_t *wr, const uint16_t *sr, float *y, int64_t m0, int mr, int64_t n,
+                   int64_t N, int64_t K, int64_t G) {
+    if (mr == MR) q8_row_mr(x, wr, sr, y, m0, MR, n, N, K, G);
+    else if (mr == 1) q8_row_mr(x, wr, sr, y, m0, 1, n, N, K, G);
+    else q8_row_mr(x, wr, sr, y, m0, mr, n, N, K, G);
+}
+
+/* fp32 weights: 16 columns a step in four chains, then 4, then one at a time */
+static float f32_dot1(const float *x, const float *wr, int64_t K) {
+    float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        a0 = vfmaq_f32(a0, vld1q_f32(wr + k), vld1q_f32(x + k));
+        a1 = vfmaq_f32(a1, vld1q_f32(wr + k + 4), vld1q_f32(x + k + 4));
+        a2 = vfmaq_f32(a2, vld1q_f32(wr + k + 8), vld1q_f32(x + k + 8));
+        a3 = vfmaq_f32(a3, vld1q_f32(wr + k + 12), vld1q_f32(x + k + 12));
+    }
+    for (; k + 4 <= K; k += 4) a0 = vfmaq_f32(a0, vld1q_f32(wr + k), vld1q_f32(x + k));
+    float s = vaddvq_f32(vaddq_f32(vaddq_f32(a0, a1), vaddq_f32(a2, a3)));
+    for (; k < K; k++) s += wr[k] * x[k];
+    return s;
+}
+
+static void f32_row(const float *x, const float *wr, float *y, int64_t m0, int mr, int64_t n, int64_t N, int64_t K) {
+    for (int i = 0; i < mr; i++) y[(m0 + i) * N + n] = f32_dot1(x + (m0 + i) * K, wr, K);
+}
+
+static void q4_dequant_row(const uint8_t *wr, const uint16_t *sr, const uint16_t *br, float *out, int64_t K, int64_t G) {
+    const int64_t bpg = K / 32 / G;
+    float32x4_t w[8];
+    for (int64_t g = 0; g < G; g++) {
+        const float32x4_t s = vdupq_n_f32(half_to_float(sr[g])), b = vdupq_n_f32(half_to_float(br[g]));
+        for (int64_t j = g * bpg; j < (g + 1) * bpg; j++) {
+            q4_expand(wr + j * 16, s, b, w);
+            for (int v = 0; v < 8; v++) vst1q_f32(out + j * 32 + 4 * v, w[v]);
+        }
+    }
+}
+
+/* int16 activations (see the AVX2 path): q = round(x * 32767 / max|x|) to nearest even, as lrintf */
+static void act16_quantize_block(const float *x, int16_t *q, float *d, float *sum) {
+    float32x4_t v[8], top4 = vdupq_n_f32(0.0f), sum4 = vdupq_n_f32(0.0f);
+    for (int i = 0; i < 8; i++) {
+        v[i] = vld1q_f32(x + 4 * i);
+        top4 = vmaxq_f32(top4, vabsq_f32(v[i]));
+        sum4 = vaddq_f32(sum4, v[i]);
+    }
+    const float top = vmaxvq_f32(top4);
+    const float32x4_t inv = vdupq_n_f32(top > 0.0f ? 32767.0f / top : 0.0f);
+    for (int i = 0; i < 8; i += 2)
+        vst1q_s16(q + 4 * i, vcombine_s16(vqmovn_s32(vcvtnq_s32_f32(vmulq_f32(v[i], inv))),
+                                          vqmovn_s32(vcvtnq_s32_f32(vmulq_f32(v[i + 1], inv)))));
+    *d = top / 32767.0f;
+    *sum = vaddvq_f32(sum4);
+}
+
+/* block j of a weight row as int16: columns 0-7, 8-15, 16-23, 24-31 (int4 when `br` is given, else int8) */
+static inline __attribute__((always_inline)) void a16_expand(const uint8_t *wr, const uint16_t *br, int64_t j,
+                                                             int16x8_t w[4]) {
+    if (br) {
+        const uint8x16_t bytes = vld1q_u8(wr + j * 16);
+        const uint8x16_t lo = vandq_u8(bytes, vdupq_n_u8(0x0F)), hi = vshrq_n_u8(bytes, 4);
+        w[0] = vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(lo))), w[1] = vreinterpretq_s16_u16(vmovl_high_u8(lo));
+        w[2] = vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(hi))), w[3] = vreinterpretq_s16_u16(vmovl_high_u8(hi));
+    } else {
+        const int8x16_t a = vld1q_s8((const int8_t *)wr + j * 32), b = vld1q_s8((const int8_t *)wr + j * 32 + 16);
+        w[0] = vmovl_s8(vget_low_s8(a)), w[1] = vmovl_high_s8(a), w[2] = vmovl_s8(vget_low_s8(b)), w[3] = vmovl_high_s8(b);
+    }
+}
+
+/* mr (<= A16_MR) rows against one weight row: each block expanded once for all rows, its exact
+ * integer dot per row, then accumulated per row in the portable path's order (so the same sums). */
+static void a16_row(const int16_t *q, const float *d, const float *gsum, const uint8_t *wr, const uint16_t *sr,
+                    const uint16_t *br, float *y, int mr, int64_t N, int64_t K, int64_t G) {
+    const int64_t nb = K / 32, bpg = nb / G;
+    float acc[A16_MR] = {0};
+    int16x8_t w[4];
+    for (int64_t j = 0; j < nb; j++) {
+        a16_expand(wr, br, j, w);
+        const float sw = half_to_float(sr[j / bpg]);
+        for (int i = 0; i < mr; i++) {
+            const int16_t *qr = q + i * K + j * 32;
+            int32x4_t dot = vdupq_n_s32(0);
+            for (int v = 0; v < 4; v++) {
+                const int16x8_t a = vld1q_s16(qr + 8 * v);
+                dot = vmlal_s16(dot, vget_low_s16(w[v]), vget_low_s16(a));
+                dot = vmlal_high_s16(dot, w[v], a);
+            }
+            acc[i] += (float)vaddvq_s32(dot) * (sw * d[i * nb + j]);
+        }
+    }
+    for (int i = 0; i < mr; i++) {
+        float bias = 0.0f;
+        if (br)
+            for (int64_t g = 0; g < G; g++) bias += half_to_float(br[g]) * gsum[i * G + g];
+        y[i * N] = acc[i] + bias;
+    }
+}
+
+int phi3_simd(void) { return 2; }
+
+#else /* portable C (or -DPHI3_PORTABLE): the compiler vectorizes what it can */
 
 static float half_to_float(uint16_t h) {
     const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
@@ -506,12 +687,12 @@ int phi3_simd(void) { return 0; }
 
 /* Output columns are split across threads; each thread passes over its weight rows once per block
  * of rows of x (8 where there is a q*_row8, else MR).
- * The *_rows functions are the loops alone (an orphaned `omp for`): called inside a parallel region
- * (layer.c runs a whole decoder layer in one) they share it; outside one they run on one thread. */
+ * The *_rows functions are the loops alone, each ending at a barrier: called inside a parallel
+ * region (layer.c runs a whole decoder layer in one) they share it; outside one they run on one thread. */
 void phi3_q4_rows(const float *x, const uint8_t *w, const uint16_t *scales, const uint16_t *biases, float *y,
                   int64_t M, int64_t N, int64_t K, int64_t G) {
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
+    const phi3_range share = phi3_share(N);
+    for (int64_t n = share.begin; n < share.end; n++) {
         const uint8_t *wr = w + n * (K / 2);
         int64_t m0 = 0;
 #ifdef ROW8
@@ -520,12 +701,13 @@ void phi3_q4_rows(const float *x, const uint8_t *w, const uint16_t *scales, cons
         for (; m0 < M; m0 += MR)
             q4_row(x, wr, scales + n * G, biases + n * G, y, m0, M - m0 < MR ? (int)(M - m0) : MR, n, N, K, G);
     }
+    phi3_barrier();
 }
 
 void phi3_q8_rows(const float *x, const int8_t *w, const uint16_t *scales, float *y,
                   int64_t M, int64_t N, int64_t K, int64_t G) {
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
+    const phi3_range share = phi3_share(N);
+    for (int64_t n = share.begin; n < share.end; n++) {
         const int8_t *wr = w + n * K;
         int64_t m0 = 0;
 #ifdef ROW8
@@ -534,23 +716,25 @@ void phi3_q8_rows(const float *x, const int8_t *w, const uint16_t *scales, float
         for (; m0 < M; m0 += MR)
             q8_row(x, wr, scales + n * G, y, m0, M - m0 < MR ? (int)(M - m0) : MR, n, N, K, G);
     }
+    phi3_barrier();
 }
 
 void phi3_f32_rows(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K) {
     int64_t n0 = 0; /* weight rows before n0 go in groups of six, the rest one at a time */
 #ifdef F32_NW
     /* one row of x takes the groups too when the rows are long (16 KiB and more: six streams of
-     * weights beat one, measured), else f32_dot1 */
+     * weights beat one), else f32_dot1 */
     if ((M >= 2 || K >= 4096) && K % 8 == 0) {
         n0 = N - N % F32_NW;
-#pragma omp for schedule(static) nowait
-        for (int64_t n = 0; n < n0; n += F32_NW)
+        const phi3_range share = phi3_share(n0 / F32_NW); /* no barrier: the one below ends both loops */
+        for (int64_t n = share.begin * F32_NW; n < share.end * F32_NW; n += F32_NW)
             for (int64_t m0 = 0; m0 < M; m0 += 8) f32_block6(x, w + n * K, y, m0, M - m0 < 8 ? (int)(M - m0) : 8, n, N, K);
     }
 #endif
-#pragma omp for schedule(static) /* its barrier ends the loop above as well */
-    for (int64_t n = n0; n < N; n++)
+    const phi3_range share = phi3_share(N - n0);
+    for (int64_t n = n0 + share.begin; n < n0 + share.end; n++)
         for (int64_t m0 = 0; m0 < M; m0 += MR) f32_row(x, w + n * K, y, m0, M - m0 < MR ? (int)(M - m0) : MR, n, N, K);
+    phi3_barrier();
 }
 
 /* int16 activations: each thread rounds all M rows of x into its own part of `work` (M x K values,
@@ -562,7 +746,7 @@ int64_t phi3_a16_work_floats(int64_t M, int64_t K) { return M * (K / 2 + 3 * (K 
 void phi3_a16_rows(const float *x, const void *w, const uint16_t *scales, const uint16_t *biases, float *y,
                    int64_t M, int64_t N, int64_t K, int64_t G, float *work) {
     const int64_t nb = K / 32, row_bytes = biases ? K / 2 : K;
-    float *mine = work + omp_get_thread_num() * phi3_a16_work_floats(M, K);
+    float *mine = work + phi3_thread() * phi3_a16_work_floats(M, K);
     int16_t *q = (int16_t *)mine;
     float *d = mine + M * K / 2, *bsum = d + M * nb, *gsum = bsum + M * nb;
     for (int64_t m = 0; m < M; m++) {
@@ -574,53 +758,87 @@ void phi3_a16_rows(const float *x, const void *w, const uint16_t *scales, const 
             gsum[m * G + g] = t;
         }
     }
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; n++)
+    const phi3_range share = phi3_share(N);
+    for (int64_t n = share.begin; n < share.end; n++)
         for (int64_t m0 = 0; m0 < M; m0 += A16_MR)
             a16_row(q + m0 * K, d + m0 * nb, gsum + m0 * G, (const uint8_t *)w + n * row_bytes, scales + n * G,
                     biases ? biases + n * G : NULL, y + m0 * N + n, M - m0 < A16_MR ? (int)(M - m0) : A16_MR, N, K, G);
+    phi3_barrier();
+}
+
+/* The entry points kernels.py calls: one parallel region of `threads` threads around a loop. */
+typedef struct {
+    int kind; /* which loop: one of the enum below */
+    const float *x;
+    const void *w;
+    const uint16_t *scales, *biases;
+    float *y, *work;
+    int64_t M, N, K, G;
+} call_t;
+
+enum { Q4, Q8, F32, A16, Q4_DEQUANTIZE, Q8_DEQUANTIZE };
+
+static void q8_dequant_row(const int8_t *wr, const uint16_t *sr, float *out, int64_t K, int64_t G) {
+    const int64_t gs = K / G;
+    for (int64_t g = 0; g < G; g++) { /* one scale per group: the inner loop vectorizes */
+        const float s = half_to_float(sr[g]);
+        for (int64_t k = 0; k < gs; k++) out[g * gs + k] = (float)wr[g * gs + k] * s;
+    }
+}
+
+static void run(void *p) {
+    const call_t *c = p;
+    const phi3_range share = phi3_share(c->N); /* the dequantizations: weight rows */
+    switch (c->kind) {
+    case Q4: phi3_q4_rows(c->x, c->w, c->scales, c->biases, c->y, c->M, c->N, c->K, c->G); break;
+    case Q8: phi3_q8_rows(c->x, c->w, c->scales, c->y, c->M, c->N, c->K, c->G); break;
+    case F32: phi3_f32_rows(c->x, c->w, c->y, c->M, c->N, c->K); break;
+    case A16: phi3_a16_rows(c->x, c->w, c->scales, c->biases, c->y, c->M, c->N, c->K, c->G, c->work); break;
+    case Q4_DEQUANTIZE:
+        for (int64_t n = share.begin; n < share.end; n++)
+            q4_dequant_row((const uint8_t *)c->w + n * (c->K / 2), c->scales + n * c->G, c->biases + n * c->G,
+                           c->y + n * c->K, c->K, c->G);
+        break;
+    case Q8_DEQUANTIZE:
+        for (int64_t n = share.begin; n < share.end; n++)
+            q8_dequant_row((const int8_t *)c->w + n * c->K, c->scales + n * c->G, c->y + n * c->K, c->K, c->G);
+        break;
+    }
 }
 
 void phi3_a16_linear(const float *x, const void *w, const uint16_t *scales, const uint16_t *biases, float *y,
                      int64_t M, int64_t N, int64_t K, int64_t G, float *work, int threads) {
-#pragma omp parallel num_threads(threads)
-    phi3_a16_rows(x, w, scales, biases, y, M, N, K, G, work);
+    call_t c = {A16, x, w, scales, biases, y, work, M, N, K, G};
+    phi3_parallel(threads, run, &c);
 }
 
 void phi3_q4_linear(const float *x, const uint8_t *w, const uint16_t *scales, const uint16_t *biases, float *y,
                     int64_t M, int64_t N, int64_t K, int64_t G, int threads) {
-#pragma omp parallel num_threads(threads)
-    phi3_q4_rows(x, w, scales, biases, y, M, N, K, G);
+    call_t c = {Q4, x, w, scales, biases, y, NULL, M, N, K, G};
+    phi3_parallel(threads, run, &c);
 }
 
 void phi3_q8_linear(const float *x, const int8_t *w, const uint16_t *scales, float *y,
                     int64_t M, int64_t N, int64_t K, int64_t G, int threads) {
-#pragma omp parallel num_threads(threads)
-    phi3_q8_rows(x, w, scales, y, M, N, K, G);
+    call_t c = {Q8, x, w, scales, NULL, y, NULL, M, N, K, G};
+    phi3_parallel(threads, run, &c);
 }
 
 void phi3_f32_linear(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K, int threads) {
-#pragma omp parallel num_threads(threads)
-    phi3_f32_rows(x, w, y, M, N, K);
+    call_t c = {F32, x, w, NULL, NULL, y, NULL, M, N, K, 1};
+    phi3_parallel(threads, run, &c);
 }
 
 /* out (N, K) fp32 = the dequantized weight, for calls with many rows of x (prefill), where a dense
  * fp32 matmul on a transient copy is faster than passing over the packed blocks once per MR rows. */
 void phi3_q4_dequantize(const uint8_t *w, const uint16_t *scales, const uint16_t *biases, float *out,
                         int64_t N, int64_t K, int64_t G, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++) q4_dequant_row(w + n * (K / 2), scales + n * G, biases + n * G, out + n * K, K, G);
+    call_t c = {Q4_DEQUANTIZE, NULL, w, scales, biases, out, NULL, 0, N, K, G};
+    phi3_parallel(threads, run, &c);
 }
 
 void phi3_q8_dequantize(const int8_t *w, const uint16_t *scales, float *out, int64_t N, int64_t K, int64_t G,
                         int threads) {
-    const int64_t gs = K / G;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t g = 0; g < G; g++) { /* one scale per group: the inner loop vectorizes */
-            const float s = half_to_float(scales[n * G + g]);
-            const int8_t *src = w + n * K + g * gs;
-            float *dst = out + n * K + g * gs;
-            for (int64_t k = 0; k < gs; k++) dst[k] = (float)src[k] * s;
-        }
+    call_t c = {Q8_DEQUANTIZE, NULL, w, scales, NULL, out, NULL, 0, N, K, G};
+    phi3_parallel(threads, run, &c);
 }
