@@ -28,6 +28,11 @@ parameters, seed) is a device tensor indexed by row, so the step is a pure funct
 sampling mode): compiled with `torch.compile` if asked, and on CUDA captured once per shape in a
 CUDA graph and replayed; the only host sync per step reads the new ids.
 
+Scoring requests (`submit_reads`, `phi3.scoring`): admitted and prefilled as the others, over the
+same pool and prefix cache, but they keep the final hidden states at the positions they read and
+end ("scored") when their prefill does, with no token drawn; the prefix cache serves them only up to
+the block holding their first read position.
+
 LongRoPE per row: a row's keys carry the factor set they were rotated with. When a row that was
 prefilled with the short factors reaches `original_max_position_embeddings + 1` tokens, its whole
 sequence is prefilled again with the long factors (as transformers does for one sequence), into
@@ -60,7 +65,8 @@ MIN_KV_BUCKET = 64
 class Request:
     """One sequence in the engine. `tokens` grows as it decodes; `finish_reason` is set at the end
     ("stop": a stop id, not included in `tokens`; "length": max_new_tokens or the context;
-    "cancelled"). `cached_tokens`: prompt tokens whose keys came from the prefix cache."""
+    "cancelled"; "scored": a scoring request's prefill is done). `cached_tokens`: prompt tokens
+    whose keys came from the prefix cache."""
 
     prompt: list[int]
     params: SamplingParams
@@ -85,6 +91,11 @@ class Request:
     _admitted: int = -1  # admission order: the newest row is preempted first
     _started: bool = False  # its prefill has begun (see Engine._rematch)
     matcher: Matcher | None = field(default=None, repr=False)  # structured output: its grammar state
+    # a scoring request (Engine.submit_reads): the positions it reads, and once it has ended
+    # ("scored") their final hidden states (len(reads), C); _hidden: those of the chunks so far
+    reads: list[int] | None = None
+    hidden: torch.Tensor | None = field(default=None, repr=False)
+    _hidden: list[torch.Tensor] = field(default_factory=list, repr=False)
 
     @property
     def finished(self) -> bool:
@@ -183,6 +194,24 @@ class Engine:
             self._waiting.append(req)
         return req
 
+    def submit_reads(self, ids: Sequence[int], reads: Sequence[int]) -> Request:
+        """Queue a scoring request (ids already checked against the vocabulary): prefill `ids`, keep the
+        final hidden states (the output layer's input) at positions `reads` (ascending) as
+        `Request.hidden` (len(reads), C), then end ("scored") without decoding; its full blocks stay
+        in the prefix cache. The cache serves only the blocks before the first read position: a
+        cached position has no hidden state."""
+        n, reads = len(ids), list(reads)
+        if n == 0:
+            raise ValueError("the input is empty")
+        if n > self.context:
+            raise ValueError(f"the input has {n} tokens; {self.describe_limit()}")
+        if not reads or reads != sorted(set(reads)) or reads[0] < 0 or reads[-1] >= n:
+            raise ValueError(f"reads must be distinct ascending positions in [0, {n}), got {reads!r}")
+        req = Request(list(ids), SamplingParams(max_new_tokens=1), frozenset(), 0, 0, next(self._ids), reads=reads)
+        with self._lock:
+            self._waiting.append(req)
+        return req
+
     @property
     def context(self) -> int:
         """The longest sequence a request may reach: `max_len`, or less if the pool holds fewer tokens."""
@@ -249,6 +278,11 @@ class Engine:
             if req._written == len(req._todo):
                 self._prefilling.popleft()
                 self.blocks.register(req._blocks, req._todo, self._salt(req))
+                if req.reads is not None:  # a scoring request: its hidden states, no token
+                    req.hidden = torch.cat(req._hidden)
+                    self._finish(req, "scored")
+                    events.append(Event(req, None, "scored"))
+                    continue
                 mode, row = self.params.mode([req.slot]), req.slot
                 if req.matcher is not None:  # grammar: this row's allowed first tokens
                     self.params.fill_masks({row: req.matcher})
@@ -284,7 +318,7 @@ class Engine:
                 ids = req.prompt + req.tokens  # a preempted request resumes with what it has
                 long = self.model.uses_long_rope(len(ids))
                 salt = (long,)
-                hit = self.blocks.match(ids, salt)
+                hit = self.blocks.match(self._matchable(req, ids), salt)
                 need = -(-len(ids) // self.cache.block_size) - len(hit)
                 try:
                     new, fresh = self.blocks.allocate(need)
@@ -297,6 +331,7 @@ class Engine:
                 self.requests[req.slot] = req
                 self.params.set(req.slot, req.params, req.seed, ids, step=len(req.tokens))
                 req._blocks, req._long, req._todo, req._written = hit + new, long, ids, len(hit) * self.cache.block_size
+                req._hidden = []  # a scoring request preempted mid-way reads its positions again
                 self.cache.long_rope[req.slot] = long
                 self._set_table(req)
                 if not req.tokens and not req.preemptions:  # its first admission (not a resume or a re-prefill)
@@ -313,7 +348,7 @@ class Engine:
         written. Longer hits replace the row's unwritten blocks."""
         req._started = True
         bs, have = self.cache.block_size, req._written // self.cache.block_size
-        hit = self.blocks.match(req._todo, self._salt(req))
+        hit = self.blocks.match(self._matchable(req, req._todo), self._salt(req))
         self.blocks.release(hit[:have])  # the row already holds these
         extra = hit[have:]
         if not extra:
@@ -327,6 +362,12 @@ class Engine:
             req.cached_tokens += gained
             self.hit_tokens += gained
         self._set_table(req)
+
+    @staticmethod
+    def _matchable(req: Request, ids: list[int]) -> list[int]:
+        """What of `ids` the prefix cache may serve: a scoring request's first read position and what
+        follows are computed (`match` leaves the last token it is given to be computed)."""
+        return ids if req.reads is None else ids[:req.reads[0] + 1]
 
     def _salt(self, req: Request) -> tuple:
         """What besides the tokens changes a row's keys: its LongRoPE set (the model's weights: `_check_weights`)."""
@@ -352,15 +393,21 @@ class Engine:
             row[:len(req._blocks)] = torch.tensor(req._blocks, dtype=torch.long)
 
     @torch.inference_mode()
-    def _prefill(self, req: Request, n: int) -> torch.Tensor:
+    def _prefill(self, req: Request, n: int) -> torch.Tensor | None:
         """Write the request's next `n` ids into its blocks (attending over its written prefix
-        only); logits (1, V) of the last one."""
+        only); logits (1, V) of the last one, or for a scoring request None (the hidden states of
+        its read positions among them are kept)."""
         start = req._written
         tokens = torch.tensor([req._todo[start:start + n]], dtype=torch.long, device=self.device)
         positions = torch.arange(start, start + n, device=self.device)[None]
-        logits = self.model(tokens, positions, self.cache, slot=req.slot, kv_len=start + n, last_only=True)
         req._written += n
-        return logits[:, -1]
+        if req.reads is None:
+            return self.model(tokens, positions, self.cache, slot=req.slot, kv_len=start + n, last_only=True)[:, -1]
+        here = torch.tensor([p - start for p in req.reads if start <= p < start + n], dtype=torch.long,
+                            device=self.device)
+        req._hidden.append(self.model(tokens, positions, self.cache, slot=req.slot, kv_len=start + n, read=here,
+                                      hidden=True)[0])  # (len(here), C)
+        return None
 
     def _accept(self, req: Request, token: int, logprob=None, from_prefill: bool = False) -> list[Event]:
         """Host-side bookkeeping for a token drawn for `req` (with its logprobs, if asked for)."""

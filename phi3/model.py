@@ -194,9 +194,13 @@ class Phi3(nn.Module):
         kv_len: int | None = None,
         long_rope: bool | None = None,
         last_only: bool = False,
+        read: torch.Tensor | None = None,
+        hidden: bool = False,
     ) -> torch.Tensor:
         """tokens (B, T), positions (B, T) of those tokens in their sequences -> logits (B, T, V)
-        (or (B, 1, V) with `last_only`).
+        (or (B, 1, V) with `last_only`; (B, n, V) with `read`, n indices along T: only those
+        positions go through the final norm and the output layer). `hidden`: the final norm's output
+        (the output layer's input, (B, ·, C)) instead of logits.
 
         Without a cache, each row is a whole sequence (positions default to 0..T-1) and `long_rope`
         picks LongRoPE's factor set (None: by the length, as the reference does). With a cache, row
@@ -241,8 +245,8 @@ class Phi3(nn.Module):
                     x = checkpoint(block, x, ctx, use_reentrant=False)
                 else:
                     x = block(x, ctx)
-        x = self.model.norm(x[:, -1:] if last_only else x)
-        return self.lm_head(x)
+        x = self.model.norm(x[:, -1:] if last_only else x if read is None else x[:, read])
+        return x if hidden else self.lm_head(x)
 
     def attention_mask(self, positions: torch.Tensor, kv_len: int, cached: bool):
         """What query (b, t) may see of keys 0..kv_len-1: key j <= positions[b, t] and
