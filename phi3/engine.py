@@ -270,6 +270,11 @@ class Engine:
         budget = self.prefill_chunk
         while budget > 0 and self._prefilling:
             req = self._prefilling[0]
+            if req.reads is not None:  # scoring requests: those at the head, together
+                done, used = self._prefill_reads(budget)
+                budget -= used
+                events += [Event(r, None, "scored") for r in done]
+                continue
             if not req._started:
                 self._rematch(req)
             n = min(budget, len(req._todo) - req._written)
@@ -278,11 +283,6 @@ class Engine:
             if req._written == len(req._todo):
                 self._prefilling.popleft()
                 self.blocks.register(req._blocks, req._todo, self._salt(req))
-                if req.reads is not None:  # a scoring request: its hidden states, no token
-                    req.hidden = torch.cat(req._hidden)
-                    self._finish(req, "scored")
-                    events.append(Event(req, None, "scored"))
-                    continue
                 mode, row = self.params.mode([req.slot]), req.slot
                 if req.matcher is not None:  # grammar: this row's allowed first tokens
                     self.params.fill_masks({row: req.matcher})
@@ -315,6 +315,9 @@ class Engine:
                 self._check_weights()
             while self._waiting and self._free:
                 req = self._waiting[0]
+                last = self._prefilling[-1] if self._prefilling else None
+                if req.reads is not None and last is not None and last.reads is not None and self._waits_for(last, req):
+                    return  # it takes those blocks from the cache once written, rather than blocks of its own now
                 ids = req.prompt + req.tokens  # a preempted request resumes with what it has
                 long = self.model.uses_long_rope(len(ids))
                 salt = (long,)
@@ -393,21 +396,74 @@ class Engine:
             row[:len(req._blocks)] = torch.tensor(req._blocks, dtype=torch.long)
 
     @torch.inference_mode()
-    def _prefill(self, req: Request, n: int) -> torch.Tensor | None:
+    def _prefill(self, req: Request, n: int) -> torch.Tensor:
         """Write the request's next `n` ids into its blocks (attending over its written prefix
-        only); logits (1, V) of the last one, or for a scoring request None (the hidden states of
-        its read positions among them are kept)."""
+        only); logits (1, V) of the last one."""
         start = req._written
         tokens = torch.tensor([req._todo[start:start + n]], dtype=torch.long, device=self.device)
         positions = torch.arange(start, start + n, device=self.device)[None]
+        logits = self.model(tokens, positions, self.cache, slot=req.slot, kv_len=start + n, last_only=True)
         req._written += n
-        if req.reads is None:
-            return self.model(tokens, positions, self.cache, slot=req.slot, kv_len=start + n, last_only=True)[:, -1]
-        here = torch.tensor([p - start for p in req.reads if start <= p < start + n], dtype=torch.long,
-                            device=self.device)
-        req._hidden.append(self.model(tokens, positions, self.cache, slot=req.slot, kv_len=start + n, read=here,
-                                      hidden=True)[0])  # (len(here), C)
-        return None
+        return logits[:, -1]
+
+    @torch.inference_mode()
+    def _prefill_reads(self, budget: int) -> tuple[list[Request], int]:
+        """Prefill the scoring requests at the head of the queue in one forward, right-padded (each
+        row at its own positions; padding at the scratch position): as many as fit `budget` padded
+        tokens, the first at least (in chunks of `budget` if longer). A request that would take
+        from the prefix cache a block the one before it is about to write waits for the next
+        forward (the scorer sorts its inputs: requests that share a prefix are adjacent; `_admit`
+        holds them back the same way, so they do not take blocks of their own meanwhile). With a
+        sliding window, rows go together only while they fit in it (padding then sees every key).
+        Returns the requests that ended ("scored") and the tokens computed."""
+        window, batch, counts, end = self.model.config.sliding_window, [], [], 0
+        for req in self._prefilling:
+            if req.reads is None:
+                break
+            if not req._started:
+                self._rematch(req)
+            n = len(req._todo) - req._written
+            if batch and ((len(batch) + 1) * max(n, *counts) > budget or self._waits_for(batch[-1], req)
+                          or window is not None and max(end, len(req._todo)) > window):
+                req._started = False  # not one token written: look it up again when its turn comes
+                break
+            batch.append(req)
+            counts.append(min(n, budget))
+            end = max(end, req._written + counts[-1])
+        B, T = len(batch), max(counts)
+        tokens = torch.zeros(B, T, dtype=torch.long)
+        positions = torch.full((B, T), self.cache.scratch, dtype=torch.long)
+        read, sizes = [], []  # the read positions' indices among the B*T, and how many per row
+        for b, (req, n) in enumerate(zip(batch, counts)):
+            start = req._written
+            tokens[b, :n] = torch.tensor(req._todo[start:start + n])
+            positions[b, :n] = torch.arange(start, start + n)
+            read += [b * T + p - start for p in req.reads if start <= p < start + n]
+            sizes.append(len(read) - sum(sizes))
+        rows = torch.tensor([req.slot for req in batch], device=self.device)
+        hidden = self.model(tokens.to(self.device), positions.to(self.device), self.cache, slot=rows, kv_len=end,
+                            read=torch.tensor(read, dtype=torch.long, device=self.device), hidden=True)[0]
+        done = []
+        for req, n, part in zip(batch, counts, hidden.split(sizes)):  # part: (reads in this chunk, C)
+            req._hidden.append(part)
+            req._written += n
+            if req._written == len(req._todo):
+                self._prefilling.remove(req)
+                self.blocks.register(req._blocks, req._todo, self._salt(req))
+                req.hidden = torch.cat(req._hidden)
+                self._finish(req, "scored")
+                done.append(req)
+        return done, sum(counts)
+
+    def _waits_for(self, prev: Request, req: Request) -> bool:
+        """Whether scoring request `req` shares with `prev`, which is prefilling, a full block that
+        it could take from the prefix cache once `prev` has written it."""
+        if prev._long != self.model.uses_long_rope(len(req.prompt)):
+            return False
+        limit, n = min(len(prev._todo), req.reads[0]), 0
+        while n < limit and prev._todo[n] == req.prompt[n]:
+            n += 1
+        return n // self.cache.block_size > prev._written // self.cache.block_size
 
     def _accept(self, req: Request, token: int, logprob=None, from_prefill: bool = False) -> list[Event]:
         """Host-side bookkeeping for a token drawn for `req` (with its logprobs, if asked for)."""
