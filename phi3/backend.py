@@ -178,17 +178,18 @@ class Backend:
 
         work = Scoring(self.llm, pairs, top)
         self._check_room(len(work.inputs))
-        job = ScoreJob(work.submit(self.engine))
-        self.pending += len(job.requests)
-        for req in job.requests:
-            self.jobs[req.id] = job
-        self._wake.set()
-        try:
-            await job.wait()
-        finally:
-            self.cancel(job.requests)  # a no-op for the ended ones
+        while requests := work.submit(self.engine):  # the shared prefixes, then the inputs
+            job = ScoreJob(requests)
+            self.pending += len(job.requests)
             for req in job.requests:
-                self.jobs.pop(req.id, None)
+                self.jobs[req.id] = job
+            self._wake.set()
+            try:
+                await job.wait()
+            finally:
+                self.cancel(job.requests)  # a no-op for the ended ones
+                for req in job.requests:
+                    self.jobs.pop(req.id, None)
         return await asyncio.to_thread(work.results)
 
     def cancel(self, requests) -> None:

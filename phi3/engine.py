@@ -31,7 +31,9 @@ CUDA graph and replayed; the only host sync per step reads the new ids.
 Scoring requests (`submit_reads`, `phi3.scoring`): admitted and prefilled as the others, over the
 same pool and prefix cache, but they keep the final hidden states at the positions they read and
 end ("scored") when their prefill does, with no token drawn; the prefix cache serves them only up to
-the block holding their first read position.
+the block holding their first read position. Those at the head of the queue are prefilled together
+in one right-padded forward, except that one which shares a block with the one before it that is
+not written yet waits a forward (also to be admitted) and takes the block from the cache.
 
 LongRoPE per row: a row's keys carry the factor set they were rotated with. When a row that was
 prefilled with the short factors reaches `original_max_position_embeddings + 1` tokens, its whole

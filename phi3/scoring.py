@@ -10,10 +10,10 @@ The forwards are the engine's (`Engine.submit_reads`): each distinct input is on
 over the same paged KV cache and prefix cache as generation, so an input computes only what follows
 the longest cached prefix of full blocks (few-shot prompts share their examples; the answers of one
 question share the question), never its read positions themselves (a cached position has no hidden
-state: the match stops before the first continuation token, as vLLM's prompt_logprobs). Inputs go
-in sorted order, so the ones that share a prefix are adjacent and each finds the blocks the one
-before it has just written; requests with the same input share its forward (a multiple choice of
-one-token answers is one request). The output layer runs only at the read positions, on the hidden
+state: the match stops before the first continuation token, as vLLM's prompt_logprobs). The shared
+prefixes run first (`Scoring`'s first wave: sorted, inputs that share a prefix are adjacent), then
+the inputs, together, each from its cached prefix on; requests with the same input share its
+forward (a multiple choice of one-token answers is one request). The output layer runs only at the read positions, on the hidden
 states the engine returns, `batch_tokens` positions at a time (a vocabulary of 32k-50k makes it the
 larger part of a short sequence's work).
 """
@@ -62,21 +62,27 @@ def score(llm, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, top: int
     """
     work = Scoring(llm, pairs, top, batch_tokens)
     engine = llm.engine_for([])
-    requests = work.submit(engine)
-    try:
-        while not all(r.finished for r in requests):
-            engine.step()
-    finally:
-        for r in requests:
-            if not r.finished:
-                engine.cancel(r)
+    while requests := work.submit(engine):
+        try:
+            while not all(r.finished for r in requests):
+                engine.step()
+        finally:
+            for r in requests:
+                if not r.finished:
+                    engine.cancel(r)
     return work.results()
 
 
 class Scoring:
     """One `score` call's work, apart from who steps the engine (the caller, or a server's engine
-    thread): the pairs checked, one engine request per distinct input (`submit`), and the scores
-    read off their hidden states once all have ended (`results`)."""
+    thread): the pairs checked, the engine requests in two waves (`submit`), and the scores read
+    off their hidden states once all have ended (`results`).
+
+    The first wave computes the shared prefixes: for each input, the whole blocks it shares with
+    its neighbours in sorted order before its first read position, each distinct prefix once (not
+    one that starts another). The second, one request per distinct input, then finds them all
+    cached and computes only its own tail: the inputs go through the engine together in a few
+    padded forwards, rather than each group's first input alone and then its siblings."""
 
     def __init__(self, llm, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], top: int = 0,
                  batch_tokens: int = BATCH_TOKENS):
@@ -100,11 +106,39 @@ class Scoring:
             self.pairs.append((seq, len(ctx) - 1, cont))
         self.inputs = {seq: sorted(inputs[seq]) for seq in sorted(inputs)}  # sorted: shared prefixes adjacent
         self.requests: dict[tuple[int, ...], object] = {}
+        self._waves = 0
 
     def submit(self, engine) -> list:
-        """Queue one scoring request per distinct input in `engine`; returns them."""
-        self.requests = {seq: engine.submit_reads(seq, reads) for seq, reads in self.inputs.items()}
-        return list(self.requests.values())
+        """Queue the next wave of requests in `engine` and return them (once the previous wave's have
+        ended): the shared prefixes, then one per distinct input; [] when both are done."""
+        self._waves += 1
+        if self._waves == 1:
+            prefixes = self._prefixes(engine.cache.block_size) if engine.blocks.prefix_cache else []
+            if prefixes:
+                return [engine.submit_reads(p, [len(p) - 1]) for p in prefixes]
+            self._waves += 1
+        if self._waves == 2:
+            self.requests = {seq: engine.submit_reads(seq, reads) for seq, reads in self.inputs.items()}
+            return list(self.requests.values())
+        return []
+
+    def _prefixes(self, block_size: int) -> list[tuple[int, ...]]:
+        """The first wave: per input, the whole blocks before its first read position that it shares
+        with the input before or after it (sorted), distinct, none the start of another."""
+        seqs = list(self.inputs)
+        shared = [0] * len(seqs)
+        for i in range(1, len(seqs)):
+            a, b, n = seqs[i - 1], seqs[i], 0
+            while n < min(len(a), len(b)) and a[n] == b[n]:
+                n += 1
+            shared[i - 1], shared[i] = max(shared[i - 1], n), max(shared[i], n)
+        found = set()
+        for seq, n in zip(seqs, shared):
+            n = min(n, self.inputs[seq][0]) // block_size * block_size
+            if n:
+                found.add(seq[:n])
+        ordered = sorted(found)
+        return [p for p, after in zip(ordered, ordered[1:] + [()]) if after[:len(p)] != p]
 
     @torch.inference_mode()
     def results(self) -> list[ContinuationScore]:
