@@ -1,6 +1,7 @@
 """The server's backend: the engine on its own thread, and the hand-off of its events to asyncio.
 
     handler (event loop) ─► Backend.open: admit (429 past the queue bound) ─► Engine.submit ─► Job
+        (echo's log-probabilities: Backend.score ─► Engine.submit_reads, phi3.scoring)
     engine thread: while the engine is busy: Engine.step() ─► events ─► loop.call_soon_threadsafe(deliver)
     event loop: deliver ─► each Job's queue ─► Job.chunks(): TextStream (and AnswerLogprobs, if
         asked) per choice ─► the handler
@@ -145,16 +146,20 @@ class Backend:
             raise APIError(503, message.get(self.status, "the server failed; see its log"),
                            code="unavailable")
 
-    def open(self, work: list[tuple[list[int], SamplingParams]], ignore_eos: bool) -> Job:
-        """Submit a request's (prompt ids, params) rows, all or none: a 429 when the queue is full."""
+    def _check_room(self, n: int) -> None:
+        """A 400 when `n` engine requests exceed what the server ever holds, a 429 when the queue has no room now."""
         self.check_ready()
-        if len(work) > self.slots + self.max_queue:
-            raise APIError(400, f"this request needs {len(work)} sequences (prompts x n); the server holds at most "
+        if n > self.slots + self.max_queue:
+            raise APIError(400, f"this request needs {n} sequences (prompts x n); the server holds at most "
                            f"{self.slots + self.max_queue} at once", param="n")
-        if self.pending + len(work) > self.slots + self.max_queue:
+        if self.pending + n > self.slots + self.max_queue:
             raise APIError(429, f"the server is busy ({max(0, self.pending - self.slots)} requests waiting, "
                            f"{self.max_queue} at most); retry shortly", type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": "1"})
+
+    def open(self, work: list[tuple[list[int], SamplingParams]], ignore_eos: bool) -> Job:
+        """Submit a request's (prompt ids, params) rows, all or none: a 429 when the queue is full."""
+        self._check_room(len(work))
         stop_ids = frozenset() if ignore_eos else self.llm.stop_ids
         job = Job(self, [self.engine.submit(ids, params, stop_ids) for ids, params in work],
                   [TextStream(self.llm.tokenizer, params.stop, len(ids)) for ids, params in work],
@@ -164,6 +169,28 @@ class Backend:
             self.jobs[req.id] = job  # before any event can be delivered: delivery runs on this thread
         self._wake.set()
         return job
+
+    async def score(self, pairs: list[tuple[list[int], list[int]]], top: int) -> list:
+        """`phi3.scoring.score` on the engine thread: one scoring request per distinct input, in the
+        engine's queue beside the generation requests (the same bounds) and over its prefix cache;
+        the output layer runs here, off the event loop."""
+        from .scoring import Scoring
+
+        work = Scoring(self.llm, pairs, top)
+        self._check_room(len(work.inputs))
+        while requests := work.submit(self.engine):  # the shared prefixes, then the inputs
+            job = ScoreJob(requests)
+            self.pending += len(job.requests)
+            for req in job.requests:
+                self.jobs[req.id] = job
+            self._wake.set()
+            try:
+                await job.wait()
+            finally:
+                self.cancel(job.requests)  # a no-op for the ended ones
+                for req in job.requests:
+                    self.jobs.pop(req.id, None)
+        return await asyncio.to_thread(work.results)
 
     def cancel(self, requests) -> None:
         for req in requests:
@@ -179,6 +206,24 @@ class Backend:
     def _abort_all(self) -> None:
         for job in set(self.jobs.values()):
             self.cancel(job.requests)  # their handlers see "cancelled" and end with an error
+
+
+class ScoreJob:
+    """One request's scoring requests (an echo's prompts) and their event queue."""
+
+    def __init__(self, requests: list):
+        self.requests, self.queue = requests, asyncio.Queue()
+
+    async def wait(self) -> None:
+        """Until every request has ended; APIError if the engine fails or the server ends them."""
+        left = len(self.requests)
+        while left:
+            event = await self.queue.get()
+            if event is _FAILED:
+                raise APIError(500, "the engine failed; see the server's log", code="engine_failed")
+            if event.finish_reason == "cancelled":
+                raise APIError(503, "the server is shutting down", code="unavailable")
+            left -= event.finish_reason is not None
 
 
 class Job:

@@ -462,6 +462,9 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when present, else cpu)")
     p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: fp32 on CPU, the reference's "
                                                  "numbers; the checkpoint's own on GPU)")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="compute every scored input whole, not after the longest cached prefix of few-shot "
+                        "examples (default: reuse them; the numbers are the same either way)")
     p.add_argument("--plot", default=None, help="write a bar chart (png, svg, pdf) of this run beside --compare's "
                                                 "(needs matplotlib) (default: none)")
     p.add_argument("--compare", nargs="+", default=[], help="earlier runs' results_*.json files or --output_path "
@@ -499,7 +502,8 @@ def cmd_eval(args) -> int:
         manager = evaluate.task_manager(tasks, args.include_path)
         from .loader import load
 
-        llm = load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize, adapter=args.adapter)
+        llm = load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize, adapter=args.adapter,
+                   prefix_cache=args.prefix_cache)
         name = args.model + (f"+{args.quantize}" if args.quantize else "") + ("+adapter" if args.adapter else "")
         results = evaluate.evaluate(llm, tasks, num_fewshot=args.num_fewshot,
                                     limit=int(args.limit) if args.limit and args.limit >= 1 else args.limit,

@@ -28,6 +28,13 @@ parameters, seed) is a device tensor indexed by row, so the step is a pure funct
 sampling mode): compiled with `torch.compile` if asked, and on CUDA captured once per shape in a
 CUDA graph and replayed; the only host sync per step reads the new ids.
 
+Scoring requests (`submit_reads`, `phi3.scoring`): admitted and prefilled as the others, over the
+same pool and prefix cache, but they keep the final hidden states at the positions they read and
+end ("scored") when their prefill does, with no token drawn; the prefix cache serves them only up to
+the block holding their first read position. Those at the head of the queue are prefilled together
+in one right-padded forward, except that one which shares a block with the one before it that is
+not written yet waits a forward (also to be admitted) and takes the block from the cache.
+
 LongRoPE per row: a row's keys carry the factor set they were rotated with. When a row that was
 prefilled with the short factors reaches `original_max_position_embeddings + 1` tokens, its whole
 sequence is prefilled again with the long factors (as transformers does for one sequence), into
@@ -60,7 +67,8 @@ MIN_KV_BUCKET = 64
 class Request:
     """One sequence in the engine. `tokens` grows as it decodes; `finish_reason` is set at the end
     ("stop": a stop id, not included in `tokens`; "length": max_new_tokens or the context;
-    "cancelled"). `cached_tokens`: prompt tokens whose keys came from the prefix cache."""
+    "cancelled"; "scored": a scoring request's prefill is done). `cached_tokens`: prompt tokens
+    whose keys came from the prefix cache."""
 
     prompt: list[int]
     params: SamplingParams
@@ -85,6 +93,11 @@ class Request:
     _admitted: int = -1  # admission order: the newest row is preempted first
     _started: bool = False  # its prefill has begun (see Engine._rematch)
     matcher: Matcher | None = field(default=None, repr=False)  # structured output: its grammar state
+    # a scoring request (Engine.submit_reads): the positions it reads, and once it has ended
+    # ("scored") their final hidden states (len(reads), C); _hidden: those of the chunks so far
+    reads: list[int] | None = None
+    hidden: torch.Tensor | None = field(default=None, repr=False)
+    _hidden: list[torch.Tensor] = field(default_factory=list, repr=False)
 
     @property
     def finished(self) -> bool:
@@ -183,6 +196,24 @@ class Engine:
             self._waiting.append(req)
         return req
 
+    def submit_reads(self, ids: Sequence[int], reads: Sequence[int]) -> Request:
+        """Queue a scoring request (ids already checked against the vocabulary): prefill `ids`, keep the
+        final hidden states (the output layer's input) at positions `reads` (ascending) as
+        `Request.hidden` (len(reads), C), then end ("scored") without decoding; its full blocks stay
+        in the prefix cache. The cache serves only the blocks before the first read position: a
+        cached position has no hidden state."""
+        n, reads = len(ids), list(reads)
+        if n == 0:
+            raise ValueError("the input is empty")
+        if n > self.context:
+            raise ValueError(f"the input has {n} tokens; {self.describe_limit()}")
+        if not reads or reads != sorted(set(reads)) or reads[0] < 0 or reads[-1] >= n:
+            raise ValueError(f"reads must be distinct ascending positions in [0, {n}), got {reads!r}")
+        req = Request(list(ids), SamplingParams(max_new_tokens=1), frozenset(), 0, 0, next(self._ids), reads=reads)
+        with self._lock:
+            self._waiting.append(req)
+        return req
+
     @property
     def context(self) -> int:
         """The longest sequence a request may reach: `max_len`, or less if the pool holds fewer tokens."""
@@ -241,6 +272,11 @@ class Engine:
         budget = self.prefill_chunk
         while budget > 0 and self._prefilling:
             req = self._prefilling[0]
+            if req.reads is not None:  # scoring requests: those at the head, together
+                done, used = self._prefill_reads(budget)
+                budget -= used
+                events += [Event(r, None, "scored") for r in done]
+                continue
             if not req._started:
                 self._rematch(req)
             n = min(budget, len(req._todo) - req._written)
@@ -281,10 +317,13 @@ class Engine:
                 self._check_weights()
             while self._waiting and self._free:
                 req = self._waiting[0]
+                last = self._prefilling[-1] if self._prefilling else None
+                if req.reads is not None and last is not None and last.reads is not None and self._waits_for(last, req):
+                    return  # it takes those blocks from the cache once written, rather than blocks of its own now
                 ids = req.prompt + req.tokens  # a preempted request resumes with what it has
                 long = self.model.uses_long_rope(len(ids))
                 salt = (long,)
-                hit = self.blocks.match(ids, salt)
+                hit = self.blocks.match(self._matchable(req, ids), salt)
                 need = -(-len(ids) // self.cache.block_size) - len(hit)
                 try:
                     new, fresh = self.blocks.allocate(need)
@@ -297,6 +336,7 @@ class Engine:
                 self.requests[req.slot] = req
                 self.params.set(req.slot, req.params, req.seed, ids, step=len(req.tokens))
                 req._blocks, req._long, req._todo, req._written = hit + new, long, ids, len(hit) * self.cache.block_size
+                req._hidden = []  # a scoring request preempted mid-way reads its positions again
                 self.cache.long_rope[req.slot] = long
                 self._set_table(req)
                 if not req.tokens and not req.preemptions:  # its first admission (not a resume or a re-prefill)
@@ -313,7 +353,7 @@ class Engine:
         written. Longer hits replace the row's unwritten blocks."""
         req._started = True
         bs, have = self.cache.block_size, req._written // self.cache.block_size
-        hit = self.blocks.match(req._todo, self._salt(req))
+        hit = self.blocks.match(self._matchable(req, req._todo), self._salt(req))
         self.blocks.release(hit[:have])  # the row already holds these
         extra = hit[have:]
         if not extra:
@@ -327,6 +367,12 @@ class Engine:
             req.cached_tokens += gained
             self.hit_tokens += gained
         self._set_table(req)
+
+    @staticmethod
+    def _matchable(req: Request, ids: list[int]) -> list[int]:
+        """What of `ids` the prefix cache may serve: a scoring request's first read position and what
+        follows are computed (`match` leaves the last token it is given to be computed)."""
+        return ids if req.reads is None else ids[:req.reads[0] + 1]
 
     def _salt(self, req: Request) -> tuple:
         """What besides the tokens changes a row's keys: its LongRoPE set (the model's weights: `_check_weights`)."""
@@ -361,6 +407,65 @@ class Engine:
         logits = self.model(tokens, positions, self.cache, slot=req.slot, kv_len=start + n, last_only=True)
         req._written += n
         return logits[:, -1]
+
+    @torch.inference_mode()
+    def _prefill_reads(self, budget: int) -> tuple[list[Request], int]:
+        """Prefill the scoring requests at the head of the queue in one forward, right-padded (each
+        row at its own positions; padding at the scratch position): as many as fit `budget` padded
+        tokens, the first at least (in chunks of `budget` if longer). A request that would take
+        from the prefix cache a block the one before it is about to write waits for the next
+        forward (the scorer sorts its inputs: requests that share a prefix are adjacent; `_admit`
+        holds them back the same way, so they do not take blocks of their own meanwhile). With a
+        sliding window, rows go together only while they fit in it (padding then sees every key).
+        Returns the requests that ended ("scored") and the tokens computed."""
+        window, batch, counts, end = self.model.config.sliding_window, [], [], 0
+        for req in self._prefilling:
+            if req.reads is None:
+                break
+            if not req._started:
+                self._rematch(req)
+            n = len(req._todo) - req._written
+            if batch and ((len(batch) + 1) * max(n, *counts) > budget or self._waits_for(batch[-1], req)
+                          or window is not None and max(end, len(req._todo)) > window):
+                req._started = False  # not one token written: look it up again when its turn comes
+                break
+            batch.append(req)
+            counts.append(min(n, budget))
+            end = max(end, req._written + counts[-1])
+        B, T = len(batch), max(counts)
+        tokens = torch.zeros(B, T, dtype=torch.long)
+        positions = torch.full((B, T), self.cache.scratch, dtype=torch.long)
+        read, sizes = [], []  # the read positions' indices among the B*T, and how many per row
+        for b, (req, n) in enumerate(zip(batch, counts)):
+            start = req._written
+            tokens[b, :n] = torch.tensor(req._todo[start:start + n])
+            positions[b, :n] = torch.arange(start, start + n)
+            read += [b * T + p - start for p in req.reads if start <= p < start + n]
+            sizes.append(len(read) - sum(sizes))
+        rows = torch.tensor([req.slot for req in batch], device=self.device)
+        hidden = self.model(tokens.to(self.device), positions.to(self.device), self.cache, slot=rows, kv_len=end,
+                            read=torch.tensor(read, dtype=torch.long, device=self.device), hidden=True)[0]
+        done = []
+        for req, n, part in zip(batch, counts, hidden.split(sizes)):  # part: (reads in this chunk, C)
+            req._hidden.append(part)
+            req._written += n
+            if req._written == len(req._todo):
+                self._prefilling.remove(req)
+                self.blocks.register(req._blocks, req._todo, self._salt(req))
+                req.hidden = torch.cat(req._hidden)
+                self._finish(req, "scored")
+                done.append(req)
+        return done, sum(counts)
+
+    def _waits_for(self, prev: Request, req: Request) -> bool:
+        """Whether scoring request `req` shares with `prev`, which is prefilling, a full block that
+        it could take from the prefix cache once `prev` has written it."""
+        if prev._long != self.model.uses_long_rope(len(req.prompt)):
+            return False
+        limit, n = min(len(prev._todo), req.reads[0]), 0
+        while n < limit and prev._todo[n] == req.prompt[n]:
+            n += 1
+        return n // self.cache.block_size > prev._written // self.cache.block_size
 
     def _accept(self, req: Request, token: int, logprob=None, from_prefill: bool = False) -> list[Event]:
         """Host-side bookkeeping for a token drawn for `req` (with its logprobs, if asked for)."""

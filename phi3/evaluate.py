@@ -40,14 +40,15 @@ class Phi3LM(TemplateLM):
 
     model_args: `model` (or `pretrained`; a directory, .gguf file, hub id or alias), `dtype`,
     `device`, `quantize` ("int4"/"int8"), `adapter` (a LoRA directory), `max_length` (default: the
-    model's context), `max_gen_toks` (256), `add_bos_token` and `prefix_token_id` as in `hf`.
+    model's context), `max_gen_toks` (256), `add_bos_token` and `prefix_token_id` as in `hf`,
+    `prefix_cache` (default true: scored inputs reuse the engine's cached prefixes, see `phi3.scoring`).
     Or `llm=`: an already loaded `phi3.LLM`. `batch_size` is accepted and has no effect on the
     numbers: the engine batches by tokens (see `phi3.scoring`).
     """
 
     def __init__(self, model=None, pretrained=None, *, llm=None, dtype=None, device=None, quantize=None,
                  adapter=None, max_length=None, max_gen_toks=DEFAULT_MAX_GEN_TOKS, add_bos_token=None,
-                 prefix_token_id=None, batch_size=None, max_batch_size=None, **unused):
+                 prefix_token_id=None, batch_size=None, max_batch_size=None, prefix_cache=True, **unused):
         super().__init__()
         if unused:
             raise ValueError(f"the phi3 backend takes no model_args {sorted(unused)}")
@@ -63,7 +64,8 @@ class Phi3LM(TemplateLM):
                     device = None
             if not name:
                 raise ValueError("the phi3 backend needs model=<a directory, .gguf file, hub id or alias>")
-            llm = load(name, device=device, dtype=dtype, quantize=quantize, adapter=adapter)
+            llm = load(name, device=device, dtype=dtype, quantize=quantize, adapter=adapter,
+                       prefix_cache=_flag(prefix_cache) is not False)
         if llm.tokenizer is None:
             raise ValueError("evaluation needs the model's tokenizer, and this model was loaded without one")
         self.llm, self.tokenizer = llm, llm.tokenizer

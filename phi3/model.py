@@ -209,22 +209,29 @@ class Phi3(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         *,
-        slot: int = 0,
+        slot: int | torch.Tensor = 0,
         kv_len: int | None = None,
         long_rope: bool | None = None,
         last_only: bool = False,
+        read: torch.Tensor | None = None,
+        hidden: bool = False,
     ) -> torch.Tensor:
         """tokens (B, T), positions (B, T) of those tokens in their sequences -> logits (B, T, V)
-        (or (B, 1, V) with `last_only`).
+        (or (B, 1, V) with `last_only`; (1, n, V) with `read`, n indices into the B·T positions
+        taken row by row: only those go through the final norm and the output layer). `hidden`: the
+        final norm's output (the output layer's input, C wide) instead of logits.
 
         Without a cache, each row is a whole sequence (positions default to 0..T-1) and `long_rope`
         picks LongRoPE's factor set (None: by the length, as the reference does). With a cache, row
         b is cache row `slot + b`: its keys and values are written at its positions through the
         row's block table, attention reads its positions 0..kv_len-1 (default: all) masked per row
         (causal, sliding window), and each row's factor set is the cache's `long_rope[slot + b]`.
+        `slot` may also be a (B,) tensor of cache rows (a batched prefill of rows that are not
+        adjacent: the engine's scoring requests).
         """
         B, T = tokens.shape
-        if cache is not None and not (0 <= slot and slot + B <= cache.rows and (kv_len is None or 1 <= kv_len <= cache.scratch)):
+        first = slot if isinstance(slot, int) else 0
+        if cache is not None and not (0 <= first and first + B <= cache.rows and (kv_len is None or 1 <= kv_len <= cache.scratch)):
             raise ValueError(f"rows {slot}..{slot + B - 1} and kv_len {kv_len} do not fit a cache of {cache.rows} rows "
                              f"x {cache.scratch} positions")
         if (T != 1 or cache is None) and not torch.compiler.is_compiling():  # (a compiled step: no C layers)
@@ -237,16 +244,16 @@ class Phi3(nn.Module):
             long = torch.full((B,), long_rope, dtype=torch.bool, device=tokens.device)
             kv_len, rows = T, None
         else:
-            long = cache.long_rope[slot:slot + B]
+            rows = (torch.arange(slot, slot + B, device=tokens.device) if isinstance(slot, int) else slot)[:, None]  # (B, 1)
+            long = cache.long_rope[rows[:, 0]]
             table_len, kv_len = cache.scratch + 1, cache.scratch if kv_len is None else kv_len
-            rows = torch.arange(slot, slot + B, device=tokens.device)[:, None]  # (B, 1)
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         tables = (cache.cos, cache.sin) if cache is not None and cache.cos is not None and cache.cos.dtype == x.dtype \
             else None  # an engine's cache owns its tables (see engine.py)
         cos, sin = self.rope(positions, long, x.dtype, table_len, tables)  # (B, T, R)
         fused = None
-        if T == 1 and cache is not None and x.device.type == "cpu" and not torch.is_grad_enabled() \
+        if T == 1 and cache is not None and isinstance(slot, int) and x.device.type == "cpu" and not torch.is_grad_enabled() \
                 and not torch.compiler.is_compiling():  # a CPU decode step: all layers in C when they qualify
             fused = kernels.decode_layers(self, x, positions, cos, sin, cache, slot, kv_len)
         if fused is not None:
@@ -259,8 +266,8 @@ class Phi3(nn.Module):
                     x = checkpoint(block, x, ctx, use_reentrant=False)
                 else:
                     x = block(x, ctx)
-        x = self.model.norm(x[:, -1:] if last_only else x)
-        return self.lm_head(x)
+        x = self.model.norm(x[:, -1:] if last_only else x if read is None else x.reshape(B * T, -1)[read][None])
+        return x if hidden else self.lm_head(x)
 
     def attention_mask(self, positions: torch.Tensor, kv_len: int, cached: bool):
         """What query (b, t) may see of keys 0..kv_len-1: key j <= positions[b, t] and
@@ -268,14 +275,15 @@ class Phi3(nn.Module):
 
         None (plain causal over the T tokens themselves) or a lower-right `CausalBias` (T tokens
         after a prefix) where that is the whole rule, so SDPA can pick its flash kernels; else a
-        (B, 1, T, kv_len) bool tensor. A cached forward of T > 1 tokens must be one row whose
-        positions run kv_len - T .. kv_len - 1 (a prefill chunk)."""
+        (B, 1, T, kv_len) bool tensor. A cached forward of T > 1 tokens in one row must have positions
+        kv_len - T .. kv_len - 1 (a prefill chunk); in several rows (a batched prefill), each row's
+        own, any padding at a position past kv_len."""
         B, T = positions.shape
         window = self.config.sliding_window
         windowed = window is not None and kv_len > window
-        if not windowed and T == kv_len:
+        if not windowed and T == kv_len and (B == 1 or not cached):
             return None
-        if not windowed and cached and T > 1 and positions.is_cuda:
+        if not windowed and cached and T > 1 and B == 1 and positions.is_cuda:
             from torch.nn.attention.bias import causal_lower_right
 
             return causal_lower_right(T, kv_len)

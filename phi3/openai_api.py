@@ -458,20 +458,20 @@ class Completions:
                 "top_logprobs": top, "text_offset": [t.offset for t in tokens]}
 
 
-def echo(llm, ids: list[int], alternatives: int | None) -> tuple[str, list[TokenLogprob] | None]:
+def echo(llm, ids: list[int], alternatives: int | None, scored=None) -> tuple[str, list[TokenLogprob] | None]:
     """/v1/completions `echo`: the prompt's text and, when log-probabilities are asked for, its
-    tokens' (the first one's null, as OpenAI's legacy API and vLLM give it), from `phi3.scoring`."""
+    tokens' (the first one's null, as OpenAI's legacy API and vLLM give it): `scored`, the
+    `phi3.scoring.ContinuationScore` of (ids[:1], ids[1:]) with `alternatives` top tokens (None
+    for a one-token prompt)."""
     from .generate import Chunk
     from .logprobs import AnswerLogprobs, TokenTexts
-    from .scoring import score
 
     text = llm.tokenizer.decode(ids, skip_special_tokens=True)
     if alternatives is None:
         return text, None
-    scored = score(llm, [(ids[:1], ids[1:])], top=alternatives)[0] if len(ids) > 1 else None
     placed = AnswerLogprobs(TokenTexts(llm.tokenizer))
     for j, token in enumerate(ids):
-        got = (0.0, []) if j == 0 else (scored.logprobs[j - 1], scored.top[j - 1])
+        got = (0.0, []) if j == 0 else (scored.logprobs[j - 1], scored.top[j - 1] if scored.top else [])
         placed.push(token, got)
     tokens = placed.entries(Chunk(text, [], "length"))
     tokens[0].logprob, tokens[0].top = None, []

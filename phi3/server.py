@@ -223,19 +223,23 @@ async def _complete(request: Request, backend: Backend, shape) -> Response:
     _check_model(req.model, backend.name)
     prompts = await asyncio.to_thread(api.prompts, req, backend.llm.encode_prompt)
     n = req.n or 1
+    budgets = [api.completion_budget(req, len(ids), *backend.context) for ids in prompts]
     echoes = None
     if getattr(req, "echo", False):  # /v1/completions: the prompt, and its log-probabilities if asked for
-        echoes = [await asyncio.to_thread(api.echo, backend.llm, ids, req.alternatives) for ids in prompts]
+        scored = [None] * len(prompts)  # per prompt: its tokens' scores, where asked for (a first token has none)
+        if req.alternatives is not None and (some := [k for k, ids in enumerate(prompts) if len(ids) > 1]):
+            got = await backend.score([(prompts[k][:1], prompts[k][1:]) for k in some], req.alternatives)
+            for k, s in zip(some, got):
+                scored[k] = s
+        echoes = [await asyncio.to_thread(api.echo, backend.llm, ids, req.alternatives, s)
+                  for ids, s in zip(prompts, scored)]
         if req.max_tokens == 0:
             head = {"id": shape.id_prefix + uuid.uuid4().hex, "created": int(time.time()), "model": backend.name}
             choices = [api.with_echo(shape.choice(k, "", "length", [] if req.alternatives is not None else None),
                                      *echoes[k // n]) for k in range(len(prompts) * n)]
             return JSONResponse({**head, "object": shape.object, "choices": choices,
                                  "usage": api.usage(sum(len(ids) for ids in prompts), 0)})
-    work = []
-    for ids in prompts:
-        budget = api.completion_budget(req, len(ids), *backend.context)
-        work += [(ids, api.sampling_params(req, budget, i)) for i in range(n)]
+    work = [(ids, api.sampling_params(req, budget, i)) for ids, budget in zip(prompts, budgets) for i in range(n)]
     calls = shape is api.Chat and api.calls_expected(req)  # tools: answers are read for tool calls
     job = backend.open(work, bool(req.ignore_eos))
     head = {"id": shape.id_prefix + uuid.uuid4().hex, "created": int(time.time()), "model": backend.name}

@@ -245,6 +245,38 @@ def test_echo_gives_the_prompts_log_probabilities(server_url, model_dir):
         client.completions.create(model="tiny", prompt=prompt, max_tokens=0)
 
 
+def test_echo_runs_on_the_servers_engine_and_fills_its_prefix_cache(server_url, model_dir):
+    """Echoed prompts are scored by the server's engine, over the pool generation uses: the cache
+    serves none of an echo (every position is read), but a completion of the same prompts afterwards
+    takes their blocks from it (/health's prefix_hit_tokens); an echo again gives the same
+    log-probabilities (1e-5), `LLM.logits`' (1e-4); several prompts in one request, a one-token one too."""
+    import httpx
+
+    import phi3
+
+    llm = phi3.load(model_dir, device="cpu", dtype="float32")
+    shots = "".join(f"Question: What is {a} plus {a}?\nAnswer: {2 * a}\n\n" for a in range(2, 7))
+    prompts = [shots + "Question: What is 7 plus 7?\nAnswer: 14", shots + "Question: What is 8 plus 8?\nAnswer: 16", "Q"]
+    echo = {"model": "tiny", "prompt": prompts, "echo": True, "logprobs": 0, "max_tokens": 0}
+
+    def hits() -> int:
+        return httpx.get(server_url + "/health").json()["kv_cache"]["prefix_hit_tokens"]
+    before = hits()
+    first = httpx.post(server_url + "/v1/completions", json=echo, timeout=60).json()["choices"]
+    assert hits() == before
+    httpx.post(server_url + "/v1/completions", json={"model": "tiny", "prompt": prompts[:2], "max_tokens": 1},
+               timeout=60).raise_for_status()
+    assert hits() - before >= 2 * 16 * (len(llm.tokenizer.encode(shots)) // 16)
+    again = httpx.post(server_url + "/v1/completions", json=echo, timeout=60).json()["choices"]
+    for prompt, a, b in zip(prompts, first, again):
+        ids = llm.tokenizer.encode(prompt)
+        got, repeat = a["logprobs"]["token_logprobs"], b["logprobs"]["token_logprobs"]
+        assert a["text"] == prompt and len(got) == len(ids) and got[0] is None and repeat[0] is None
+        assert repeat[1:] == pytest.approx(got[1:], abs=1e-5)
+        want = torch.log_softmax(llm.logits(ids), dim=-1)[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        assert got[1:] == pytest.approx(want.tolist(), abs=1e-4)
+
+
 def test_local_completions_against_the_server_gives_phi3_evals_numbers(server_url, model_dir, tmp_path):
     """lm-eval's API backends leave BOS out unless told (add_bos_token=True): Phi-3's tokenizer adds it."""
     from lm_eval.__main__ import cli_evaluate
