@@ -23,14 +23,12 @@ import argparse
 import json
 import os
 import random
-import signal
 import statistics
-import subprocess
 import time
 
 import httpx
 
-from serve import start_server
+from serve import start_server, stop_server
 
 QUESTIONS = ["Summarize the document in two sentences.", "Which town is mentioned first, and what happened there?",
              "List three numbers that appear in the document.", "What is the document's main subject?",
@@ -162,11 +160,7 @@ def main() -> None:
         print(f"{'PASS' if same else 'FAIL'}: the answers with the prefix cache on equal those with it off")
     finally:
         for proc, _ in servers.values():
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
 
 
 if __name__ == "__main__":

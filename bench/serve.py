@@ -132,6 +132,15 @@ def start_server(args, extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
     raise SystemExit(f"phi3 serve did not get ready in {args.timeout} s")
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM (the server drains and exits), then kill if it has not gone within 60 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def write_random_checkpoint(preset: str, layers: int | None, dtype: str | None, folder: Path) -> None:
     """A Hugging Face checkpoint with the preset's shapes, random weights and the Phi-3 tokenizer."""
     import torch
@@ -202,11 +211,7 @@ def main() -> None:
                   f"{tps:>10.1f} {per_client:>10.1f} {f'{tps / base:.2f}x' if base else '':>6}", flush=True)
     finally:
         if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
 
 
 if __name__ == "__main__":

@@ -21,15 +21,13 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 
 import httpx
 import psutil
 
-from serve import prompt, start_server
+from serve import prompt, start_server, stop_server
 
 
 def rss(pid: int) -> int:
@@ -136,11 +134,7 @@ def main() -> None:
         after_rss = rss(proc.pid)
         print(f"  idle RSS after the soak: {after_rss / 2**30:.2f} GiB (the pool's touched pages stay resident)")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     # the library's answers, one request at a time, no prefix cache
     import phi3
 
