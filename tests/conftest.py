@@ -54,10 +54,10 @@ def random_ids(n: int, seed: int) -> list[int]:
 
 
 def greedy_reference(ref, prompt: list[int], new: int) -> list[int]:
-    """transformers' greedy continuation of `prompt` (`new` tokens) by the reference model `ref`."""
+    """transformers' greedy continuation of `prompt` (`new` tokens) by the reference model `ref`, on its device."""
     with torch.no_grad():
-        out = ref.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False,
-                           attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+        out = ref.generate(torch.tensor([prompt], device=ref.device), max_new_tokens=new, do_sample=False,
+                           attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=ref.device))
     return out[0, len(prompt):].tolist()
 
 

@@ -6,15 +6,12 @@ import pytest
 import torch
 
 import phi3
+from conftest import greedy_reference, random_ids as _ids
 from phi3.cache import KVCache
 from phi3.engine import Engine
 from phi3.sampling import SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def _ids(n: int, seed: int) -> list[int]:
-    return torch.randint(3, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 @pytest.mark.parametrize("kind", ["longrope", "window", "gqa"])
@@ -56,10 +53,7 @@ def test_cuda_graph_batches_equal_transformers_per_row(checkpoints):
     while engine.busy:
         engine.step()
     for req, prompt, (n, new) in zip(reqs, prompts, rows):
-        with torch.no_grad():
-            out = ref.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False,
-                               attention_mask=torch.ones(1, n, dtype=torch.long))
-        assert req.tokens == out[0, n:].tolist(), n
+        assert req.tokens == greedy_reference(ref, prompt, new), n
     assert len(engine._graphs) >= 2  # several (batch, length) buckets were captured and replayed
 
 
@@ -76,10 +70,7 @@ def test_cuda_bf16_greedy_tokens_match_transformers(checkpoints, kind):
     while engine.busy:
         engine.step()
     for req, prompt in zip(reqs, prompts):
-        with torch.no_grad():
-            out = theirs.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=12, do_sample=False,
-                                  attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device="cuda"))
-        assert req.tokens == out[0, len(prompt):].tolist(), (kind, len(prompt))
+        assert req.tokens == greedy_reference(theirs, prompt, 12), (kind, len(prompt))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -100,7 +91,4 @@ def test_cuda_gqa_attention_runs_on_fused_kernels(checkpoints, dtype):
         while engine.busy:
             engine.step()
     for req, prompt in zip(reqs, prompts):
-        with torch.no_grad():
-            out = theirs.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=24, do_sample=False,
-                                  attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device="cuda"))
-        assert req.tokens == out[0, len(prompt):].tolist(), (dtype, len(prompt))
+        assert req.tokens == greedy_reference(theirs, prompt, 24), (dtype, len(prompt))
