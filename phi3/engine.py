@@ -58,6 +58,7 @@ from .cache import BLOCK_SIZE, KVCache
 from .grammar import Matcher, matcher_for
 from .model import Phi3
 from .sampling import MAX_LOGPROBS, Mode, RowParams, SamplingParams, logprobs_of, random_seed
+from .speculate import MAX_DRAFT, Drafter, parse as parse_speculation
 
 PREFILL_CHUNK = 2048  # prompt tokens per prefill forward: bounds activation memory
 MIN_KV_BUCKET = 64
@@ -84,6 +85,8 @@ class Request:
     cancelled: bool = False
     cached_tokens: int = 0
     preemptions: int = 0
+    drafted: int = 0  # speculative decoding: tokens guessed for it, and of them accepted
+    accepted: int = 0
     # while it holds a row: the ids whose keys go into its blocks, how many are written, its blocks,
     # and the LongRoPE set of its keys (host copy of cache.long_rope)
     _todo: list[int] = field(default_factory=list, repr=False)
@@ -98,6 +101,7 @@ class Request:
     reads: list[int] | None = None
     hidden: torch.Tensor | None = field(default=None, repr=False)
     _hidden: list[torch.Tensor] = field(default_factory=list, repr=False)
+    drafter: Drafter | None = field(default=None, repr=False)  # speculative decoding: its guesses
 
     @property
     def finished(self) -> bool:
@@ -167,6 +171,20 @@ class Engine:
         # counters for /metrics and bench: prompt tokens admitted, of them taken from the prefix cache,
         # tokens prefilled (resumes and LongRoPE re-prefills included), rows preempted
         self.prompt_tokens = self.hit_tokens = self.computed_tokens = self.preempted = 0
+        self.draft_tokens = self.accepted_tokens = 0  # speculative decoding: tokens guessed, of them accepted
+        # A verify step's inputs (speculative decoding): N positions, each of a row (several may be one
+        # row's), its token and position, how many draws after its row's next it is, the row's guesses
+        # before it (penalty), and its draw and logprobs. Static, so a captured step reads them.
+        n = slots * (MAX_DRAFT + 1)
+        self.v_tokens = torch.zeros(n, dtype=torch.long, device=self.device)
+        self.v_positions = torch.zeros(n, dtype=torch.long, device=self.device)
+        self.v_rows = torch.zeros(n, dtype=torch.long, device=self.device)
+        self.v_ahead = torch.zeros(n, dtype=torch.long, device=self.device)
+        self.v_guessed = torch.zeros(n, MAX_DRAFT, dtype=torch.long, device=self.device)
+        self.v_ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        self.v_logprob = torch.zeros(n, device=self.device)
+        self.v_top_logprob = torch.zeros(n, k, device=self.device)
+        self.v_top_ids = torch.zeros(n, k, dtype=torch.long, device=self.device)
         # The step: eager, compiled, and/or captured per (B, S, mode).
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
@@ -177,6 +195,7 @@ class Engine:
             setattr(dynamo, limit, max(getattr(dynamo, limit), 256))
         self._compiled = compile
         self._body = torch.compile(self._decode_body, dynamic=False, fullgraph=True) if compile else self._decode_body
+        self._verify_body = torch.compile(self._check_body, dynamic=False, fullgraph=True) if compile else self._check_body
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._pool = None
 
@@ -192,6 +211,8 @@ class Engine:
         req = Request(list(prompt_ids), params, frozenset(stop_ids), min(params.max_new_tokens, limit - n),
                       random_seed() if params.seed is None else params.seed, next(self._ids))
         req.matcher = matcher_for(params, self.tokenizer, self.model.config.vocab_size, req.stop_ids)  # grammar
+        spec = parse_speculation(params.speculate)
+        req.drafter = Drafter(spec) if spec is not None else None
         with self._lock:
             self._waiting.append(req)
         return req
@@ -241,7 +262,7 @@ class Engine:
                     blocks_total=b.total, blocks_used=b.used, blocks_cached=b.cached,
                     blocks_free=b.available - b.cached, prefix_cache=b.prefix_cache, prompt_tokens=self.prompt_tokens,
                     prefix_hit_tokens=self.hit_tokens, computed_tokens=self.computed_tokens,
-                    preempted=self.preempted)
+                    preempted=self.preempted, draft_tokens=self.draft_tokens, accepted_tokens=self.accepted_tokens)
 
     def generate_step(self, prompt_ids: Sequence[int], params: SamplingParams,
                       stop_ids=frozenset()) -> Generator[int, None, str]:
@@ -574,6 +595,9 @@ class Engine:
         self._grow()
         if not self._decoding:
             return []
+        guesses = self._guesses()
+        if guesses:
+            return self._verify(guesses)
         rows = sorted(self._decoding)
         batch = min(self.slots, 1 << rows[-1].bit_length())  # power of two > the highest busy row
         longest = max(self.requests[r].length for r in rows)
@@ -581,7 +605,7 @@ class Engine:
         mode = self.params.mode(rows)
         if mode.grammar:  # grammar: the constrained rows' allowed tokens, before the step
             self.params.fill_masks({r: self.requests[r].matcher for r in rows if self.requests[r].matcher})
-        self._run(batch, kv_len, mode)
+        self._run(self._body, (batch, kv_len, mode))
         ids = self.next_ids[:batch].tolist()  # the one host sync of the step
         logprobs = self._host_logprobs(0, batch) if mode.logprobs else None
         events = []
@@ -590,14 +614,127 @@ class Engine:
             events += self._accept(req, ids[r], self._logprob(req, logprobs[r] if logprobs else None))
         return events
 
-    def _run(self, batch: int, kv_len: int, mode: Mode) -> None:
+    # -- speculative decoding (speculate.py) --------------------------------------------------------
+    def _guesses(self) -> dict[int, list[int]]:
+        """This step's guessed tokens of each speculating decoding row that has some ({row: ids}), with
+        the blocks their positions need taken now; a guess is cut where the pool has no block to spare
+        (a guess never preempts a row). Rows with a grammar decode plainly."""
+        guesses, bs = {}, self.cache.block_size
+        for row in sorted(self._decoding):
+            req = self.requests[row]
+            drafter = req.drafter
+            if drafter is None or req.matcher is not None or not drafter.wants_draft():
+                continue
+            # k + 1 draws at most: within max_new_tokens and the context (the LongRoPE crossing and
+            # stops end a row's accepted tokens where plain decoding would end them: `_verify`)
+            k = min(drafter.spec.k, req.max_new - len(req.tokens) - 1, self.context - req.length - 1)
+            if k <= 0:
+                continue
+            have = len(drafter.seq)
+            if have < len(req.prompt):
+                drafter.extend(req.prompt[have:])
+                have = len(req.prompt)
+            drafter.extend(req.tokens[have - len(req.prompt):])
+            guess = drafter.propose(k)
+            need = (req.length - 1 + len(guess)) // bs + 1 - len(req._blocks)  # blocks up to its last position
+            if guess and need > 0:
+                try:
+                    new, fresh = self.blocks.allocate(need)
+                    self.cache.zero(fresh)
+                    first = len(req._blocks)
+                    req._blocks += new
+                    self.cache.block_table[row, first:first + need] = torch.tensor(new, dtype=torch.long)
+                except OutOfBlocks:
+                    guess = guess[:len(req._blocks) * bs - req.length]
+            if guess:
+                guesses[row] = guess
+        return guesses
+
+    def _verify(self, guesses: dict[int, list[int]]) -> list[Event]:
+        """One forward over every decoding row's last token and its guesses (N positions in all), a
+        draw at each as plain decoding would draw it there; each row keeps its draws up to the first
+        that differs from its guess, that one included."""
+        rows = sorted(self._decoding)
+        tokens, positions, owners, ahead, guessed, spans = [], [], [], [], [], []
+        for row in rows:
+            req, guess = self.requests[row], guesses.get(row, [])
+            spans.append((row, len(tokens), guess))
+            for i, token in enumerate([req.tokens[-1], *guess]):
+                tokens.append(token)
+                positions.append(req.length - 1 + i)
+                owners.append(row)
+                ahead.append(i)
+                guessed.append(guess[:i])
+        n = len(tokens)
+        size = n if not (self.cuda_graphs or self._compiled) else min(len(self.v_ids), 1 << (n - 1).bit_length())
+        vocab = self.model.config.vocab_size
+        pad = size - n  # a fixed-shape step's spare positions: row 0's scratch position (block 0)
+        host = torch.tensor([tokens + [0] * pad, positions + [self.cache.scratch] * pad, owners + [0] * pad,
+                             ahead + [0] * pad], dtype=torch.long)
+        for buffer, values in zip((self.v_tokens, self.v_positions, self.v_rows, self.v_ahead), host):
+            buffer[:size].copy_(values, non_blocking=True)
+        mode = self.params.mode(rows)
+        if mode.penalty:  # the ids each position's draw has seen besides its row's: the guesses before it
+            table = torch.full((size, MAX_DRAFT), vocab, dtype=torch.long)
+            for j, before in enumerate(guessed):
+                table[j, :len(before)] = torch.tensor(before, dtype=torch.long)
+            self.v_guessed[:size].copy_(table)
+        if mode.grammar:
+            self.params.fill_masks({r: self.requests[r].matcher for r in rows if self.requests[r].matcher})
+        kv_len = min(self.cache.scratch, max(MIN_KV_BUCKET, 1 << max(positions).bit_length()))
+        self._run(self._verify_body, (size, kv_len, mode))
+        drawn = self.v_ids[:n].tolist()
+        logprobs = None
+        if mode.logprobs:
+            logprobs = torch.cat([self.v_logprob[:n, None], self.v_top_logprob[:n],
+                                  self.v_top_ids[:n].to(self.v_top_logprob.dtype)], dim=1).tolist()
+        events, going = [], []
+        for row, start, guess in spans:
+            req = self.requests[row]
+            hits = 0
+            while hits < len(guess) and drawn[start + hits] == guess[hits]:
+                hits += 1
+            if guess:
+                req.drafted += len(guess)
+                req.accepted += hits
+                self.draft_tokens += len(guess)
+                self.accepted_tokens += hits
+                req.drafter.missed(hits)
+            for i in range(hits + 1):  # as plain decoding: a stop, the length or the LongRoPE crossing ends it
+                events += self._accept(req, drawn[start + i], self._logprob(req, logprobs[start + i] if logprobs else None))
+                if req.slot != row or row not in self._decoding:
+                    break
+            else:
+                going.append((row, req, hits + 1))
+        if going:  # the rows' next input, position, step count and seen ids, as the plain step keeps them
+            index = torch.tensor([row for row, _, _ in going], device=self.device)
+            self.tokens_in[index] = torch.tensor([req.tokens[-1] for _, req, _ in going], device=self.device)
+            self.positions[index] = torch.tensor([req.length - 1 for _, req, _ in going], device=self.device)
+            self.params.step[index] += torch.tensor([took for _, _, took in going], device=self.device)
+            seen_rows = [row for row, _, took in going for _ in range(took)]
+            seen_ids = [t for _, req, took in going for t in req.tokens[-took:]]
+            self.params.seen[torch.tensor(seen_rows, device=self.device), torch.tensor(seen_ids, device=self.device)] = True
+        return events
+
+    def _check_body(self, n: int, kv_len: int, mode: Mode) -> None:
+        """The verify step's forward and draws over the first n static positions (no row state changes)."""
+        rows = self.v_rows[:n]
+        logits = self.model(self.v_tokens[:n, None], self.v_positions[:n, None], self.cache, kv_len=kv_len,
+                            slot=rows)[:, -1]  # (N, V)
+        ids = self.params.sample_at(logits, rows, self.v_ahead[:n], mode, self.v_guessed[:n])
+        if mode.logprobs:
+            self.v_logprob[:n], self.v_top_logprob[:n], self.v_top_ids[:n] = logprobs_of(logits, ids, self.v_top_ids.shape[1])
+        self.v_ids[:n] = ids
+
+    def _run(self, body, shape: tuple) -> None:
+        """Run `body(*shape)`: eager, compiled, or a CUDA graph captured per (body, shape)."""
         if not self.cuda_graphs:
             with torch.inference_mode():
-                self._body(batch, kv_len, mode)
+                body(*shape)
             return
-        key = (batch, kv_len, mode)
+        key = (body is self._body, *shape)
         if key not in self._graphs:
-            self._graphs[key] = self._capture(batch, kv_len, mode)
+            self._graphs[key] = self._capture(body, shape)
         self._graphs[key].replay()
 
     def _decode_body(self, batch: int, kv_len: int, mode: Mode) -> None:
@@ -613,22 +750,22 @@ class Engine:
         self.tokens_in[:batch] = torch.where(active, ids, self.tokens_in[:batch])
         self.positions[:batch] += active
 
-    def _capture(self, batch: int, kv_len: int, mode: Mode) -> "torch.cuda.CUDAGraph":
+    def _capture(self, body, shape: tuple) -> "torch.cuda.CUDAGraph":
         """Record the step for this shape. The warm-up run changes no state: every row is marked
         inactive for it (a busy row rewrites the same keys at its own position, which the real
-        step writes again)."""
+        step writes again; a verify step changes no row state at all)."""
         saved = self.active.clone()
         self.active.zero_()
         with torch.cuda.device(self.device):
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream), torch.inference_mode():
-                self._body(batch, kv_len, mode)
+                body(*shape)
             torch.cuda.current_stream().wait_stream(stream)
             self._pool = self._pool or torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool), torch.inference_mode():
-                self._body(batch, kv_len, mode)
+                body(*shape)
         self.active.copy_(saved)
         return graph
 

@@ -332,7 +332,7 @@ class _Step(ctypes.Structure):
     _fields_ = [*((n, I64) for n in ("rows", "hidden", "heads", "kv_heads", "head_dim", "rotary_dim", "intermediate",
                                      "block_size", "columns", "kv_len", "window", "first_slot")),
                 *((n, P) for n in ("block_table", "positions", "cos", "sin", "work")), ("eps", ctypes.c_double),
-                ("threads", I64)]
+                ("threads", I64), ("slots", P)]
 
 
 class CLinear(NamedTuple):
@@ -451,10 +451,11 @@ def _plan(model, cache) -> _Plan:
 
 
 def decode_layers(model, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  cache, slot: int, kv_len: int) -> torch.Tensor | None:
+                  cache, slot: int | torch.Tensor, kv_len: int) -> torch.Tensor | None:
     """All decoder layers of one decode step in C (csrc/layer.c): x (B, 1, C) -> (B, 1, C), each row
-    one token at `positions` (B, 1) written into cache row `slot + b` (through its block table), cos/sin (B, 1, R) its rotary
-    factors. None when the layers do not qualify (every linear packed on phi3's kernels or plain
+    one token at `positions` (B, 1) written into cache row `slot + b` (or `slot[b]` for a (B,) tensor:
+    several rows may be one sequence's next positions, a verify step) through its block table,
+    cos/sin (B, 1, R) its rotary factors. None when the layers do not qualify (every linear packed on phi3's kernels or plain
     fp32, no adapters, no hooks), the batch is large (oneDNN on tiles is faster there), or the
     kernels are not built: the caller runs the torch path. The layers are read once per request
     (`_plan`), not at every step."""
@@ -469,7 +470,13 @@ def decode_layers(model, x: torch.Tensor, positions: torch.Tensor, cos: torch.Te
         return None
     config, (B, _, C) = model.config, x.shape
     table = cache.block_table
-    if not (0 <= slot and slot + B <= cache.rows and 1 <= kv_len <= cache.scratch and table.dtype == torch.long
+    rows = None if isinstance(slot, int) else slot
+    if rows is not None:
+        rows = rows.to(torch.long).contiguous()
+        if rows.shape != (B,) or B and not 0 <= int(rows.min()) <= int(rows.max()) < cache.rows:
+            raise ValueError(f"phi3.kernels: rows {rows.tolist()} outside a cache of {cache.rows} rows")
+        slot = 0
+    if not (0 <= slot and (rows is not None or slot + B <= cache.rows) and 1 <= kv_len <= cache.scratch and table.dtype == torch.long
             and table.is_contiguous() and 0 <= int(positions.min()) and int(positions.max()) <= cache.scratch):
         raise ValueError(f"phi3.kernels: rows {slot}..{slot + B - 1}, kv_len {kv_len} or positions "
                          f"{positions.flatten().tolist()} outside a cache of {cache.rows} rows x {cache.scratch} positions")
@@ -480,7 +487,7 @@ def decode_layers(model, x: torch.Tensor, positions: torch.Tensor, cos: torch.Te
     step = _Step(B, C, config.num_attention_heads, config.num_key_value_heads, config.head_dim, cos.shape[1],
                  config.intermediate_size, cache.block_size, table.shape[1], kv_len, window, slot,
                  table.data_ptr(), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), 0, config.rms_norm_eps,
-                 torch.get_num_threads())
+                 torch.get_num_threads(), 0 if rows is None else rows.data_ptr())
     step.work = _scratch(lib.phi3_work_floats(ctypes.byref(step))).data_ptr()
     lib.phi3_decode_layers(ctypes.byref(step), plan.layers, len(plan.args), x.data_ptr())
     return x.view(B, 1, C)

@@ -226,14 +226,22 @@ class Phi3(nn.Module):
         b is cache row `slot + b`: its keys and values are written at its positions through the
         row's block table, attention reads its positions 0..kv_len-1 (default: all) masked per row
         (causal, sliding window), and each row's factor set is the cache's `long_rope[slot + b]`.
-        `slot` may also be a (B,) tensor of cache rows (a batched prefill of rows that are not
-        adjacent: the engine's scoring requests).
+        `slot` may also be a (B,) tensor of cache rows: a batched prefill of rows that are not
+        adjacent (the engine's scoring requests), or, one token each, several rows that are one
+        sequence's next positions (speculative decoding's verify step: every row's keys are written
+        before any row attends, each up to its own position).
         """
         B, T = tokens.shape
-        first = slot if isinstance(slot, int) else 0
-        if cache is not None and not (0 <= first and first + B <= cache.rows and (kv_len is None or 1 <= kv_len <= cache.scratch)):
-            raise ValueError(f"rows {slot}..{slot + B - 1} and kv_len {kv_len} do not fit a cache of {cache.rows} rows "
-                             f"x {cache.scratch} positions")
+        if cache is not None and not isinstance(slot, int):
+            if slot.shape != (B,) or (slot.device.type == "cpu" and B and not torch.compiler.is_compiling()
+                                      and not 0 <= int(slot.min()) <= int(slot.max()) < cache.rows):
+                raise ValueError(f"slot must be a ({B},) tensor of rows of a cache of {cache.rows} rows, got {slot.tolist()}")
+        elif cache is not None and not 0 <= slot <= slot + B <= cache.rows:
+            raise ValueError(f"rows {slot}..{slot + B - 1} do not fit a cache of {cache.rows} rows")
+        if cache is not None and not (kv_len is None or 1 <= kv_len <= cache.scratch):
+            raise ValueError(f"kv_len {kv_len} does not fit a cache of {cache.scratch} positions")
+        if rows is not None and rows.device.type == "cpu" and B and not torch.compiler.is_compiling() and not 0 <= int(rows.min()) <= int(rows.max()) < cache.rows:
+            raise ValueError(f"rows {rows.tolist()} outside a cache of {cache.rows} rows")
         if (T != 1 or cache is None) and not torch.compiler.is_compiling():  # (a compiled step: no C layers)
             self.prefills += 1
         x = self.model.embed_tokens(tokens)  # (B, T, C)
@@ -253,7 +261,7 @@ class Phi3(nn.Module):
             else None  # an engine's cache owns its tables (see engine.py)
         cos, sin = self.rope(positions, long, x.dtype, table_len, tables)  # (B, T, R)
         fused = None
-        if T == 1 and cache is not None and isinstance(slot, int) and x.device.type == "cpu" and not torch.is_grad_enabled() \
+        if T == 1 and cache is not None and x.device.type == "cpu" and not torch.is_grad_enabled() \
                 and not torch.compiler.is_compiling():  # a CPU decode step: all layers in C when they qualify
             fused = kernels.decode_layers(self, x, positions, cos, sin, cache, slot, kv_len)
         if fused is not None:

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 
 from . import grammar
+from .speculate import parse as parse_speculation
 
 MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's top_logprobs limit)
 
@@ -41,6 +42,9 @@ class SamplingParams:
     regex: str | None = None
     choice: tuple[str, ...] | None = None  # one of these strings, exactly
     grammar: str | None = None  # EBNF/GBNF (llama.cpp's) or Lark
+    # Speculative decoding (phi3.speculate): "ngram", "ngram:K" or "ngram:K:N" guesses K tokens a step by
+    # prompt lookup and checks them in one forward. The tokens are the same as without it.
+    speculate: str | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -66,6 +70,8 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, lo=0)
             if self.logprobs > MAX_LOGPROBS:
                 raise ValueError(f"logprobs must be at most {MAX_LOGPROBS}, got {self.logprobs}")
+        if parse_speculation(self.speculate) is None:
+            object.__setattr__(self, "speculate", None)
         given = [kind for kind in grammar.KINDS if getattr(self, kind) is not None]
         if len(given) > 1:
             raise ValueError(f"give at most one of json_schema, regex, choice and grammar, got {', '.join(given)}")
@@ -178,6 +184,20 @@ class RowParams:
         return sample_rows(logits, self.temperature[first:end], self.top_k[first:end], self.top_p[first:end],
                            self.min_p[first:end], self.penalty[first:end], self.seen[first:end, :self.vocab],
                            self.seed[first:end], self.step[first:end], mode)
+
+    def sample_at(self, logits: torch.Tensor, rows: torch.Tensor, ahead: torch.Tensor, mode: Mode,
+                  guessed: torch.Tensor | None = None) -> torch.Tensor:
+        """A verify step's draws (N,) from logits (N, V) at N positions of the rows `rows` (N,), each
+        `ahead` (N,) draws after its row's next one: drawn as that row would draw it then, with the
+        noise of step + ahead and, for the penalty, also the ids `guessed` (N, G) before it (the
+        vocabulary size where none) seen. Rows' state is not changed."""
+        if mode.grammar:
+            logits = apply_mask(logits, self.mask[rows], self._bits)
+        seen = self.seen[rows]  # (N, V + 1)
+        if mode.penalty and guessed is not None:
+            seen = seen.scatter(1, guessed, True)
+        return sample_rows(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows], self.min_p[rows],
+                           self.penalty[rows], seen[:, :self.vocab], self.seed[rows], self.step[rows] + ahead, mode)
 
     def advance(self, first: int, tokens: torch.Tensor, active: torch.Tensor) -> None:
         """After a draw: active rows count the step and remember the new id (in place, capturable)."""

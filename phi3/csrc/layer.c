@@ -52,7 +52,10 @@ typedef struct { /* what the layers of one decode step share */
     float *work;              /* phi3_work_floats(step) floats */
     double eps;
     int64_t threads;
+    const int64_t *slots; /* (B,) row b's block-table row (several rows may be one sequence's positions), or NULL: first_slot + b */
 } phi3_step;
+
+static inline int64_t table_row(const phi3_step *s, int64_t b) { return s->slots ? s->slots[b] : s->first_slot + b; }
 
 /* e^x in fp32, Cephes' expf: range reduction by ln 2 in two parts, a degree-7 polynomial, the
  * exponent put in by hand. Branch-free, so loops over it vectorize (with -fno-trapping-math, which
@@ -130,7 +133,7 @@ static void layer(const phi3_step *s, const phi3_layer *l, float *x) {
     share = phi3_share(B * Hkv);
     for (int64_t bg = share.begin; bg < share.end; bg++) { /* keys rotated, then keys and values written at the row's position */
         const int64_t b = bg / Hkv, g = bg % Hkv;
-        const int64_t pos = s->positions[b], block = s->block_table[(s->first_slot + b) * s->columns + pos / BS];
+        const int64_t pos = s->positions[b], block = s->block_table[table_row(s, b) * s->columns + pos / BS];
         const int64_t at = ((block * BS + pos % BS) * Hkv + g) * D;
         rotate(qkv + b * NQKV + (H + g) * D, s->cos + b * R, s->sin + b * R, l->k_cache + at, D, R);
         memcpy(l->v_cache + at, qkv + b * NQKV + (H + Hkv + g) * D, D * sizeof(float));
@@ -144,7 +147,7 @@ static void layer(const phi3_step *s, const phi3_layer *l, float *x) {
         rotate(qkv + b * NQKV + hd * D, s->cos + b * R, s->sin + b * R, q, D, R);
         const int64_t pos = s->positions[b], hi = pos < s->kv_len - 1 ? pos : s->kv_len - 1; /* keys lo..hi */
         const int64_t lo = s->window > 0 && pos - s->window + 1 > 0 ? pos - s->window + 1 : 0;
-        const int64_t *table = s->block_table + (s->first_slot + b) * s->columns, stride = Hkv * D;
+        const int64_t *table = s->block_table + table_row(s, b) * s->columns, stride = Hkv * D;
         const int64_t head = (hd / group) * D;
         float *out = att + b * H * D + hd * D, top = -INFINITY, sum = 0.0f;
         for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
