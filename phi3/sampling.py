@@ -262,25 +262,29 @@ def sample_rows(logits, temperature, top_k, top_p, min_p, penalty, seen, seed, s
     return torch.where(temperature == 0.0, logits.argmax(-1), drawn)
 
 
-# splitmix64's finaliser on int64 tensors (multiplication wraps; shifts made logical by masking).
-_SPLITMIX_GAMMA, _C1, _C2 = 0x9E3779B97F4A7C15 - 2**64, 0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64
+# A counter-based hash in 32-bit words held in int64 tensors: no product can overflow (signed overflow is
+# undefined behaviour in the C++ that torch.compile writes for the CPU, and real: a 64-bit wrapping
+# hash compiled into a kernel that never ended), so eager, compiled and CUDA steps draw the same bits.
+_M32 = 0xFFFFFFFF
 
 
-def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
-    return (x >> s) & ((1 << (64 - s)) - 1)
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """x * c mod 2**32 for x in [0, 2**32) and a constant c, in two 16-bit halves of c (products < 2**48)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
 
 
-def _mix(z: torch.Tensor) -> torch.Tensor:
-    z = (z ^ _shr(z, 30)) * _C1
-    z = (z ^ _shr(z, 27)) * _C2
-    return z ^ _shr(z, 31)
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser (a bijection of [0, 2**32))."""
+    x = _mul32(x ^ (x >> 16), 0x85EBCA6B)
+    x = _mul32(x ^ (x >> 13), 0xC2B2AE35)
+    return x ^ (x >> 16)
 
 
 def uniform(seed: torch.Tensor, step: torch.Tensor, n: int) -> torch.Tensor:
-    """(B, n) fp32 in (0, 1): a pure function of each row's (seed, step) and the column."""
-    row = _mix(seed * _SPLITMIX_GAMMA + step)  # (B,)
-    column = torch.arange(n, device=seed.device) * _SPLITMIX_GAMMA
-    bits = _shr(_mix(row[:, None] + column), 40)  # 24 random bits
+    """(B, n) fp32 in (0, 1): a pure function of each row's (seed, step) and the column (any int64 seed)."""
+    row = _mix32(_mix32(_mix32((seed >> 32) & _M32) ^ (seed & _M32)) ^ (step & _M32))  # (B,)
+    column = _mul32(torch.arange(n, device=seed.device), 0x9E3779B9)  # (n,): the golden ratio in 32 bits
+    bits = _mix32((row[:, None] + column) & _M32) >> 8  # 24 random bits
     return (bits.float() + 0.5) * 2.0**-24
 
 
