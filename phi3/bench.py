@@ -179,6 +179,59 @@ def bench_prefix(llm: LLM, *, doc_len: int = 2000, turns: int = 4, shots: int = 
     return rows
 
 
+_PASSAGE = ("The lighthouse on the northern cape was built in 1874 from granite quarried two miles inland. "
+            "Its lamp, first fuelled by whale oil and later by kerosene, was electrified in 1931, and the keeper's "
+            "cottage beside it became a small museum after the last keeper retired in 1968. Visitors climb 142 "
+            "steps to the gallery, from which, on a clear day, the coast of the neighbouring island can be seen.")
+SPECULATE_PROMPTS = {  # (what it is, the user's message): where prompt lookup pays, and where it should not cost
+    "input-grounded": "Repeat the following paragraph exactly, word for word, but write 'granite' as 'basalt':\n\n"
+                      + _PASSAGE,
+    "free chat": "Write a short story about a fox who learns to play the violin.",
+}
+
+
+def bench_speculate(llm: LLM, spec: str, new: int) -> list[Row]:
+    """Batch-1 greedy decode with and without speculative decoding `spec`, on an input-grounded prompt
+    and on free chat (token prompts for a model without a tokenizer: a random one repeated, and a
+    random one); decode tokens/s both ways, whether the tokens are identical, and the acceptance rate."""
+    llm.prefix_cache = False
+    if llm.tokenizer is not None:
+        work = {what: llm.encode_prompt([{"role": "user", "content": text}]) for what, text in SPECULATE_PROMPTS.items()}
+    else:
+        (head,), (free,) = prompts(1, 64, llm.config.vocab_size, seed=7), prompts(1, 64, llm.config.vocab_size, seed=8)
+        work = {"input-grounded (repeated tokens)": head * 3, "free (random tokens)": free}
+    rows = []
+    for what, ids in work.items():
+        runs = {}
+        for speculate in (None, spec):
+            params = SamplingParams(max_new_tokens=new, speculate=speculate)
+            llm.generate(ids, params)  # warm-up
+            engine = llm.engine_for([(len(ids), params)])
+            drafted, accepted = engine.draft_tokens, engine.accepted_tokens
+            first = _timed(llm, ids, SamplingParams(max_new_tokens=1))
+            sync(llm.device)
+            t = time.perf_counter()
+            tokens = llm.generate(ids, params).token_ids
+            sync(llm.device)
+            seconds = time.perf_counter() - t - first
+            runs[speculate] = (tokens, (len(tokens) - 1) / seconds, engine.draft_tokens - drafted,
+                               engine.accepted_tokens - accepted)
+        (plain, plain_tps, _, _), (fast, fast_tps, drafted, accepted) = runs[None], runs[spec]
+        rate = f"{accepted}/{drafted} guesses accepted ({accepted / drafted:.0%})" if drafted else "nothing guessed"
+        rows += [Row("phi3", f"decode, batch 1, {what}, plain", plain_tps, "tok/s", f"{len(plain)} tokens"),
+                 Row("phi3", f"decode, batch 1, {what}, --speculate {spec}", fast_tps, "tok/s",
+                     f"{fast_tps / plain_tps:.2f}x; {'identical tokens' if fast == plain else 'TOKENS DIFFER'}; {rate}")]
+    return rows
+
+
+def _timed(llm: LLM, ids: list[int], params: SamplingParams) -> float:
+    sync(llm.device)
+    t = time.perf_counter()
+    llm.generate(ids, params)
+    sync(llm.device)
+    return time.perf_counter() - t
+
+
 def save_hf_checkpoint(llm: LLM, raw_config: dict, folder: Path) -> None:
     """Write the LLM's weights and config as a Hugging Face checkpoint (the keys are the same)."""
     from safetensors.torch import save_file
@@ -306,6 +359,8 @@ def run(args) -> int:
     rows, dtype = bench_ours(llm, **kw), llm.dtype
     if args.prefix_cache_workloads:
         rows += bench_prefix(llm)
+    if args.speculate:
+        rows += bench_speculate(llm, args.speculate, args.new_tokens)
     if "transformers" in compare:
         with tempfile.TemporaryDirectory() as tmp:
             if args.random:

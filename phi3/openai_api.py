@@ -292,8 +292,9 @@ def completion_budget(req: _Request, prompt_tokens: int, context: int,
                    param="max_tokens" if asked else param, code="context_length_exceeded")
 
 
-def sampling_params(req: _Request, max_new: int, choice: int) -> SamplingParams:
-    """The engine's parameters for choice `choice` of a request (OpenAI's defaults; see the module docstring)."""
+def sampling_params(req: _Request, max_new: int, choice: int, speculate: str | None = None) -> SamplingParams:
+    """The engine's parameters for choice `choice` of a request (OpenAI's defaults; see the module
+    docstring), with the server's speculative decoding."""
     top_p = 1.0 if req.top_p is None else req.top_p
     top_k = max(req.top_k or 0, 0)
     if top_p == 0:
@@ -304,7 +305,7 @@ def sampling_params(req: _Request, max_new: int, choice: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=max_new, temperature=1.0 if req.temperature is None else req.temperature,
                           top_p=top_p, top_k=top_k, min_p=req.min_p or 0.0,
                           repetition_penalty=req.repetition_penalty or 1.0, seed=seed, stop=req.stops,
-                          logprobs=req.alternatives, **structured(req))
+                          logprobs=req.alternatives, speculate=speculate, **structured(req))
 
 
 # -- structured output and tools -------------------------------------------------------------------

@@ -44,6 +44,7 @@ from .backend import Backend, Job, log
 from .generate import LLM
 from .guard import LOOPBACK_HOSTS, Guard, is_loopback
 from .openai_api import APIError
+from .speculate import parse as parse_speculation
 from .tools import CallStream
 
 MAX_BODY = 4 * 2**20  # bytes of a request body (a 128k-token prompt is ~0.5 MB)
@@ -54,11 +55,14 @@ PUBLIC_PATHS = {"/health"}  # every other path needs the API key, when one is se
 def create_app(model: LLM | Callable[[], LLM], *, name: str, api_key: str | None = None, max_batch: int = 8,
                max_queue: int = 256, max_len: int | None = None, drain_timeout: float = 30.0,
                kv_cache_tokens: int | None = None, prefix_cache: bool = True,
-               allowed_hosts: list[str] | None = None, allowed_origins: list[str] = ()) -> FastAPI:
+               allowed_hosts: list[str] | None = None, allowed_origins: list[str] = (),
+               speculate: str | None = None) -> FastAPI:
     """The ASGI app serving `model` (an `LLM`, or a function that loads one: it runs on the engine
     thread at start-up, and /health says 503 until it returns) as `name`. `allowed_hosts`: the Host
-    names it answers (None: any); `allowed_origins`: web page origins that may call it (see guard.py)."""
+    names it answers (None: any); `allowed_origins`: web page origins that may call it (see guard.py);
+    `speculate`: every request's speculative decoding ("ngram[:K[:N]]", phi3.speculate; None: off)."""
     _check_options(name, max_batch, max_queue, max_len, drain_timeout, kv_cache_tokens)
+    speculate = str(parse_speculation(speculate)) if parse_speculation(speculate) else None  # a bad one fails now
     backend = Backend((lambda: model) if isinstance(model, LLM) else model, name=name,
                       max_batch=max_batch, max_queue=max_queue, max_len=max_len, drain_timeout=drain_timeout,
                       kv_cache_tokens=kv_cache_tokens, prefix_cache=prefix_cache)
@@ -71,6 +75,7 @@ def create_app(model: LLM | Callable[[], LLM], *, name: str, api_key: str | None
 
     app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.backend = backend
+    app.state.speculate = speculate
     if api_key:
         app.add_middleware(_APIKey, key=api_key)
     app.add_middleware(Guard, allowed_hosts=allowed_hosts, allowed_origins=list(allowed_origins))  # outermost
@@ -239,7 +244,7 @@ async def _complete(request: Request, backend: Backend, shape) -> Response:
                                      *echoes[k // n]) for k in range(len(prompts) * n)]
             return JSONResponse({**head, "object": shape.object, "choices": choices,
                                  "usage": api.usage(sum(len(ids) for ids in prompts), 0)})
-    work = [(ids, api.sampling_params(req, budget, i)) for ids, budget in zip(prompts, budgets) for i in range(n)]
+    work = [(ids, api.sampling_params(req, budget, i, request.app.state.speculate)) for ids, budget in zip(prompts, budgets) for i in range(n)]
     calls = shape is api.Chat and api.calls_expected(req)  # tools: answers are read for tool calls
     job = backend.open(work, bool(req.ignore_eos))
     head = {"id": shape.id_prefix + uuid.uuid4().hex, "created": int(time.time()), "model": backend.name}
@@ -423,7 +428,8 @@ def serve(model: str | LLM, *, host: str = "127.0.0.1", port: int = 8000, api_ke
           device=None, dtype=None, activations: str = "fp32", drain_timeout: float = 30.0,
           log_level: str = "info", kv_cache_tokens: int | None = None, prefix_cache: bool = True,
           allowed_hosts: list[str] | None = None, allowed_origins: list[str] = (),
-          max_connections: int | None = None, header_timeout: float = 10.0, body_timeout: float = 60.0) -> int:
+          max_connections: int | None = None, header_timeout: float = 10.0, body_timeout: float = 60.0,
+          speculate: str | None = None) -> int:
     """Serve `model` (a name for `phi3.load`, loaded in the background, or an `LLM`) over HTTP
     until SIGTERM or SIGINT; returns the exit code (0; 1 if the engine failed; 2 if loading did).
 
@@ -446,7 +452,7 @@ def serve(model: str | LLM, *, host: str = "127.0.0.1", port: int = 8000, api_ke
         name = served_model_name or str(model)
     app = create_app(load, name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue, max_len=max_len,
                      drain_timeout=drain_timeout, kv_cache_tokens=kv_cache_tokens, prefix_cache=prefix_cache,
-                     allowed_hosts=allowed_hosts, allowed_origins=allowed_origins)
+                     allowed_hosts=allowed_hosts, allowed_origins=allowed_origins, speculate=speculate)
     sock = _listen(host, port)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=connections.protocol(limits),
                             h11_max_incomplete_event_size=connections.MAX_HEADER_BYTES,
