@@ -73,3 +73,15 @@ def test_generate_does_not_import_the_compiler(model_dir):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=ENV)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "no dynamo"
+
+
+def test_generate_speculate_flag(model_dir):
+    """`phi3 generate --speculate ngram:K`: the text of plain greedy generate; a bad value is a usage
+    error before the model loads."""
+    args = ("generate", "--model", str(model_dir), "--max-new-tokens", "24", "--temperature", "0",
+            "Say 'one two three one two three one two three'")
+    plain, fast = _phi3(*args), _phi3(*args, "--speculate", "ngram:4")
+    assert plain.returncode == 0 and fast.returncode == 0, fast.stderr
+    assert fast.stdout == plain.stdout
+    bad = _phi3("generate", "--model", str(model_dir / "missing"), "--speculate", "ngram:0", "hi")
+    assert bad.returncode == 2 and "speculate must be" in bad.stderr

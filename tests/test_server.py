@@ -940,3 +940,31 @@ def test_a_prompt_longer_than_the_pool_is_a_400(make_server):
     assert "KV cache" in r.json()["error"]["message"] and "64 tokens" in r.json()["error"]["message"]
     with pytest.raises(ValueError, match="kv_cache_tokens"):
         create_app(lambda: None, name=NAME, kv_cache_tokens=0)
+
+
+def test_speculating_server_answers_as_plain_generate(make_server, ref):
+    """`--speculate`: every request decodes with prompt lookup, and its answers, stop strings, stream
+    and usage are those of plain `LLM.generate` (acceptance itself is tested in test_speculate.py)."""
+    s = make_server(speculate="ngram:4")
+    client = s.client()
+    full = ref.generate(QUESTION, max_new_tokens=48).text
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    for kw in ({}, {"stop": [stop]}, {"temperature": 0.9, "seed": 3}):
+        expected = ref.generate(QUESTION, max_new_tokens=48, **kw)
+        out = client.chat.completions.create(model=NAME, messages=QUESTION, max_tokens=48,
+                                             temperature=kw.get("temperature", 0), seed=kw.get("seed"),
+                                             stop=kw.get("stop"))
+        assert (out.choices[0].message.content, out.choices[0].finish_reason) == (expected.text, expected.finish_reason)
+        assert out.usage.completion_tokens == len(expected.token_ids)
+        chunks = list(client.chat.completions.create(model=NAME, messages=QUESTION, max_tokens=48,
+                                                     temperature=kw.get("temperature", 0), seed=kw.get("seed"),
+                                                     stop=kw.get("stop"), stream=True,
+                                                     stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
+        assert chunks[-1].usage.completion_tokens == len(expected.token_ids)
+    assert s.app.state.speculate == "ngram:4:3"  # every request's (guesses land on this model rarely)
+
+
+def test_a_bad_server_speculation_fails_before_serving():
+    with pytest.raises(ValueError, match="speculate must be"):
+        create_app(lambda: None, name=NAME, speculate="ngram:0")
