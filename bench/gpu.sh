@@ -5,7 +5,7 @@
 #   1. CUDA correctness: fp32 logits and bf16 greedy tokens against transformers, chunked flash
 #      prefill, CUDA-graph batches, GQA attention with SDPA's math backend switched off (it fails if a
 #      call is not on a flash or memory-efficient kernel) (tests/test_cuda.py), the int4/int8 CUDA kernels
-#      (tests/test_quantize.py::test_cuda_kernels), the engine's CUDA-graph step; then which SDPA
+#      (tests/test_quantize.py::test_cuda_kernels), the engine's CUDA-graph step and verify step (speculation); then which SDPA
 #      backend attention runs at Phi-3-mini's and -medium's (GQA) shapes (bench/sdpa_backend.py)
 #   2. decode at batch 1/16/64 on random Phi-3-mini-128k weights (bf16), against transformers
 #   3. the same with --quantize int4 (tinygemm on sm80+)
@@ -33,7 +33,8 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
     | tee -a "$OUT/gpu.txt"
 
 step 130 tests.txt python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
-    tests/test_quantize.py::test_cuda_kernels tests/test_engine.py::test_cuda_graph_step_equals_eager
+    tests/test_quantize.py::test_cuda_kernels tests/test_engine.py::test_cuda_graph_step_equals_eager \
+    tests/test_speculate.py::test_cuda_graph_verify_step_equals_eager
 step 20 sdpa.txt python3 bench/sdpa_backend.py
 
 MODEL="--random --model phi-3-mini-128k-instruct --device cuda --dtype bf16"

@@ -209,3 +209,19 @@ def test_the_library_call(models, echo):
 def test_bad_speculation_is_a_clear_error(bad):
     with pytest.raises(ValueError, match="speculate must be"):
         SamplingParams(speculate=bad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_verify_step_equals_eager(checkpoints):
+    """The verify step captured per padded size (CUDA graphs) gives the eager step's tokens and
+    accepts guesses; the eager CUDA step gives transformers' greedy tokens."""
+    folder, ref = checkpoints["window"]
+    llm = phi3.load(folder, device="cuda", dtype="float32")
+    p = _ids(20, seed=5)
+    g = _reference(ref, p, 40)
+    work = [(p + g + p, SamplingParams(max_new_tokens=20, speculate="ngram:4")),
+            (p + g + p[:12], SamplingParams(max_new_tokens=20, temperature=0.8, seed=3, speculate="ngram:5"))]
+    graphs = _run(Engine(llm.model, slots=2, max_len=128, cuda_graphs=True), work)
+    eager = _run(Engine(llm.model, slots=2, max_len=128, cuda_graphs=False), work)
+    assert [r.tokens for r in graphs] == [r.tokens for r in eager]
+    assert graphs[0].tokens == g[:20] and graphs[0].accepted > 0
