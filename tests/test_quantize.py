@@ -257,7 +257,11 @@ def test_portable_cpu_kernels_against_the_dequantized_weight(checkpoints, tmp_pa
         assert np.abs(np.array(y) - expected).max() <= 1e-5 * np.abs(expected).max(), (bits, gs, M)
     here = subprocess.run([sys.executable, "-c", DECODE, folder], capture_output=True, text=True, timeout=300)
     assert here.returncode == 0, here.stderr
-    _same_decodes(json.loads(done.stdout.splitlines()[2]), json.loads(here.stdout))
+    # another build's code (plain C against SIMD): each kernel agrees with the double-precision reference
+    # to 1e-5 of its largest output (above), which through this model may move a log-probability by ~1e-4
+    # (int16 activations' 3e-5 steps move them by 2e-4); the tokens must be the same
+    _same_decodes(json.loads(done.stdout.splitlines()[2]), json.loads(here.stdout), (3e-4, 1e-3, 3e-4),
+                  lambda: k_info(env) + " against " + k_info())
 
 
 def test_kernels_without_openmp_run_on_posix_threads(checkpoints, tmp_path):
@@ -280,15 +284,32 @@ def test_kernels_without_openmp_run_on_posix_threads(checkpoints, tmp_path):
     assert done.stdout.splitlines()[0] == "2 3"
     here = subprocess.run([sys.executable, "-c", DECODE, folder], capture_output=True, text=True, timeout=300)
     assert here.returncode == 0, here.stderr
-    _same_decodes(json.loads(done.stdout.splitlines()[1]), json.loads(here.stdout))
+    # the same SIMD code on other threads: rounding apart at most
+    _same_decodes(json.loads(done.stdout.splitlines()[1]), json.loads(here.stdout), (1e-5, 1e-3, 1e-5),
+                  lambda: k_info(env) + " against " + k_info())
 
 
-def _same_decodes(a: list, b: list) -> None:
-    """Two builds' DECODE outputs: the same tokens, log-probabilities within 1e-5 (1e-3 for the int16
-    activations' run: a last-bit difference in an input may round it to the next step, ~3e-5 of its block)."""
-    for run_a, run_b, atol in zip(a, b, (1e-5, 1e-3, 1e-5), strict=True):
-        assert [t for t, _ in run_a] == [t for t, _ in run_b]
-        assert np.allclose([lp for _, lp in run_a], [lp for _, lp in run_b], atol=atol, rtol=0)
+def _same_decodes(a: list, b: list, atols: tuple, builds) -> None:
+    """Two builds' DECODE outputs (`builds()` names them, for a failure message): the same tokens, and
+    each run's log-probabilities within its entry of `atols`."""
+    for run, (run_a, run_b, atol) in enumerate(zip(a, b, atols, strict=True)):
+        assert [t for t, _ in run_a] == [t for t, _ in run_b], (run, builds())
+        gap = np.abs(np.array([lp for _, lp in run_a]) - np.array([lp for _, lp in run_b]))
+        assert gap.max() <= atol, (f"run {run}: log-probabilities {gap.max():.2e} apart at position "
+                                   f"{gap.argmax()} (of {len(gap)}), above {atol}; {builds()}")
+
+
+def k_info(env: dict | None = None) -> str:
+    """How phi3.kernels is built under `env` (this process's environment when None): the flags, the
+    compiler's version and the CPU, read in a fresh process."""
+    code = ("import phi3.kernels as k, subprocess, os, platform; i = k.build_info(); "
+            "cc = os.environ.get('CC') or 'cc'; "
+            "v = subprocess.run([cc, '--version'], capture_output=True, text=True).stdout.split(chr(10))[0]; "
+            "cpu = [ln for ln in open('/proc/cpuinfo') if ln.startswith('model name')][:1] "
+            "if os.path.exists('/proc/cpuinfo') else [platform.processor()]; "
+            "print(i['simd'], i['threads'], ' '.join(i['flags']), '|', v, '|', ''.join(cpu).strip())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    return done.stdout.strip() or done.stderr.strip()[-300:]
 
 
 # Rows decoded in one batch (sys.argv[1]: the gqa checkpoint), all layers in C: three with int4
