@@ -36,8 +36,10 @@ class Backend:
     and the server's status: loading, ok, draining or failed."""
 
     def __init__(self, load: Callable[[], LLM], *, name: str, max_batch: int, max_queue: int, max_len: int | None,
-                 drain_timeout: float, kv_cache_tokens: int | None = None, prefix_cache: bool = True):
+                 drain_timeout: float, kv_cache_tokens: int | None = None, prefix_cache: bool = True,
+                 speculate=None):
         self._load, self.name = load, name
+        self.speculate = speculate  # every request's speculative decoding (a phi3.speculate.Speculation, or None)
         self.kv_cache_tokens, self.prefix_cache = kv_cache_tokens, prefix_cache
         self.slots, self.max_queue, self.max_len, self.drain_timeout = max_batch, max_queue, max_len, drain_timeout
         self.status, self.exit_code = "loading", 0
@@ -72,6 +74,10 @@ class Backend:
             max_len = self.max_len or llm.config.max_position_embeddings
             self.engine = Engine(llm.model, slots=self.slots, max_len=max_len, kv_cache_tokens=self.kv_cache_tokens,
                                  prefix_cache=self.prefix_cache, tokenizer=llm.tokenizer)
+            self.engine.load_draft = llm.load_draft
+            if self.speculate is not None and self.speculate.kind == "model":  # loaded and checked before serving
+                runner = self.engine.draft_runner(self.speculate)
+                log.info("speculative decoding with %s: %d tokens a step", runner.name, self.speculate.k)
         except Exception as e:
             log.error("phi3: error: %s", e, exc_info=not isinstance(e, (ValueError, OSError, RuntimeError)))
             self._post(self._set_failed, 2)

@@ -66,10 +66,12 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_speculate_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--speculate", default=None, metavar="ngram[:K[:N]]",
-                   help="speculative decoding by prompt lookup: guess K tokens a step (default 5) from the latest "
-                        "earlier match of the last N tokens (default 3) in the prompt or answer, check them in "
-                        "one forward; the same output, faster where the answer quotes its input (default: off)")
+    p.add_argument("--speculate", default=None, metavar="ngram[:K[:N]]|MODEL[:K]|layers:N[:K]",
+                   help="speculative decoding, the same output: guess K tokens a step and check them in one "
+                        "forward. ngram: by prompt lookup (K default 5), from the latest earlier match of the last "
+                        "N tokens (default 3) in the prompt or answer, faster where the answer quotes its input; "
+                        "MODEL: by a draft model of the same tokenizer, anything phi3 loads (K default 4); "
+                        "layers:N: by the model's own first N layers (default: off)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -339,7 +341,7 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix-cache-workloads", action="store_true",
                    help="also time a multi-turn conversation over a 2,000-token document and 3-shot-shaped "
                         "prompts, with the prefix cache on and off (default: off)")
-    p.add_argument("--speculate", default=None, metavar="ngram[:K[:N]]",
+    p.add_argument("--speculate", default=None, metavar="ngram[:K[:N]]|MODEL[:K]|layers:N[:K]",
                    help="also time batch-1 greedy decode with this speculative decoding against without, on an "
                         "input-grounded prompt and free chat, with the acceptance rate (default: off)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")

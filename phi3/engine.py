@@ -58,7 +58,7 @@ from .cache import BLOCK_SIZE, KVCache
 from .grammar import Matcher, matcher_for
 from .model import Phi3
 from .sampling import MAX_LOGPROBS, Mode, RowParams, SamplingParams, logprobs_of, random_seed
-from .speculate import MAX_DRAFT, Drafter, parse as parse_speculation
+from .speculate import MAX_DRAFT, DraftRunner, Drafter, ModelDrafter, layer_slice, check_vocabulary, parse as parse_speculation
 
 PREFILL_CHUNK = 2048  # prompt tokens per prefill forward: bounds activation memory
 MIN_KV_BUCKET = 64
@@ -101,7 +101,7 @@ class Request:
     reads: list[int] | None = None
     hidden: torch.Tensor | None = field(default=None, repr=False)
     _hidden: list[torch.Tensor] = field(default_factory=list, repr=False)
-    drafter: Drafter | None = field(default=None, repr=False)  # speculative decoding: its guesses
+    drafter: Drafter | ModelDrafter | None = field(default=None, repr=False)  # speculative decoding: its guesses
 
     @property
     def finished(self) -> bool:
@@ -172,6 +172,8 @@ class Engine:
         # tokens prefilled (resumes and LongRoPE re-prefills included), rows preempted
         self.prompt_tokens = self.hit_tokens = self.computed_tokens = self.preempted = 0
         self.draft_tokens = self.accepted_tokens = 0  # speculative decoding: tokens guessed, of them accepted
+        self._runners: dict = {}  # draft models' engines (speculate.DraftRunner), by the draft
+        self.load_draft = None  # name -> LLM: how a draft model named by a string is loaded (LLM.load_draft)
         # A verify step's inputs (speculative decoding): N positions, each of a row (several may be one
         # row's), its token and position, how many draws after its row's next it is, the row's guesses
         # before it (penalty), and its draw and logprobs. Static, so a captured step reads them.
@@ -212,7 +214,8 @@ class Engine:
                       random_seed() if params.seed is None else params.seed, next(self._ids))
         req.matcher = matcher_for(params, self.tokenizer, self.model.config.vocab_size, req.stop_ids)  # grammar
         spec = parse_speculation(params.speculate)
-        req.drafter = Drafter(spec) if spec is not None else None
+        if spec is not None:
+            req.drafter = Drafter(spec) if spec.kind == "ngram" else ModelDrafter(spec, self.draft_runner(spec))
         with self._lock:
             self._waiting.append(req)
         return req
@@ -615,11 +618,40 @@ class Engine:
         return events
 
     # -- speculative decoding (speculate.py) --------------------------------------------------------
+    def draft_runner(self, spec) -> DraftRunner:
+        """The engine of `spec`'s draft model (a `Speculation` of kind "model": a loaded `LLM`, or
+        "layers:N"), built on first use and kept; a ValueError, before any work, where the draft has
+        another vocabulary, is not loaded, or does not fit in memory."""
+        draft = spec.draft
+        key = draft if isinstance(draft, str) else id(draft)
+        runner = self._runners.get(key)
+        if runner is not None:
+            return runner
+        if isinstance(draft, str) and draft.startswith("layers:"):
+            model, name = layer_slice(self.model, int(draft.split(":")[1])), draft
+        else:
+            if isinstance(draft, str):
+                if self.load_draft is None:
+                    raise ValueError(f"the draft model {draft!r} is not loaded: LLM.generate and phi3 serve load a "
+                                     f"draft named by a string; to an Engine pass the loaded LLM")
+                draft = self.load_draft(draft)
+            model, name = draft.model, f"the draft model {getattr(draft, 'name', '') or ''}".rstrip()
+            if model is self.model:
+                name = "the model itself"
+            check_vocabulary(self.model, model, self.tokenizer, getattr(draft, "tokenizer", None), name)
+            if next(model.parameters()).device != self.device:
+                raise ValueError(f"{name} is on {next(model.parameters()).device}, the model on {self.device}: "
+                                 f"load the draft on the same device")
+        runner = self._runners[key] = DraftRunner(model, self, name)
+        runner.source = draft  # kept alive: the key may be its id
+        return runner
+
     def _guesses(self) -> dict[int, list[int]]:
         """This step's guessed tokens of each speculating decoding row that has some ({row: ids}), with
         the blocks their positions need taken now; a guess is cut where the pool has no block to spare
-        (a guess never preempts a row). Rows with a grammar decode plainly."""
-        guesses, bs = {}, self.cache.block_size
+        (a guess never preempts a row). Rows with a grammar decode plainly. Rows with a draft model
+        are drafted together, one batch per draft model."""
+        guesses, bs, by_model = {}, self.cache.block_size, {}
         for row in sorted(self._decoding):
             req = self.requests[row]
             drafter = req.drafter
@@ -630,12 +662,20 @@ class Engine:
             k = min(drafter.spec.k, req.max_new - len(req.tokens) - 1, self.context - req.length - 1)
             if k <= 0:
                 continue
+            if isinstance(drafter, ModelDrafter):
+                by_model.setdefault(id(drafter.runner), (drafter.runner, []))[1].append((row, k))
+                continue
             have = len(drafter.seq)
             if have < len(req.prompt):
                 drafter.extend(req.prompt[have:])
                 have = len(req.prompt)
             drafter.extend(req.tokens[have - len(req.prompt):])
-            guess = drafter.propose(k)
+            guesses[row] = drafter.propose(k)
+        for runner, rows in by_model.values():
+            drafts = runner.propose([(self.requests[row].prompt + self.requests[row].tokens, k) for row, k in rows])
+            guesses.update((row, guess) for (row, _), guess in zip(rows, drafts))
+        for row in sorted(guesses):
+            req, guess = self.requests[row], guesses[row]
             need = (req.length - 1 + len(guess)) // bs + 1 - len(req._blocks)  # blocks up to its last position
             if guess and need > 0:
                 try:
@@ -645,9 +685,9 @@ class Engine:
                     req._blocks += new
                     self.cache.block_table[row, first:first + need] = torch.tensor(new, dtype=torch.long)
                 except OutOfBlocks:
-                    guess = guess[:len(req._blocks) * bs - req.length]
-            if guess:
-                guesses[row] = guess
+                    guesses[row] = guess = guess[:len(req._blocks) * bs - req.length]
+            if not guess:
+                del guesses[row]
         return guesses
 
     def _verify(self, guesses: dict[int, list[int]]) -> list[Event]:

@@ -116,6 +116,7 @@ class LLM:
         self.kv_cache_tokens = kv_cache_tokens  # the engine's KV pool in positions (None: see engine_for)
         self.prefix_cache = prefix_cache  # reuse the keys of prompt prefixes seen before
         self._engine: Engine | None = None
+        self._drafts: dict[str, LLM] = {}  # speculative decoding's draft models, by name (load_draft)
 
     def __repr__(self) -> str:
         return f"LLM({self.name or 'model'}, {self.config.num_parameters() / 1e9:.2f}B params, {self.device}, {self.dtype})"
@@ -231,7 +232,31 @@ class LLM:
             engine = self._engine = Engine(self.model, slots=self.max_batch, kv_cache_tokens=self.kv_cache_tokens,
                                            prefix_cache=self.prefix_cache, compile=self.compile,
                                            tokenizer=self.tokenizer)
+            engine.load_draft = self.load_draft
         return engine
+
+    def load_draft(self, name: str) -> LLM:
+        """The draft model `name` (anything `phi3.load` reads) for speculative decoding, loaded once on
+        this model's device in its dtype and kept; a ValueError first where its weights' files
+        (local ones) are larger than the free memory."""
+        drafts = self._drafts
+        if name not in drafts:
+            from pathlib import Path
+
+            from .engine import free_memory
+            from .loader import load
+
+            path = Path(name)
+            files = [path] if path.is_file() else [*path.glob("*.safetensors"), *path.glob("*.gguf")] if path.is_dir() else []
+            need, free = sum(f.stat().st_size for f in files), free_memory(self.device)
+            if free is not None and need > 0.9 * free:
+                raise ValueError(f"the draft model {name} does not fit: its weights are {need / 2**30:.2f} GiB and "
+                                 f"{self.device} has {free / 2**30:.2f} GiB free")
+            try:
+                drafts[name] = load(name, device=self.device, dtype=self.dtype)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"the draft model {name} did not load: {e}") from e
+        return drafts[name]
 
     def encode_prompt(self, prompt: Prompt, tools: list | None = None) -> list[int]:
         """Token ids of raw text (no template), chat messages (template + generation prompt; `tools`:

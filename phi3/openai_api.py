@@ -292,7 +292,7 @@ def completion_budget(req: _Request, prompt_tokens: int, context: int,
                    param="max_tokens" if asked else param, code="context_length_exceeded")
 
 
-def sampling_params(req: _Request, max_new: int, choice: int, speculate: str | None = None) -> SamplingParams:
+def sampling_params(req: _Request, max_new: int, choice: int, speculate=None) -> SamplingParams:
     """The engine's parameters for choice `choice` of a request (OpenAI's defaults; see the module
     docstring), with the server's speculative decoding."""
     top_p = 1.0 if req.top_p is None else req.top_p

@@ -43,8 +43,10 @@ class SamplingParams:
     choice: tuple[str, ...] | None = None  # one of these strings, exactly
     grammar: str | None = None  # EBNF/GBNF (llama.cpp's) or Lark
     # Speculative decoding (phi3.speculate): "ngram", "ngram:K" or "ngram:K:N" guesses K tokens a step by
-    # prompt lookup and checks them in one forward. The tokens are the same as without it.
-    speculate: str | None = None
+    # prompt lookup; a draft model ("MODEL[:K]" for phi3.load, a loaded LLM, or "layers:N[:K]", the
+    # model's own first N layers) guesses them greedily; each step checks them in one forward. The
+    # tokens are the same as without it.
+    speculate: object = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):

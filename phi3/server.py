@@ -56,16 +56,17 @@ def create_app(model: LLM | Callable[[], LLM], *, name: str, api_key: str | None
                max_queue: int = 256, max_len: int | None = None, drain_timeout: float = 30.0,
                kv_cache_tokens: int | None = None, prefix_cache: bool = True,
                allowed_hosts: list[str] | None = None, allowed_origins: list[str] = (),
-               speculate: str | None = None) -> FastAPI:
+               speculate=None) -> FastAPI:
     """The ASGI app serving `model` (an `LLM`, or a function that loads one: it runs on the engine
     thread at start-up, and /health says 503 until it returns) as `name`. `allowed_hosts`: the Host
     names it answers (None: any); `allowed_origins`: web page origins that may call it (see guard.py);
-    `speculate`: every request's speculative decoding ("ngram[:K[:N]]", phi3.speculate; None: off)."""
+    `speculate`: every request's speculative decoding ("ngram[:K[:N]]", a draft model "MODEL[:K]" or an
+    `LLM`, "layers:N[:K]": phi3.speculate; None: off)."""
     _check_options(name, max_batch, max_queue, max_len, drain_timeout, kv_cache_tokens)
-    speculate = str(parse_speculation(speculate)) if parse_speculation(speculate) else None  # a bad one fails now
+    speculate = parse_speculation(speculate)  # a bad one fails now; a draft model's name, once the model is loaded
     backend = Backend((lambda: model) if isinstance(model, LLM) else model, name=name,
                       max_batch=max_batch, max_queue=max_queue, max_len=max_len, drain_timeout=drain_timeout,
-                      kv_cache_tokens=kv_cache_tokens, prefix_cache=prefix_cache)
+                      kv_cache_tokens=kv_cache_tokens, prefix_cache=prefix_cache, speculate=speculate)
 
     @asynccontextmanager
     async def lifespan(app):

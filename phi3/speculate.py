@@ -18,64 +18,115 @@ The drafter here is prompt lookup (transformers' `prompt_lookup_num_tokens`, vLL
 tokens that followed the latest earlier occurrence of the row's last n tokens, in its prompt or its
 own output (n from N down to 2). It costs a dictionary lookup per step and pays where the answer
 quotes its input: retrieval answers, summaries, code edits, JSON that repeats keys.
+
+The other drafter is a draft model of the same vocabulary (gpt-fast's and vLLM's draft models,
+llama.cpp's `--draft`): any checkpoint `phi3.load` reads, or "layers:N", the target's own first N
+layers with its final norm and output layer (no second copy of the weights; LayerSkip's early
+exit). It runs on an engine of its own (`DraftRunner`: its own paged KV cache and prefix cache,
+the same C decode step), greedily, k tokens for every drafting row of the step at once; each step
+it is given the row's sequence so far, and its prefix cache keeps all but the last block's keys.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MAX_DRAFT = 32  # guessed tokens per row and step a request may ask for
 DEFAULT_DRAFT = 5  # guessed tokens per step: "ngram" alone
 DEFAULT_NGRAM = 3  # the longest suffix matched
 MIN_NGRAM = 2  # the shortest (single tokens match almost anywhere, and mostly guess wrong)
-MAX_BACKOFF = 64  # steps a row drafts nothing after repeated misses (see Drafter.missed)
+MAX_BACKOFF = 64  # steps a row drafts nothing after repeated misses (see Backoff.missed)
+DEFAULT_MODEL_DRAFT = 4  # guessed tokens per step: a draft model
 
 
 @dataclass(frozen=True)
 class Speculation:
-    """A request's speculative decoding: `kind` "ngram" (prompt lookup), `k` tokens guessed per
-    step, `n` the longest suffix looked up."""
+    """A request's speculative decoding: `kind` "ngram" (prompt lookup) or "model" (a draft model:
+    `draft`, a loaded `LLM`, or its name for `phi3.load`, or "layers:N"), `k` tokens guessed per
+    step, `n` the longest suffix looked up (ngram)."""
 
     kind: str
     k: int = DEFAULT_DRAFT
     n: int = DEFAULT_NGRAM
+    draft: object = field(default=None, compare=False)
 
     def __str__(self) -> str:
+        if self.kind == "model":
+            name = self.draft if isinstance(self.draft, str) else getattr(self.draft, "name", "") or "model"
+            return f"{name}:{self.k}"
         return f"{self.kind}:{self.k}:{self.n}"
 
 
+USAGE = (f"speculate must be 'ngram', 'ngram:K' (K tokens guessed per step, 1..{MAX_DRAFT}; default {DEFAULT_DRAFT}), "
+         f"'ngram:K:N' (N: the longest n-gram matched, 1..8; default {DEFAULT_NGRAM}), a draft model 'MODEL' or "
+         f"'MODEL:K' (a checkpoint phi3.load reads, or an LLM; default K {DEFAULT_MODEL_DRAFT}), or 'layers:N' / "
+         f"'layers:N:K' (the model's own first N layers as the draft)")
+
+
 def parse(spec) -> Speculation | None:
-    """"ngram", "ngram:K" or "ngram:K:N" -> a `Speculation` (None or "" or "off": none); a
-    ValueError that says what is accepted otherwise."""
+    """"ngram[:K[:N]]", "MODEL[:K]", "layers:N[:K]" or a loaded `LLM` -> a `Speculation` (None or "" or
+    "off": none); a ValueError that says what is accepted otherwise. A model's name is checked when
+    it is loaded (`LLM.generate`, `phi3 serve`), not here."""
     if spec is None or spec == "" or spec == "off":
         return None
     if isinstance(spec, Speculation):
         return spec
-    usage = (f"speculate must be 'ngram', 'ngram:K' (K tokens guessed per step, 1..{MAX_DRAFT}; default "
-             f"{DEFAULT_DRAFT}) or 'ngram:K:N' (N: the longest n-gram matched, 1..8; default {DEFAULT_NGRAM})")
-    if not isinstance(spec, str):
-        raise ValueError(f"{usage}, got {spec!r}")
+    if hasattr(spec, "model") and hasattr(spec, "config"):  # a loaded LLM
+        return Speculation("model", DEFAULT_MODEL_DRAFT, draft=spec)
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"{USAGE}, got {spec!r}")
     kind, *numbers = spec.strip().split(":")
-    if kind != "ngram" or len(numbers) > 2 or not all(x.strip().isdigit() for x in numbers):
-        raise ValueError(f"{usage}, got {spec!r}")
-    k, n = (int(x) for x in numbers + [str(DEFAULT_DRAFT), str(DEFAULT_NGRAM)][len(numbers):])
-    if not 1 <= k <= MAX_DRAFT or not 1 <= n <= 8:
-        raise ValueError(f"{usage}, got {spec!r}")
-    return Speculation(kind, k, n)
+    if kind == "ngram":
+        if len(numbers) > 2 or not all(x.strip().isdigit() for x in numbers):
+            raise ValueError(f"{USAGE}, got {spec!r}")
+        k, n = (int(x) for x in numbers + [str(DEFAULT_DRAFT), str(DEFAULT_NGRAM)][len(numbers):])
+        if not 1 <= k <= MAX_DRAFT or not 1 <= n <= 8:
+            raise ValueError(f"{USAGE}, got {spec!r}")
+        return Speculation(kind, k, n)
+    if kind == "layers":
+        if not 1 <= len(numbers) <= 2 or not all(x.strip().isdigit() for x in numbers) or int(numbers[0]) < 1:
+            raise ValueError(f"{USAGE}, got {spec!r}")
+        k = int(numbers[1]) if len(numbers) == 2 else DEFAULT_MODEL_DRAFT
+        draft = f"layers:{int(numbers[0])}"
+    else:  # a model's name, with ":K" after it where the last part is a number
+        name, _, tail = spec.strip().rpartition(":")
+        draft, k = (name, int(tail)) if name and tail.isdigit() else (spec.strip(), DEFAULT_MODEL_DRAFT)
+    if not 1 <= k <= MAX_DRAFT:
+        raise ValueError(f"{USAGE}, got {spec!r}")
+    return Speculation("model", k, draft=draft)
 
 
-class Drafter:
-    """Prompt lookup over one growing sequence: for each n-gram (n = 1..N) where it last occurred
-    with a token after it. `propose` is a dictionary lookup per n; `extend` costs N entries per new
-    token. Also the row's back-off: after a draft with nothing accepted it drafts nothing for
-    1, 2, 4, ... `MAX_BACKOFF` steps (reset by a hit), so free text that rarely repeats pays for
-    few wasted verify steps."""
+class Backoff:
+    """A row's drafting back-off: after a draft with nothing accepted it drafts nothing for 1, 2, 4,
+    ... `MAX_BACKOFF` steps (reset by a hit), so text that the drafter rarely guesses pays for few
+    wasted verify steps."""
 
     def __init__(self, spec: Speculation):
         self.spec = spec
+        self.skip = self.backoff = 0
+
+    def wants_draft(self) -> bool:
+        """False while backing off (and counts the step)."""
+        if self.skip:
+            self.skip -= 1
+            return False
+        return True
+
+    def missed(self, accepted: int) -> None:
+        """After a verify with a draft: `accepted` of its tokens were right."""
+        self.backoff = 0 if accepted else min(MAX_BACKOFF, max(1, 2 * self.backoff))
+        self.skip = self.backoff
+
+
+class Drafter(Backoff):
+    """Prompt lookup over one growing sequence: for each n-gram (n = 1..N) where it last occurred
+    with a token after it. `propose` is a dictionary lookup per n; `extend` costs N entries per new
+    token."""
+
+    def __init__(self, spec: Speculation):
+        super().__init__(spec)
         self.seq: list[int] = []
         self.after: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token that followed its latest occurrence
-        self.skip = self.backoff = 0
 
     def extend(self, ids) -> None:
         seq, after, n = self.seq, self.after, self.spec.n
@@ -94,14 +145,86 @@ class Drafter:
                 return seq[start:start + k]
         return []
 
-    def wants_draft(self) -> bool:
-        """False while backing off (and counts the step)."""
-        if self.skip:
-            self.skip -= 1
-            return False
-        return True
 
-    def missed(self, accepted: int) -> None:
-        """After a verify with a draft: `accepted` of its tokens were right."""
-        self.backoff = 0 if accepted else min(MAX_BACKOFF, max(1, 2 * self.backoff))
-        self.skip = self.backoff
+class ModelDrafter(Backoff):
+    """A row's drafting by a draft model: its back-off, and the `DraftRunner` that guesses for it."""
+
+    def __init__(self, spec: Speculation, runner: DraftRunner):
+        super().__init__(spec)
+        self.runner = runner
+
+
+def layer_slice(model, layers: int):
+    """The first `layers` decoder layers of `model` (a `Phi3`) with its embedding, final norm and
+    output layer, as a `Phi3` of that depth sharing the modules (no copy of any weight)."""
+    from dataclasses import replace
+
+    import torch
+
+    from .model import Phi3
+
+    total = model.config.num_hidden_layers
+    if not 1 <= layers < total:
+        raise ValueError(f"a draft of the model's own first N layers needs 1 <= N < {total} (its depth), got {layers}")
+    config = replace(model.config, num_hidden_layers=layers)
+    with torch.device("meta"):
+        draft = Phi3(config)
+    draft.model.embed_tokens, draft.model.norm, draft.lm_head = model.model.embed_tokens, model.model.norm, model.lm_head
+    draft.model.layers = torch.nn.ModuleList(model.model.layers[:layers])
+    draft.rope = model.rope
+    return draft
+
+
+def check_vocabulary(target, draft, target_tokenizer=None, draft_tokenizer=None, name: str = "the draft model") -> None:
+    """A ValueError unless `draft` (a `Phi3`) guesses in `target`'s token ids: the same output size and,
+    where both have tokenizers, the same token for every id."""
+    v, w = target.config.vocab_size, draft.config.vocab_size
+    if v != w:
+        raise ValueError(f"{name} has a vocabulary of {w} tokens, the model {v}: a draft model must share "
+                         f"the model's tokenizer")
+    if target_tokenizer is not None and draft_tokenizer is not None and target_tokenizer is not draft_tokenizer:
+        for i in range(v):
+            if target_tokenizer.id_to_token(i) != draft_tokenizer.id_to_token(i):
+                raise ValueError(f"{name}'s tokenizer differs from the model's (id {i}: "
+                                 f"{draft_tokenizer.id_to_token(i)!r}, not {target_tokenizer.id_to_token(i)!r}): "
+                                 f"a draft model must share the model's tokenizer")
+
+
+class DraftRunner:
+    """A draft model's own engine (its paged KV cache and prefix cache; the C decode step where it
+    applies), as many rows as the target engine. `propose` drafts for several rows at once: each
+    row's sequence is queued as a greedy request of k tokens, and the draft engine steps until all
+    are done; its prefix cache holds the keys of every full block seen before, so a row's next
+    step prefills only its last block and the tokens accepted since."""
+
+    def __init__(self, draft, target_engine, name: str = "the draft model"):
+        from .engine import Engine, check_memory
+
+        self.name = name
+        slots, max_len = target_engine.slots, target_engine.max_len
+        max_len = min(max_len + MAX_DRAFT + 1, draft.config.max_position_embeddings)
+        tokens = target_engine.cache.tokens + slots * (MAX_DRAFT + 1)
+        param = next(draft.parameters())
+        try:  # a pool of the target's size: room for every row's sequence and its draft
+            check_memory(draft, slots, max_len, param.device, param.dtype, tokens)
+        except ValueError as e:
+            raise ValueError(f"{name} does not fit: {e}") from None
+        self.engine = Engine(draft, slots=slots, max_len=max_len, kv_cache_tokens=tokens, prefix_cache=True)
+        self.steps = 0  # draft engine steps run
+
+    def propose(self, work: list[tuple[list[int], int]]) -> list[list[int]]:
+        """(sequence, k) per row -> up to k greedy tokens of the draft model after each sequence
+        (none where the sequence is past the draft's context)."""
+        from .sampling import SamplingParams
+
+        engine, out = self.engine, [[] for _ in work]
+        requests = {}
+        for i, (seq, k) in enumerate(work):
+            if len(seq) + 1 < engine.context:
+                requests[i] = engine.submit(seq, SamplingParams(max_new_tokens=k))
+        while engine.busy:
+            engine.step()
+            self.steps += 1
+        for i, req in requests.items():
+            out[i] = req.tokens[:work[i][1]]
+        return out

@@ -76,12 +76,17 @@ def test_generate_does_not_import_the_compiler(model_dir):
 
 
 def test_generate_speculate_flag(model_dir):
-    """`phi3 generate --speculate ngram:K`: the text of plain greedy generate; a bad value is a usage
-    error before the model loads."""
+    """`phi3 generate --speculate ngram:K` and `--speculate layers:1` (a draft model: the model's own
+    first layer): the text of plain greedy generate; a bad value is a usage error before the model
+    loads; a draft model that is not there, one line naming it."""
     args = ("generate", "--model", str(model_dir), "--max-new-tokens", "24", "--temperature", "0",
             "Say 'one two three one two three one two three'")
-    plain, fast = _phi3(*args), _phi3(*args, "--speculate", "ngram:4")
-    assert plain.returncode == 0 and fast.returncode == 0, fast.stderr
-    assert fast.stdout == plain.stdout
+    plain = _phi3(*args)
+    for spec in ("ngram:4", "layers:1"):
+        fast = _phi3(*args, "--speculate", spec)
+        assert plain.returncode == 0 and fast.returncode == 0, fast.stderr
+        assert fast.stdout == plain.stdout
+    missing = _phi3(*args, "--speculate", str(model_dir / "no-draft"))
+    assert missing.returncode != 0 and "no-draft" in missing.stderr and "Traceback" not in missing.stderr
     bad = _phi3("generate", "--model", str(model_dir / "missing"), "--speculate", "ngram:0", "hi")
     assert bad.returncode == 2 and "speculate must be" in bad.stderr

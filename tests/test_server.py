@@ -951,10 +951,12 @@ def test_a_prompt_longer_than_the_pool_is_a_400(make_server):
         create_app(lambda: None, name=NAME, kv_cache_tokens=0)
 
 
-def test_speculating_server_answers_as_plain_generate(make_server, ref):
-    """`--speculate`: every request decodes with prompt lookup, and its answers, stop strings, stream
-    and usage are those of plain `LLM.generate` (acceptance itself is tested in test_speculate.py)."""
-    s = make_server(speculate="ngram:4")
+@pytest.mark.parametrize("speculate,shown", [("ngram:4", "ngram:4:3"), ("layers:1:3", "layers:1:3")])
+def test_speculating_server_answers_as_plain_generate(make_server, ref, speculate, shown):
+    """`--speculate`: every request decodes with prompt lookup (or a draft model: the model's own
+    first layer), and its answers, stop strings, stream and usage are those of plain `LLM.generate`
+    (acceptance itself is tested in test_speculate.py)."""
+    s = make_server(speculate=speculate)
     client = s.client()
     full = ref.generate(QUESTION, max_new_tokens=48).text
     stop = full[len(full) // 2: len(full) // 2 + 3]
@@ -971,7 +973,20 @@ def test_speculating_server_answers_as_plain_generate(make_server, ref):
                                                      stream_options={"include_usage": True}))
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
         assert chunks[-1].usage.completion_tokens == len(expected.token_ids)
-    assert s.app.state.speculate == "ngram:4:3"  # every request's (guesses land on this model rarely)
+    assert str(s.app.state.speculate) == shown  # every request's
+    if speculate.startswith("layers"):  # a draft model guesses every step (prompt lookup rarely lands here)
+        assert s.app.state.backend.engine.draft_tokens > 0
+
+
+def test_a_draft_model_that_cannot_serve_fails_the_start(model_dir, ref, tmp_path):
+    """`--speculate MODEL` with a model that is not there: the server never says ok, its status is
+    failed with the load's exit code (2), as a model that does not load."""
+    s = Server(create_app(_load(model_dir, ref.stop_ids), name=NAME, speculate=str(tmp_path / "no-draft")))
+    try:
+        _until(lambda: s.app.state.backend.status == "failed", "the start to fail")
+        assert s.app.state.backend.exit_code == 2 and s.health().status_code == 503
+    finally:
+        s.close()
 
 
 def test_a_bad_server_speculation_fails_before_serving():

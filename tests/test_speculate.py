@@ -205,7 +205,8 @@ def test_the_library_call(models, echo):
         llm.generate(prompt, max_new_tokens=20).token_ids
 
 
-@pytest.mark.parametrize("bad", ["ngram:0", "ngram:33", "ngram:4:0", "ngram:x", "eagle", "ngram:4:2:1", 3])
+@pytest.mark.parametrize("bad", ["ngram:0", "ngram:33", "ngram:4:0", "ngram:x", "ngram:4:2:1", 3, "layers:0", "layers:x",
+                                 "layers:", "layers:1:2:3", "layers:2:0", "draft-model:0", "draft-model:33", " "])
 def test_bad_speculation_is_a_clear_error(bad):
     with pytest.raises(ValueError, match="speculate must be"):
         SamplingParams(speculate=bad)
@@ -225,3 +226,85 @@ def test_cuda_graph_verify_step_equals_eager(checkpoints):
     eager = _run(Engine(llm.model, slots=2, max_len=128, cuda_graphs=False), work)
     assert [r.tokens for r in graphs] == [r.tokens for r in eager]
     assert graphs[0].tokens == g[:20] and graphs[0].accepted > 0
+
+
+# -- draft models -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,draft", [("gqa", "itself"), ("gqa", "layers:1"), ("window", "layers:1:6"),
+                                        ("longrope", "another checkpoint")])
+def test_draft_models_give_transformers_tokens(models, checkpoints, kind, draft):
+    """Rows drafted by a draft model (the model itself: every guess right; its own first layer; another
+    checkpoint of the same vocabulary, loaded by name, whose guesses are mostly wrong) beside rows
+    drafted by prompt lookup and plain rows, in one batch: every row gets transformers' greedy tokens;
+    the longrope rows cross 32 tokens (the factor switch) while speculating."""
+    llm, ref = models[kind]
+    spec = {"itself": llm, "another checkpoint": f"{checkpoints['sharded'][0]}:3"}.get(draft, draft)
+    prompts = [_ids(n, seed=n) for n in (12, 20, 7, 16)]
+    work = [(p, SamplingParams(max_new_tokens=36, speculate=s)) for p, s in zip(prompts, [spec, "ngram:4", None, spec])]
+    engine = llm.engine_for([(len(p), q) for p, q in work])
+    drafted, accepted = engine.draft_tokens, engine.accepted_tokens
+    reqs = _run(engine, work)
+    for r in reqs:
+        assert r.tokens == _reference(ref, r.prompt, 36)
+    assert reqs[2].drafted == 0 and reqs[0].drafted > 0 and reqs[3].drafted > 0
+    if draft == "itself":
+        assert reqs[0].accepted == reqs[0].drafted and reqs[3].accepted == reqs[3].drafted
+    assert engine.draft_tokens - drafted == sum(r.drafted for r in reqs)
+    assert engine.accepted_tokens - accepted == sum(r.accepted for r in reqs)
+
+
+def test_draft_model_seeded_sampling_and_logprobs_are_unchanged(models):
+    """Sampled rows with a draft model draw what they draw without it (the same seed, the same
+    step's noise), with the same log-probabilities; the draft's guesses are greedy."""
+    llm, _ = models["gqa"]
+    prompt = _ids(14, seed=9)
+    options = [dict(temperature=0.7, seed=1), dict(temperature=1.1, top_k=30, seed=2), dict(repetition_penalty=1.2)]
+    work = [(prompt, SamplingParams(max_new_tokens=24, logprobs=2, **o)) for o in options]
+    plain = _run(Engine(llm.model, slots=3, max_len=128), work)
+    engine = llm.engine_for([(len(prompt), q) for _, q in work])
+    spec = _run(engine, [(p, _spec(q, llm)) for p, q in work])
+    for a, b in zip(spec, plain):
+        assert a.tokens == b.tokens
+        assert max(abs(x[0] - y[0]) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5
+    assert sum(r.accepted for r in spec) > 0
+
+
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_draft_model_c_step_equals_torch_step(checkpoints, ran_in_c, monkeypatch, quantize):
+    """With a draft model (its own first layer) the target's verify steps and the draft's decode
+    steps run in C, and give the torch step's tokens and log-probabilities, fp32 and packed int4."""
+    llm = phi3.load(checkpoints["gqa"][0], device="cpu", dtype="float32", quantize=quantize)
+    work = [(_ids(18, seed=2), SamplingParams(max_new_tokens=24, logprobs=3, speculate="layers:1:3")),
+            (_ids(9, seed=3), SamplingParams(max_new_tokens=24, logprobs=3))]
+    ran_in_c.clear()
+    in_c = _run(llm.engine_for([(18, work[0][1])]), work)
+    assert ran_in_c and all(ran_in_c) and in_c[0].drafted > 0
+    monkeypatch.setattr(phi3.kernels, "decode_layers", lambda *a, **k: None)  # the torch step, everywhere
+    llm._engine = None
+    in_torch = _run(llm.engine_for([(18, work[0][1])]), work)
+    plain = _run(Engine(llm.model, slots=2, max_len=128), [(p, _spec(q, None)) for p, q in work])
+    for a, b, c in zip(in_c, in_torch, plain):
+        assert a.tokens == b.tokens == c.tokens
+        assert max(abs(x[0] - y[0]) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+    assert in_c[0].drafted == in_torch[0].drafted and in_c[0].accepted == in_torch[0].accepted
+
+
+def test_bad_draft_models_are_clear_errors_before_any_work(checkpoints, tmp_path, monkeypatch):
+    """A draft of another vocabulary, one deeper than the model's own layers, one that is not there,
+    one that does not fit in memory: a ValueError (OSError for a missing file) naming it, raised
+    before any token is generated."""
+    llm = phi3.load(checkpoints["gqa"][0], device="cpu", dtype="float32")
+    write_checkpoint(tmp_path / "other-vocab", "gqa", vocab_size=600)
+    prompt = _ids(10, seed=1)
+    cases = [(str(tmp_path / "other-vocab"), ValueError, "vocabulary of 600 tokens, the model 512"),
+             ("layers:2", ValueError, "1 <= N < 2"),
+             (str(tmp_path / "missing"), (ValueError, OSError), "missing")]
+    for spec, error, message in cases:
+        with pytest.raises(error, match=message):
+            llm.generate(prompt, max_new_tokens=4, speculate=spec)
+    assert not llm.engine_for([(10, SamplingParams())]).busy
+    monkeypatch.setattr(phi3.engine, "free_memory", lambda device: 1000)  # what the system says is free
+    with pytest.raises(ValueError, match="does not fit"):
+        llm.generate(prompt, max_new_tokens=4, speculate=str(checkpoints["window"][0]))
+    with pytest.raises(ValueError, match="layers:1 does not fit"):
+        llm.generate(prompt, max_new_tokens=4, speculate="layers:1")
