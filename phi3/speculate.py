@@ -37,6 +37,7 @@ DEFAULT_NGRAM = 3  # the longest suffix matched
 MIN_NGRAM = 2  # the shortest (single tokens match almost anywhere, and mostly guess wrong)
 MAX_BACKOFF = 64  # steps a row drafts nothing after repeated misses (see Backoff.missed)
 DEFAULT_MODEL_DRAFT = 4  # guessed tokens per step: a draft model
+DRAFT_BLOCK = 4  # a draft engine's KV block: each step it recomputes the keys past its last full block
 
 
 @dataclass(frozen=True)
@@ -206,10 +207,10 @@ class DraftRunner:
         tokens = target_engine.cache.tokens + slots * (MAX_DRAFT + 1)
         param = next(draft.parameters())
         try:  # a pool of the target's size: room for every row's sequence and its draft
-            check_memory(draft, slots, max_len, param.device, param.dtype, tokens)
+            check_memory(draft, slots, max_len, param.device, param.dtype, tokens, DRAFT_BLOCK)
         except ValueError as e:
             raise ValueError(f"{name} does not fit: {e}") from None
-        self.engine = Engine(draft, slots=slots, max_len=max_len, kv_cache_tokens=tokens, prefix_cache=True)
+        self.engine = Engine(draft, slots=slots, max_len=max_len, kv_cache_tokens=tokens, prefix_cache=True, block_size=DRAFT_BLOCK)
         self.steps = 0  # draft engine steps run
 
     def propose(self, work: list[tuple[list[int], int]]) -> list[list[int]]:
