@@ -46,6 +46,7 @@ from __future__ import annotations
 import itertools
 import sys
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Generator, Sequence
@@ -58,7 +59,8 @@ from .cache import BLOCK_SIZE, KVCache
 from .grammar import Matcher, matcher_for
 from .model import Phi3
 from .sampling import MAX_LOGPROBS, Mode, RowParams, SamplingParams, logprobs_of, random_seed
-from .speculate import MAX_DRAFT, DraftRunner, Drafter, ModelDrafter, layer_slice, check_vocabulary, parse as parse_speculation
+from .speculate import (MAX_DRAFT, DraftRunner, Drafter, ModelDrafter, check_vocabulary, draft_pays, layer_slice,
+                        moving_average, parse as parse_speculation, probe_pause)
 
 PREFILL_CHUNK = 2048  # prompt tokens per prefill forward: bounds activation memory
 MIN_KV_BUCKET = 64
@@ -174,6 +176,7 @@ class Engine:
         self.draft_tokens = self.accepted_tokens = 0  # speculative decoding: tokens guessed, of them accepted
         self._runners: dict = {}  # draft models' engines (speculate.DraftRunner), by the draft
         self.load_draft = None  # name -> LLM: how a draft model named by a string is loaded (LLM.load_draft)
+        self._step_seconds = self._verify_seconds = None  # plain and verify decode steps' wall times (moving averages)
         # A verify step's inputs (speculative decoding): N positions, each of a row (several may be one
         # row's), its token and position, how many draws after its row's next it is, the row's guesses
         # before it (penalty), and its draw and logprobs. Static, so a captured step reads them.
@@ -599,8 +602,17 @@ class Engine:
         if not self._decoding:
             return []
         guesses = self._guesses()
+        start = time.perf_counter()
         if guesses:
-            return self._verify(guesses)
+            events = self._verify(guesses)
+            self._verify_seconds = moving_average(self._verify_seconds, time.perf_counter() - start)
+            return events
+        events = self._plain_decode()
+        if self._runners:  # a draft model's worth is judged against a plain step's time
+            self._step_seconds = moving_average(self._step_seconds, time.perf_counter() - start)
+        return events
+
+    def _plain_decode(self) -> list[Event]:
         rows = sorted(self._decoding)
         batch = min(self.slots, 1 << rows[-1].bit_length())  # power of two > the highest busy row
         longest = max(self.requests[r].length for r in rows)
@@ -672,6 +684,12 @@ class Engine:
             drafter.extend(req.tokens[have - len(req.prompt):])
             guesses[row] = drafter.propose(k)
         for runner, rows in by_model.values():
+            drafters = [self.requests[row].drafter for row, _ in rows]
+            if not draft_pays(drafters, max(k for _, k in rows), runner, self._step_seconds, self._verify_seconds):
+                steps = probe_pause(runner, self._step_seconds, self._verify_seconds)
+                for drafter in drafters:  # slower than plain steps: try again later
+                    drafter.pause(steps)
+                continue
             drafts = runner.propose([(self.requests[row].prompt + self.requests[row].tokens, k) for row, k in rows])
             guesses.update((row, guess) for (row, _), guess in zip(rows, drafts))
         for row in sorted(guesses):
@@ -739,7 +757,7 @@ class Engine:
                 req.accepted += hits
                 self.draft_tokens += len(guess)
                 self.accepted_tokens += hits
-                req.drafter.missed(hits)
+                req.drafter.missed(hits, len(guess))
             for i in range(hits + 1):  # as plain decoding: a stop, the length or the LongRoPE crossing ends it
                 events += self._accept(req, drawn[start + i], self._logprob(req, logprobs[start + i] if logprobs else None))
                 if req.slot != row or row not in self._decoding:

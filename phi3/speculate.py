@@ -29,6 +29,8 @@ it is given the row's sequence so far, and its prefix cache keeps all but the la
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
 
 MAX_DRAFT = 32  # guessed tokens per row and step a request may ask for
@@ -37,6 +39,10 @@ DEFAULT_NGRAM = 3  # the longest suffix matched
 MIN_NGRAM = 2  # the shortest (single tokens match almost anywhere, and mostly guess wrong)
 MAX_BACKOFF = 64  # steps a row drafts nothing after repeated misses (see Backoff.missed)
 DEFAULT_MODEL_DRAFT = 4  # guessed tokens per step: a draft model
+PRIOR_RIGHT = 2.0  # a draft model's row starts as if 2 of 3 guesses were right (ModelDrafter)
+DECAY = 0.9  # ... and forgets old drafts at this rate per draft
+PROBE_SHARE = 0.03  # a draft model that does not pay is probed again after enough steps that probes cost ~3%
+MAX_PAUSE = 1024  # ... at most this many steps
 DRAFT_BLOCK = 4  # a draft engine's KV block: each step it recomputes the keys past its last full block
 
 
@@ -113,9 +119,17 @@ class Backoff:
             return False
         return True
 
-    def missed(self, accepted: int) -> None:
-        """After a verify with a draft: `accepted` of its tokens were right."""
-        self.backoff = 0 if accepted else min(MAX_BACKOFF, max(1, 2 * self.backoff))
+    def missed(self, accepted: int, drafted: int) -> None:
+        """After a verify with a draft: `accepted` of its `drafted` tokens were right."""
+        if accepted:
+            self.backoff = 0
+        else:
+            self.pause()
+        self.skip = self.backoff
+
+    def pause(self) -> None:
+        """Draft nothing for the next 1, 2, 4, ... MAX_BACKOFF steps (doubling at each call)."""
+        self.backoff = min(MAX_BACKOFF, max(1, 2 * self.backoff))
         self.skip = self.backoff
 
 
@@ -148,11 +162,37 @@ class Drafter(Backoff):
 
 
 class ModelDrafter(Backoff):
-    """A row's drafting by a draft model: its back-off, and the `DraftRunner` that guesses for it."""
+    """A row's drafting by a draft model: its back-off, the `DraftRunner` that guesses for it, and
+    how often its guesses are right (`expected`)."""
 
     def __init__(self, spec: Speculation, runner: DraftRunner):
         super().__init__(spec)
         self.runner = runner
+        # guesses right, and drafts ended by a wrong one (decaying): the draft's record on other rows so far
+        self.right, self.wrong = runner.right, runner.wrong
+        self.probe = False  # back from a pause: draft once whatever the estimate, to renew it
+
+    def missed(self, accepted: int, drafted: int) -> None:
+        self.right = DECAY * self.right + accepted
+        self.wrong = DECAY * self.wrong + (accepted < drafted)
+        self.runner.right = DECAY * self.runner.right + accepted
+        self.runner.wrong = DECAY * self.runner.wrong + (accepted < drafted)
+        if self.probe:  # the pause goes on growing until the estimate says the draft pays
+            self.probe = False
+        else:
+            super().missed(accepted, drafted)
+
+    def pause(self, steps: int = 0) -> None:
+        """Draft nothing for the next max(doubling back-off, `steps`) steps, then draft once (a probe)."""
+        super().pause()
+        self.skip = self.backoff = max(self.backoff, min(steps, MAX_PAUSE))
+        self.probe = True
+
+    def expected(self, k: int) -> float:
+        """Tokens one verify step of k guesses is expected to give this row: 1 + a + ... + a^k, a the
+        rate at which its guesses have been right."""
+        a = self.right / (self.right + self.wrong)
+        return sum(a ** i for i in range(k + 1))
 
 
 def layer_slice(model, layers: int):
@@ -210,15 +250,18 @@ class DraftRunner:
             check_memory(draft, slots, max_len, param.device, param.dtype, tokens, DRAFT_BLOCK)
         except ValueError as e:
             raise ValueError(f"{name} does not fit: {e}") from None
-        self.engine = Engine(draft, slots=slots, max_len=max_len, kv_cache_tokens=tokens, prefix_cache=True, block_size=DRAFT_BLOCK)
+        self.engine = Engine(draft, slots=slots, max_len=max_len, kv_cache_tokens=tokens, prefix_cache=True,
+                             block_size=DRAFT_BLOCK)
         self.steps = 0  # draft engine steps run
+        self.seconds: float | None = None  # a `propose` call's wall time (moving average)
+        self.right, self.wrong = PRIOR_RIGHT, 1.0  # its guesses right, and drafts ended by a wrong one (decaying)
 
     def propose(self, work: list[tuple[list[int], int]]) -> list[list[int]]:
         """(sequence, k) per row -> up to k greedy tokens of the draft model after each sequence
         (none where the sequence is past the draft's context)."""
         from .sampling import SamplingParams
 
-        engine, out = self.engine, [[] for _ in work]
+        engine, out, start = self.engine, [[] for _ in work], time.perf_counter()
         requests = {}
         for i, (seq, k) in enumerate(work):
             if len(seq) + 1 < engine.context:
@@ -228,4 +271,31 @@ class DraftRunner:
             self.steps += 1
         for i, req in requests.items():
             out[i] = req.tokens[:work[i][1]]
+        self.seconds = moving_average(self.seconds, time.perf_counter() - start)
         return out
+
+
+def moving_average(average: float | None, value: float) -> float:
+    return value if average is None else 0.8 * average + 0.2 * value
+
+
+def draft_pays(drafters: list[ModelDrafter], k: int, runner: DraftRunner, step: float | None,
+               verify: float | None) -> bool:
+    """Whether a verify step after drafting k tokens for these rows is expected to decode them faster
+    than plain steps: their expected tokens per verify, at a plain step's time `step` each, against a
+    verify step's time plus the draft's. Yes until there are times to compare (a plain step's time
+    is taken to be a verify step's until one is seen), and for a row back from a pause (a probe)."""
+    step = step if step is not None else verify
+    if runner.seconds is None or step is None or any(d.probe for d in drafters):
+        return True
+    gain = sum(d.expected(k) for d in drafters) / len(drafters)
+    return gain * step > (verify if verify is not None else step) + runner.seconds
+
+
+def probe_pause(runner: DraftRunner, step: float | None, verify: float | None) -> int:
+    """Steps to draft nothing after a draft judged not to pay: enough that the next probe (a draft and
+    a verify step) costs about PROBE_SHARE of the plain steps' time in between."""
+    step = step if step is not None else verify
+    if runner.seconds is None or not step:
+        return 0
+    return math.ceil((runner.seconds + (verify or step)) / (PROBE_SHARE * step))
