@@ -108,3 +108,33 @@ def test_submit_reads_checks_its_positions(checkpoints):
     for reads in ([], [3, 2], [1, 1], [-1], [5]):
         with pytest.raises(ValueError, match="reads must be"):
             engine.submit_reads([1, 2, 3, 4, 5], reads)
+
+
+def test_a_preempted_scoring_request_reads_the_same_hidden_states(checkpoints):
+    """A scoring request still prefilling (in chunks of 8) when a decoding row needs the pool's last
+    block is the newest row, so it is preempted; it waits, resumes from the start of its unread
+    positions, and ends with the hidden states it gets in a roomy pool, the decoding row with the
+    tokens it gets alone."""
+    from phi3.engine import Engine
+    from phi3.sampling import SamplingParams
+
+    llm = phi3.load(checkpoints["gqa"][0], device="cpu", dtype="float32")
+    g = torch.Generator().manual_seed(5)
+    prompt, ids = torch.randint(3, 512, (10,), generator=g).tolist(), torch.randint(3, 512, (60,), generator=g).tolist()
+    reads = [0, 7, 8, 31, 32, 59]
+
+    def run(tokens: int):
+        engine = Engine(llm.model, slots=2, max_len=128, kv_cache_tokens=tokens, prefill_chunk=8, prefix_cache=False)
+        row = engine.submit(prompt, SamplingParams(max_new_tokens=60))
+        while not row.tokens:
+            engine.step()
+        scoring = engine.submit_reads(ids, reads)
+        while engine.busy:
+            engine.step()
+        return row, scoring
+
+    (row, tight), (alone, roomy) = run(5 * 16), run(16 * 16)
+    assert tight.preemptions > 0 and roomy.preemptions == 0
+    assert tight.finish_reason == roomy.finish_reason == "scored"
+    assert torch.allclose(torch.as_tensor(tight.hidden), torch.as_tensor(roomy.hidden), atol=1e-5)
+    assert row.tokens == alone.tokens == llm.generate(prompt, max_new_tokens=60).token_ids
