@@ -142,6 +142,10 @@ def _prometheus(backend: Backend) -> str:
     metric("prefix_cache_hit_tokens_total", "counter", "Prompt tokens whose keys came from the prefix cache.",
            stats["prefix_hit_tokens"])
     metric("num_preemptions_total", "counter", "Sequences preempted when the KV cache ran out.", stats["preempted"])
+    metric("spec_decode_num_draft_tokens_total", "counter", "Tokens guessed by speculative decoding.",
+           stats["draft_tokens"])
+    metric("spec_decode_num_accepted_tokens_total", "counter", "Guessed tokens that the model's own draws confirmed.",
+           stats["accepted_tokens"])
     for reason, count in sorted(backend.finished.items()):
         metric("request_success_total", "counter", "Sequences finished, by reason.", count,
                f'{{finished_reason="{reason}"}}')

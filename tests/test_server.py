@@ -974,8 +974,12 @@ def test_speculating_server_answers_as_plain_generate(make_server, ref, speculat
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
         assert chunks[-1].usage.completion_tokens == len(expected.token_ids)
     assert str(s.app.state.speculate) == shown  # every request's
-    if speculate.startswith("layers"):  # a draft model guesses every step (prompt lookup rarely lands here)
-        assert s.app.state.backend.engine.draft_tokens > 0
+    metrics = httpx.get(s.url + "/metrics", timeout=TIMEOUT).text  # the engine's counts, as vLLM names them
+    engine = s.app.state.backend.engine
+    assert f"phi3:spec_decode_num_draft_tokens_total {engine.draft_tokens}\n" in metrics
+    assert f"phi3:spec_decode_num_accepted_tokens_total {engine.accepted_tokens}\n" in metrics
+    if speculate.startswith("layers"):  # a draft model guesses at the first step at least (lookup rarely lands here)
+        assert engine.draft_tokens > 0
 
 
 def test_a_draft_model_that_cannot_serve_fails_the_start(model_dir, ref, tmp_path):
