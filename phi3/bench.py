@@ -103,13 +103,9 @@ def prompts(n: int, length: int, vocab: int, seed: int = 1) -> list[list[int]]:
 
 def time_ours(llm: LLM, batch: list[list[int]], new: int) -> float:
     """Seconds for one batched generate of `new` tokens per row (stop ids ignored)."""
-    params = SamplingParams(max_new_tokens=new)
-    sync(llm.device)
-    t = time.perf_counter()
-    done = llm.generate(batch, params)
-    sync(llm.device)
+    seconds, done = _timed(llm, batch, SamplingParams(max_new_tokens=new))
     assert all(len(c.token_ids) == new for c in done)
-    return time.perf_counter() - t
+    return seconds
 
 
 def bench_ours(llm: LLM, *, prompt_len: int, new: int, batches: list[int], prefill: int) -> list[Row]:
@@ -208,13 +204,10 @@ def bench_speculate(llm: LLM, spec: str, new: int) -> list[Row]:
             llm.generate(ids, params)  # warm-up
             engine = llm.engine_for([(len(ids), params)])
             drafted, accepted = engine.draft_tokens, engine.accepted_tokens
-            first = _timed(llm, ids, SamplingParams(max_new_tokens=1))
-            sync(llm.device)
-            t = time.perf_counter()
-            tokens = llm.generate(ids, params).token_ids
-            sync(llm.device)
-            seconds = time.perf_counter() - t - first
-            runs[speculate] = (tokens, (len(tokens) - 1) / seconds, engine.draft_tokens - drafted,
+            first, _ = _timed(llm, ids, SamplingParams(max_new_tokens=1))
+            seconds, done = _timed(llm, ids, params)
+            tokens = done.token_ids
+            runs[speculate] = (tokens, (len(tokens) - 1) / (seconds - first), engine.draft_tokens - drafted,
                                engine.accepted_tokens - accepted)
         (plain, plain_tps, _, _), (fast, fast_tps, drafted, accepted) = runs[None], runs[spec]
         rate = f"{accepted}/{drafted} guesses accepted ({accepted / drafted:.0%})" if drafted else "nothing guessed"
@@ -224,12 +217,13 @@ def bench_speculate(llm: LLM, spec: str, new: int) -> list[Row]:
     return rows
 
 
-def _timed(llm: LLM, ids: list[int], params: SamplingParams) -> float:
+def _timed(llm: LLM, prompt, params: SamplingParams):
+    """(seconds, what `llm.generate(prompt, params)` returned), the device synchronised both sides."""
     sync(llm.device)
     t = time.perf_counter()
-    llm.generate(ids, params)
+    done = llm.generate(prompt, params)
     sync(llm.device)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, done
 
 
 def save_hf_checkpoint(llm: LLM, raw_config: dict, folder: Path) -> None:

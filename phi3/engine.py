@@ -651,9 +651,9 @@ class Engine:
             if model is self.model:
                 name = "the model itself"
             check_vocabulary(self.model, model, self.tokenizer, getattr(draft, "tokenizer", None), name)
-            if next(model.parameters()).device != self.device:
-                raise ValueError(f"{name} is on {next(model.parameters()).device}, the model on {self.device}: "
-                                 f"load the draft on the same device")
+            device = next(model.parameters()).device
+            if device != self.device:
+                raise ValueError(f"{name} is on {device}, the model on {self.device}: load the draft on the same device")
         runner = self._runners[key] = DraftRunner(model, self, name)
         runner.source = draft  # kept alive: the key may be its id
         return runner

@@ -122,10 +122,9 @@ class Backoff:
     def missed(self, accepted: int, drafted: int) -> None:
         """After a verify with a draft: `accepted` of its `drafted` tokens were right."""
         if accepted:
-            self.backoff = 0
+            self.backoff = self.skip = 0
         else:
             self.pause()
-        self.skip = self.backoff
 
     def pause(self) -> None:
         """Draft nothing for the next 1, 2, 4, ... MAX_BACKOFF steps (doubling at each call)."""
@@ -173,10 +172,9 @@ class ModelDrafter(Backoff):
         self.probe = False  # back from a pause: draft once whatever the estimate, to renew it
 
     def missed(self, accepted: int, drafted: int) -> None:
-        self.right = DECAY * self.right + accepted
-        self.wrong = DECAY * self.wrong + (accepted < drafted)
-        self.runner.right = DECAY * self.runner.right + accepted
-        self.runner.wrong = DECAY * self.runner.wrong + (accepted < drafted)
+        for record in (self, self.runner):  # this row's, and the draft's over all rows (new rows start from it)
+            record.right = DECAY * record.right + accepted
+            record.wrong = DECAY * record.wrong + (accepted < drafted)
         if self.probe:  # the pause goes on growing until the estimate says the draft pays
             self.probe = False
         else:
@@ -239,19 +237,17 @@ class DraftRunner:
     step prefills only its last block and the tokens accepted since."""
 
     def __init__(self, draft, target_engine, name: str = "the draft model"):
-        from .engine import Engine, check_memory
+        from .engine import Engine
 
         self.name = name
-        slots, max_len = target_engine.slots, target_engine.max_len
-        max_len = min(max_len + MAX_DRAFT + 1, draft.config.max_position_embeddings)
-        tokens = target_engine.cache.tokens + slots * (MAX_DRAFT + 1)
-        param = next(draft.parameters())
-        try:  # a pool of the target's size: room for every row's sequence and its draft
-            check_memory(draft, slots, max_len, param.device, param.dtype, tokens, DRAFT_BLOCK)
+        slots = target_engine.slots
+        max_len = min(target_engine.max_len + MAX_DRAFT + 1, draft.config.max_position_embeddings)
+        tokens = target_engine.cache.tokens + slots * (MAX_DRAFT + 1)  # the target's pool, and every row's draft
+        try:  # the engine checks its pool against free memory before allocating it
+            self.engine = Engine(draft, slots=slots, max_len=max_len, kv_cache_tokens=tokens, prefix_cache=True,
+                                 block_size=DRAFT_BLOCK)
         except ValueError as e:
             raise ValueError(f"{name} does not fit: {e}") from None
-        self.engine = Engine(draft, slots=slots, max_len=max_len, kv_cache_tokens=tokens, prefix_cache=True,
-                             block_size=DRAFT_BLOCK)
         self.steps = 0  # draft engine steps run
         self.seconds: float | None = None  # a `propose` call's wall time (moving average)
         self.right, self.wrong = PRIOR_RIGHT, 1.0  # its guesses right, and drafts ended by a wrong one (decaying)
@@ -285,17 +281,22 @@ def draft_pays(drafters: list[ModelDrafter], k: int, runner: DraftRunner, step: 
     than plain steps: their expected tokens per verify, at a plain step's time `step` each, against a
     verify step's time plus the draft's. Yes until there are times to compare (a plain step's time
     is taken to be a verify step's until one is seen), and for a row back from a pause (a probe)."""
-    step = step if step is not None else verify
+    step, verify = _step_times(step, verify)
     if runner.seconds is None or step is None or any(d.probe for d in drafters):
         return True
     gain = sum(d.expected(k) for d in drafters) / len(drafters)
-    return gain * step > (verify if verify is not None else step) + runner.seconds
+    return gain * step > verify + runner.seconds
 
 
 def probe_pause(runner: DraftRunner, step: float | None, verify: float | None) -> int:
     """Steps to draft nothing after a draft judged not to pay: enough that the next probe (a draft and
     a verify step) costs about PROBE_SHARE of the plain steps' time in between."""
-    step = step if step is not None else verify
+    step, verify = _step_times(step, verify)
     if runner.seconds is None or not step:
         return 0
-    return math.ceil((runner.seconds + (verify or step)) / (PROBE_SHARE * step))
+    return math.ceil((runner.seconds + verify) / (PROBE_SHARE * step))
+
+
+def _step_times(step: float | None, verify: float | None) -> tuple[float | None, float | None]:
+    """(plain step, verify step) seconds, each standing in for the other until it has been seen."""
+    return (step if step is not None else verify), (verify if verify is not None else step)
