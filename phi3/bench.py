@@ -130,7 +130,8 @@ def bench_ours(llm: LLM, *, prompt_len: int, new: int, batches: list[int], prefi
         floor = b / ((weights + b * kv_per_token * (prompt_len + new / 2)) / bandwidth)
         rows.append(Row("phi3", f"decode, batch {b}, {prompt_len}-token prompts", tps, "tok/s",
                         f"{tps / floor:.0%} of the floor ({floor:.0f} tok/s at {bandwidth / 1e9:.0f} GB/s)"))
-    rows.append(Row("phi3", "peak memory", None, "", peak_memory(device)))
+    if rows:
+        rows.append(Row("phi3", "peak memory", None, "", peak_memory(device)))
     return rows
 
 
@@ -173,6 +174,28 @@ def bench_prefix(llm: LLM, *, doc_len: int = 2000, turns: int = 4, shots: int = 
                  Row("phi3", f"{shots}-shot-shaped: prefill tokens computed, prefix cache {label}",
                      engine.computed_tokens - computed, "tokens")]
     return rows
+
+
+def bench_beside(llm: LLM, *, long_len: int, n: int, prompt_len: int, new: int) -> list[Row]:
+    """One `long_len`-token prompt served together with `n` prompts of `prompt_len` tokens (greedy,
+    stop ids ignored): the long one's prefill is timed cold once, then the prefix cache holds it, so
+    the decode of all n + 1 rows is timed without paying it again; against the n short rows alone."""
+    llm.stop_ids, vocab = frozenset(), llm.config.vocab_size
+    long, short = prompts(1, long_len, vocab, seed=11), prompts(n, prompt_len, vocab, seed=12)
+    llm.prefix_cache = False
+    time_ours(llm, short, 2)  # warm-up
+    alone = n * (new - 1) / (time_ours(llm, short, new) - time_ours(llm, short, 1))
+    llm.prefix_cache = True
+    together = long + short
+    llm.engine_for([(long_len + new, SamplingParams())] + [(prompt_len + new, SamplingParams())] * n)  # built untimed
+    cold = time_ours(llm, together, 1)
+    full = time_ours(llm, together, new)
+    tps = (n + 1) * (new - 1) / (full - time_ours(llm, together, 1))
+    return [Row("phi3", f"{long_len}-token prompt beside {n} of {prompt_len}: all first tokens (cold)", cold, "s"),
+            Row("phi3", f"decode, {n} rows of {prompt_len} tokens alone", alone, "tok/s"),
+            Row("phi3", f"decode, the same {n} beside the {long_len}-token row", tps, "tok/s",
+                f"{tps / alone:.2f}x of alone, with 1 more row"),
+            Row("phi3", "peak memory", None, "", peak_memory(llm.device))]
 
 
 _PASSAGE = ("The lighthouse on the northern cape was built in 1874 from granite quarried two miles inland. "
@@ -325,7 +348,7 @@ def run(args) -> int:
     device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    batches = [int(b) for b in args.batch.split(",")]
+    batches = [int(b) for b in args.batch.split(",") if b]
     compare = [c for c in (args.compare or "").split(",") if c]
     if args.random:
         llm, raw = random_llm(args.model, args.layers, device, pick_dtype(args.dtype, device, "bfloat16"))
@@ -355,6 +378,9 @@ def run(args) -> int:
         rows += bench_prefix(llm)
     if args.speculate:
         rows += bench_speculate(llm, args.speculate, args.new_tokens)
+    if args.long_beside:
+        long_len, n = args.long_beside
+        rows += bench_beside(llm, long_len=long_len, n=n, prompt_len=args.prompt_len, new=args.new_tokens)
     if "transformers" in compare:
         with tempfile.TemporaryDirectory() as tmp:
             if args.random:

@@ -77,16 +77,18 @@ class KVCache:
             for t in (*self.k, *self.v):
                 t.index_fill_(0, index, 0)
 
-    def update(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
-               v: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, Hkv, T, D) for table rows `rows` (B, 1) at positions (B, T); return those
-        rows' keys and values at positions 0..kv_len-1, gathered through the table as
-        (B, Hkv, kv_len, D)."""
-        kc, vc, table, bs = self.k[layer], self.v[layer], self.block_table, self.block_size
-        where = table[rows, positions // bs], positions % bs  # (B, T) block and offset
+    def write(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k, v (B, Hkv, T, D) for table rows `rows` (B, 1) at positions (B, T)."""
+        kc, vc, bs = self.k[layer], self.v[layer], self.block_size
+        where = self.block_table[rows, positions // bs], positions % bs  # (B, T) block and offset
         kc[where] = k.transpose(1, 2).to(kc.dtype)  # (B, T, Hkv, D)
         vc[where] = v.transpose(1, 2).to(vc.dtype)
-        held = table[rows[:, 0], : -(-kv_len // bs)]  # (B, n) the blocks of positions 0..n*bs-1
+
+    def read(self, layer: int, rows: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Table rows `rows`' (B,) keys and values at positions 0..kv_len-1, gathered through the table
+        as (B, Hkv, kv_len, D)."""
+        kc, vc, bs = self.k[layer], self.v[layer], self.block_size
+        held = self.block_table[rows, : -(-kv_len // bs)]  # (B, n) the blocks of positions 0..n*bs-1
         B, n = held.shape
         keys = kc[held].view(B, n * bs, *kc.shape[2:])[:, :kv_len]  # (B, S, Hkv, D)
         values = vc[held].view(B, n * bs, *vc.shape[2:])[:, :kv_len]

@@ -327,6 +327,13 @@ def cmd_serve(args) -> int:
 
 
 # -- bench ---------------------------------------------------------------------------------------
+def _long_beside(text: str) -> tuple[int, int]:
+    long, _, n = text.partition(":")
+    if not (long.isdigit() and n.isdigit() and int(long) > 0 and int(n) > 0):
+        raise argparse.ArgumentTypeError(f"expected LONG:N, two positive integers (e.g. 130000:32), got {text!r}")
+    return int(long), int(n)
+
+
 def _add_bench_args(p: argparse.ArgumentParser) -> None:
     _add_load_args(p)
     p.add_argument("--random", action="store_true",
@@ -334,7 +341,7 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, default=None, help="with --random: this many layers (default: all)")
     p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per row for decode (default: %(default)s)")
     p.add_argument("--new-tokens", type=int, default=128, help="new tokens per row (default: %(default)s)")
-    p.add_argument("--batch", default="1,8,16,64", help="batch sizes for decode, comma-separated (default: %(default)s)")
+    p.add_argument("--batch", default="1,8,16,64", help="batch sizes for decode, comma-separated; '' for none (default: %(default)s)")
     p.add_argument("--prefill", type=int, default=4096, help="prompt tokens for the prefill / first-token figure, "
                    "0 skips it (default: %(default)s)")
     p.add_argument("--compare", default="", help="peers in the same run: transformers,llama.cpp (default: none)")
@@ -344,6 +351,10 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculate", default=None, metavar="ngram[:K[:N]]|MODEL[:K]|layers:N[:K]",
                    help="also time batch-1 greedy decode with this speculative decoding against without, on an "
                         "input-grounded prompt and free chat, with the acceptance rate (default: off)")
+    p.add_argument("--long-beside", type=_long_beside, default=None, metavar="LONG:N",
+                   help="also time one LONG-token prompt served together with N --prompt-len-token ones: its cold "
+                        "first token, then the decode of all N+1 rows against the N alone, and the peak memory "
+                        "(default: off)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (default: off; on a CPU in fp32 the eager step runs its "

@@ -66,6 +66,31 @@ PREFILL_CHUNK = 2048  # prompt tokens per prefill forward: bounds activation mem
 MIN_KV_BUCKET = 64
 
 
+def kv_bucket(length: int, limit: int) -> int:
+    """Keys a step reads for a row of `length` tokens: the next power of two (64 at least, `limit`
+    at most), so that the step's shapes, hence its compilations and CUDA graphs, stay few."""
+    return min(limit, max(MIN_KV_BUCKET, 1 << (length - 1).bit_length()))
+
+
+def kv_parts(lengths: Sequence[int], limit: int) -> tuple[list[int], tuple[tuple[int, int], ...]]:
+    """How a step's rows read their keys: `lengths[i]` keys for row i (0: a spare row). One part,
+    every row over the longest row's bucket, unless splitting the rows (by length) into the shorter
+    ones and the 1, 2, 4, ... longest saves a quarter of the keys gathered and attended over or more
+    (a second part costs a gather and an attention call per layer): then two parts. Returns the
+    rows in part order and each part's (rows, keys)."""
+    B = len(lengths)
+    order = sorted(range(B), key=lengths.__getitem__)
+    longest = kv_bucket(max(max(lengths), 1), limit)
+    best, parts = B * longest * 3 // 4, ((B, longest),)
+    n = 1
+    while n < B:
+        short = kv_bucket(max(lengths[order[B - n - 1]], 1), limit)
+        if (B - n) * short + n * longest <= best:
+            best, parts = (B - n) * short + n * longest, ((B - n, short), (n, longest))
+        n *= 2
+    return order, parts
+
+
 @dataclass(eq=False)
 class Request:
     """One sequence in the engine. `tokens` grows as it decodes; `finish_reason` is set at the end
@@ -190,6 +215,7 @@ class Engine:
         self.v_logprob = torch.zeros(n, device=self.device)
         self.v_top_logprob = torch.zeros(n, k, device=self.device)
         self.v_top_ids = torch.zeros(n, k, dtype=torch.long, device=self.device)
+        self.kv_order = torch.zeros(n, dtype=torch.long, device=self.device)  # a step's rows in kv_parts' order
         # The step: eager, compiled, and/or captured per (B, S, mode).
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
@@ -615,12 +641,11 @@ class Engine:
     def _plain_decode(self) -> list[Event]:
         rows = sorted(self._decoding)
         batch = min(self.slots, 1 << rows[-1].bit_length())  # power of two > the highest busy row
-        longest = max(self.requests[r].length for r in rows)
-        kv_len = min(self.cache.scratch, max(MIN_KV_BUCKET, 1 << (longest - 1).bit_length()))
+        parts = self._kv_parts([self.requests[r].length if r in self._decoding else 0 for r in range(batch)])
         mode = self.params.mode(rows)
         if mode.grammar:  # grammar: the constrained rows' allowed tokens, before the step
             self.params.fill_masks({r: self.requests[r].matcher for r in rows if self.requests[r].matcher})
-        self._run(self._body, (batch, kv_len, mode))
+        self._run(self._body, (batch, parts, mode))
         ids = self.next_ids[:batch].tolist()  # the one host sync of the step
         logprobs = self._host_logprobs(0, batch) if mode.logprobs else None
         events = []
@@ -739,8 +764,8 @@ class Engine:
             self.v_guessed[:size].copy_(table)
         if mode.grammar:
             self.params.fill_masks({r: self.requests[r].matcher for r in rows if self.requests[r].matcher})
-        kv_len = min(self.cache.scratch, max(MIN_KV_BUCKET, 1 << max(positions).bit_length()))
-        self._run(self._verify_body, (size, kv_len, mode))
+        parts = self._kv_parts([p + 1 for p in positions] + [0] * pad)
+        self._run(self._verify_body, (size, parts, mode))
         drawn = self.v_ids[:n].tolist()
         logprobs = None
         if mode.logprobs:
@@ -774,15 +799,33 @@ class Engine:
             self.params.seen[torch.tensor(seen_rows, device=self.device), torch.tensor(seen_ids, device=self.device)] = True
         return events
 
-    def _check_body(self, n: int, kv_len: int, mode: Mode) -> None:
+    def _check_body(self, n: int, parts: tuple[tuple[int, int], ...], mode: Mode) -> None:
         """The verify step's forward and draws over the first n static positions (no row state changes)."""
         rows = self.v_rows[:n]
-        logits = self.model(self.v_tokens[:n, None], self.v_positions[:n, None], self.cache, kv_len=kv_len,
-                            slot=rows)[:, -1]  # (N, V)
+        logits = self.model(self.v_tokens[:n, None], self.v_positions[:n, None], self.cache,
+                            kv_len=parts[-1][1], kv_parts=self._parts_of(parts), slot=rows)[:, -1]  # (N, V)
         ids = self.params.sample_at(logits, rows, self.v_ahead[:n], mode, self.v_guessed[:n])
         if mode.logprobs:
             self.v_logprob[:n], self.v_top_logprob[:n], self.v_top_ids[:n] = logprobs_of(logits, ids, self.v_top_ids.shape[1])
         self.v_ids[:n] = ids
+
+    def _kv_parts(self, lengths: list[int]) -> tuple[tuple[int, int], ...]:
+        """The step's parts (kv_parts), the rows' order written to `kv_order` where there are several."""
+        order, parts = kv_parts(lengths, self.cache.scratch)
+        if len(parts) > 1:
+            self.kv_order[:len(order)].copy_(torch.tensor(order, dtype=torch.long), non_blocking=True)
+        return parts
+
+    def _parts_of(self, parts: tuple[tuple[int, int], ...]) -> list[tuple[torch.Tensor, int]] | None:
+        """Phi3.forward's kv_parts for a step's parts (None for one): views of `kv_order` (fixed
+        addresses, so that a captured step reads each step's order)."""
+        if len(parts) == 1:
+            return None
+        out, start = [], 0
+        for n, kv_len in parts:
+            out.append((self.kv_order[start:start + n], kv_len))
+            start += n
+        return out
 
     def _run(self, body, shape: tuple) -> None:
         """Run `body(*shape)`: eager, compiled, or a CUDA graph captured per (body, shape)."""
@@ -795,11 +838,11 @@ class Engine:
             self._graphs[key] = self._capture(body, shape)
         self._graphs[key].replay()
 
-    def _decode_body(self, batch: int, kv_len: int, mode: Mode) -> None:
+    def _decode_body(self, batch: int, parts: tuple[tuple[int, int], ...], mode: Mode) -> None:
         """Rows 0..batch-1 feed their next id and draw the one after (fixed shapes; in place)."""
         active = self.active[:batch]
         logits = self.model(self.tokens_in[:batch, None], self.positions[:batch, None], self.cache,
-                            kv_len=kv_len)[:, -1]  # (B, V)
+                            kv_len=parts[-1][1], kv_parts=self._parts_of(parts))[:, -1]  # (B, V)
         ids = self.params.sample(logits, 0, mode)  # (B,)
         if mode.logprobs:
             self._store_logprobs(0, logits, ids)

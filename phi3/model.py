@@ -9,6 +9,7 @@ C, csrc/layer.c), and runs the blocks below when it declines.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -85,12 +86,18 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
-        if ctx.cache is not None:  # (B, Hkv, S, D): this row's keys 0..S-1, the new ones written
-            k, v = ctx.cache.update(self.layer_idx, ctx.rows, ctx.positions, k, v, ctx.kv_len)
-        if self.implementation == "eager":
-            y = _eager_attention(q, k, v, ctx.mask)
+        attend = _eager_attention if self.implementation == "eager" else _sdpa
+        if ctx.cache is None:
+            y = attend(q, k, v, ctx.mask)
         else:
-            y = _sdpa(q, k, v, ctx.mask)
+            ctx.cache.write(self.layer_idx, ctx.rows, ctx.positions, k, v)
+            if ctx.parts is None:  # (B, Hkv, S, D): each row's keys 0..S-1, the new ones included
+                y = attend(q, *ctx.cache.read(self.layer_idx, ctx.rows[:, 0], ctx.kv_len), ctx.mask)
+            else:  # each part of the rows over its own keys (Phi3.forward's kv_parts)
+                y = torch.empty_like(q)
+                for index, kv_len, mask in ctx.parts:
+                    keys, values = ctx.cache.read(self.layer_idx, ctx.rows[index, 0], kv_len)
+                    y.index_copy_(0, index, attend(q[index], keys, values, mask))
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*D) -> (B, T, C)
 
 
@@ -211,6 +218,7 @@ class Phi3(nn.Module):
         *,
         slot: int | torch.Tensor = 0,
         kv_len: int | None = None,
+        kv_parts: Sequence[tuple[torch.Tensor, int]] | None = None,
         long_rope: bool | None = None,
         last_only: bool = False,
         read: torch.Tensor | None = None,
@@ -229,7 +237,10 @@ class Phi3(nn.Module):
         `slot` may also be a (B,) tensor of cache rows: a batched prefill of rows that are not
         adjacent (the engine's scoring requests), or, one token each, several rows that are one
         sequence's next positions (speculative decoding's verify step: every row's keys are written
-        before any row attends, each up to its own position).
+        before any row attends, each up to its own position). `kv_parts`: (rows, kv_len) pairs whose
+        rows, (n,) index tensors, partition 0..B-1: those rows read keys 0..kv_len-1 only, so that a
+        batch of short rows beside a long one does not read (or gather) the long one's length each
+        (kv_len then defaults to the longest part's).
         """
         B, T = tokens.shape
         if cache is not None and not isinstance(slot, int):
@@ -238,6 +249,15 @@ class Phi3(nn.Module):
                 raise ValueError(f"slot must be a ({B},) tensor of rows of a cache of {cache.rows} rows, got {slot.tolist()}")
         elif cache is not None and not 0 <= slot <= slot + B <= cache.rows:
             raise ValueError(f"rows {slot}..{slot + B - 1} do not fit a cache of {cache.rows} rows")
+        if kv_parts is not None:
+            if cache is None:
+                raise ValueError("kv_parts needs a cache")
+            kv_len = max(n for _, n in kv_parts) if kv_len is None else kv_len
+            if any(not 1 <= n <= kv_len for _, n in kv_parts) or (
+                    tokens.device.type == "cpu" and not torch.compiler.is_compiling()
+                    and not torch.equal(torch.cat([i for i, _ in kv_parts]).sort().values, torch.arange(B))):
+                raise ValueError(f"kv_parts must partition the {B} rows, each part reading 1..kv_len ({kv_len}) keys, "
+                                 f"got {[(i.tolist(), n) for i, n in kv_parts]}")
         if cache is not None and not (kv_len is None or 1 <= kv_len <= cache.scratch):
             raise ValueError(f"kv_len {kv_len} does not fit a cache of {cache.scratch} positions")
         if (T != 1 or cache is None) and not torch.compiler.is_compiling():  # (a compiled step: no C layers)
@@ -265,8 +285,12 @@ class Phi3(nn.Module):
         if fused is not None:
             x = fused
         else:
-            ctx = Context(positions, cos, sin, self.attention_mask(positions, kv_len, cache is not None),
-                          cache, slot, rows, kv_len)
+            parts = None if kv_parts is None or len(kv_parts) == 1 else tuple(
+                (index, n, self.attention_mask(positions[index], n, True)) for index, n in kv_parts)
+            if kv_parts is not None and parts is None:
+                kv_len = kv_parts[0][1]
+            mask = None if parts else self.attention_mask(positions, kv_len, cache is not None)
+            ctx = Context(positions, cos, sin, mask, cache, slot, rows, kv_len, parts)
             for block in self.model.layers:
                 if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                     x = checkpoint(block, x, ctx, use_reentrant=False)
@@ -312,3 +336,4 @@ class Context(NamedTuple):
     slot: int  # row b is cache row `slot + b`
     rows: torch.Tensor | None  # (B, 1): the same slots as a tensor
     kv_len: int  # keys each row attends over
+    parts: tuple[tuple[torch.Tensor, int, torch.Tensor], ...] | None = None  # (rows, kv_len, mask) per part, or all rows

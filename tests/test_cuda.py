@@ -57,6 +57,21 @@ def test_cuda_graph_batches_equal_transformers_per_row(checkpoints):
     assert len(engine._graphs) >= 2  # several (batch, length) buckets were captured and replayed
 
 
+def test_cuda_graphs_with_a_long_row_beside_short_ones(checkpoints):
+    """A long row and seven short ones: captured steps whose short rows read only their own keys
+    (two attention parts, the order a device tensor the graphs read) give transformers' tokens."""
+    folder, ref = checkpoints["longrope"]
+    llm = phi3.load(folder, device="cuda", dtype="float32")
+    work = [(_ids(190, 90), 24)] + [(_ids(8 + 4 * k, 91 + k), 20) for k in range(7)]
+    engine = Engine(llm.model, slots=8, max_len=256, cuda_graphs=True)
+    reqs = [engine.submit(p, SamplingParams(max_new_tokens=n)) for p, n in work]
+    while engine.busy:
+        engine.step()
+    for req, (prompt, new) in zip(reqs, work):
+        assert req.tokens == greedy_reference(ref, prompt, new), len(prompt)
+    assert any(len(key[2]) == 2 for key in engine._graphs), list(engine._graphs)  # a two-part step was captured
+
+
 @pytest.mark.parametrize("kind", ["longrope", "gqa"])
 def test_cuda_bf16_greedy_tokens_match_transformers(checkpoints, kind):
     """bf16 on the GPU, the dtype a real Phi-3 loads in there: the greedy tokens of transformers in

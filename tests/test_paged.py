@@ -224,3 +224,64 @@ def test_an_unused_pool_touches_no_memory(models):
     assert grown < 64 << 20, grown
     _run(engine, [(_ids(40, seed=2), SamplingParams(max_new_tokens=8))])
     assert rss() - before < 64 << 20
+
+
+@pytest.mark.parametrize("kind", ["longrope", "gqa"])
+def test_short_rows_beside_a_long_one_read_only_their_own_keys(models, kind, monkeypatch):
+    """One long row decoding with seven short ones: the torch step gives every row transformers'
+    tokens while no attention call over several rows reads the long row's length of keys (the
+    short rows are not padded to it); the C step gives the same tokens; and a speculative verify
+    step (prompt lookup) splits its rows the same way."""
+    llm, ref = models[kind]
+    import torch.nn.functional as F
+
+    import phi3.kernels
+    work = [(_ids(190, seed=90), 24)] + [(_ids(8 + 4 * k, seed=91 + k), 20) for k in range(7)]
+    expected = [_reference(ref, p, n) for p, n in work]
+    c_step = [r.tokens for r in _run(Engine(llm.model, slots=8, max_len=256),
+                                     [(p, SamplingParams(max_new_tokens=n)) for p, n in work])]
+    assert c_step == expected
+    monkeypatch.setattr(phi3.kernels, "decode_layers", lambda *a, **k: None)  # the torch step
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        if q.shape[2] == 1:  # a decode or verify step's (rows, keys)
+            calls.append((k.shape[0], k.shape[2]))
+        return sdpa(q, k, v, *args, **kwargs)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    for speculate in (None, "ngram:3:1"):
+        calls.clear()
+        params = [SamplingParams(max_new_tokens=n, speculate=speculate) for _, n in work]
+        reqs = _run(Engine(llm.model, slots=8, max_len=256), list(zip([p for p, _ in work], params)))
+        assert [r.tokens for r in reqs] == expected
+        long_reads = [rows for rows, keys in calls if keys > 64]  # the long row's positions: 1 (4 verified)
+        assert long_reads and max(long_reads) <= (4 if speculate else 1), calls
+        assert max(rows * keys for rows, keys in calls) <= 4 * 256, calls
+
+
+def test_kv_parts_of_a_forward_read_each_part_over_its_own_keys(models, monkeypatch):
+    """`Phi3.forward(kv_parts=...)` in the torch step: rows split into parts, each over its own number
+    of keys, give the logits of every row over all the keys (the masked ones add nothing) and of the
+    C step; a split that is not a partition of the rows, or a part over more keys than kv_len, is refused."""
+    import phi3.kernels
+    from phi3.cache import KVCache
+    llm, _ = models["gqa"]
+    lengths = [70, 5, 12, 3]
+    cache = KVCache(llm.config, 4, 128, torch.float32)
+    with torch.inference_mode():
+        for row, n in enumerate(lengths):  # each row's prompt but its last token
+            llm.model(torch.tensor([_ids(n - 1, seed=row)]), torch.arange(n - 1)[None], cache, slot=row, kv_len=n - 1)
+        last = torch.tensor([[_ids(1, seed=10 + row)[0]] for row in range(4)])
+        positions = torch.tensor([[n - 1] for n in lengths])
+        in_c = llm.model(last, positions, cache, kv_len=128)
+        monkeypatch.setattr(phi3.kernels, "decode_layers", lambda *a, **k: None)  # the torch step
+        whole = llm.model(last, positions, cache, kv_len=128)
+        assert (in_c - whole).abs().max() < 1e-4
+        parts = [(torch.tensor([1, 3]), 8), (torch.tensor([2]), 16), (torch.tensor([0]), 72)]
+        split = llm.model(last, positions, cache, kv_parts=parts)
+        assert (split - whole).abs().max() < 1e-5
+        for bad, kv_len in (([(torch.tensor([1, 3]), 8), (torch.tensor([0]), 72)], None),
+                            ([(torch.tensor([0, 1, 1, 3]), 72), (torch.tensor([2]), 16)], None),
+                            (parts, 64)):
+            with pytest.raises(ValueError, match="kv_parts must partition"):
+                llm.model(last, positions, cache, kv_parts=bad, kv_len=kv_len)
