@@ -11,11 +11,13 @@ layers of an eager fp32 decode step in C instead (how much faster: docs/PERFORMA
 
 The C files are compiled once per machine with its C compiler (`$CC`, else `cc`; `-O3 -march=native
 -fopenmp -fno-trapping-math`; `-mcpu=native` on arm64) into `$PHI3_CACHE/kernels/` and loaded with
-ctypes. The hot loops are AVX2+FMA+F16C on x86, NEON on arm64, plain C elsewhere. Threads are
+ctypes. The hot loops are AVX2+FMA+F16C on x86 (the one-row dots of a batch-1 decode on 512-bit
+registers where the compiler targets AVX-512), NEON on arm64, plain C elsewhere. Threads are
 OpenMP's, or POSIX threads where the compiler refuses -fopenmp (Apple's clang; `PHI3_OPENMP=0`
 forces that build). Without a compiler, or with `PHI3_KERNELS=0`, `available()` says why and packed
 modules dequantize to fp32 at load instead (the same answers, slower; a warning says so once).
-`PHI3_KERNELS=portable` builds the plain C path (what a CPU without AVX2/FMA/F16C or NEON runs).
+`PHI3_KERNELS=portable` builds the plain C path (what a CPU without AVX2/FMA/F16C or NEON runs);
+`PHI3_KERNELS=avx2` the AVX2 path on a CPU that has AVX-512 (for comparisons).
 """
 
 from __future__ import annotations
@@ -44,9 +46,9 @@ __all__ = ["CLinear", "available", "build_info", "cpu_linear", "dense_linear", "
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "packed.c", CSRC / "layer.c", CSRC / "parallel.c"]  # one library
 HEADERS = [CSRC / "packed.h", CSRC / "parallel.h"]  # what layer.c takes from packed.c; the threads
-SIMD = {0: None, 1: "avx2", 2: "neon"}  # phi3_simd()'s answer: which hot loops were compiled
+SIMD = {0: None, 1: "avx2", 2: "neon", 3: "avx512"}  # phi3_simd()'s answer: which hot loops were compiled
 _lock = threading.Lock()
-_state: dict = {}  # "lib": ctypes.CDLL | None, "why": str (why not), "simd": "avx2", "neon" or None
+_state: dict = {}  # "lib": ctypes.CDLL | None, "why": str (why not), "simd": a SIMD value
 
 
 def _cpu_id() -> str:
@@ -62,8 +64,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     mode = os.environ.get("PHI3_KERNELS", "1")
     if mode == "0":
         return None, "PHI3_KERNELS=0"
-    if mode not in ("1", "portable"):
-        return None, f"PHI3_KERNELS={mode!r} is not 0, 1 or portable"
+    if mode not in ("1", "portable", "avx2"):
+        return None, f"PHI3_KERNELS={mode!r} is not 0, 1, avx2 or portable"
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
         return None, "no C compiler found (install gcc or clang, or set CC)"
@@ -71,7 +73,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     native = "-mcpu=native" if platform.machine().lower() in ("arm64", "aarch64") else "-march=native"
     openmp = os.environ.get("PHI3_OPENMP", "1") != "0"
     # the plain C path (-DPHI3_PORTABLE), for machines (and tests) without AVX2 or NEON
-    targets = [["-DPHI3_PORTABLE"]] if mode == "portable" else [[native], []]
+    targets = {"portable": [["-DPHI3_PORTABLE"]], "avx2": [[native, "-DPHI3_NO_AVX512"]]}.get(mode, [[native], []])
     # -fno-trapping-math: no code here reads floating-point exception flags, and it lets the
     # compiler vectorize layer.c's branch-free exp
     attempts = [["-O3", *target, threads, "-fno-trapping-math"] for target in targets
@@ -139,7 +141,7 @@ def available() -> tuple[bool, str]:
 
 
 def build_info() -> dict:
-    """How the loaded kernels were built: {"simd": "avx2", "neon" or None (plain C), "threads":
+    """How the loaded kernels were built: {"simd": "avx512", "avx2", "neon" or None (plain C), "threads":
     "openmp" or "pthreads", "flags": [...]}; None values where they are not built."""
     lib = _lib()
     return {"simd": _state["simd"] if lib else None, "threads": {1: "openmp", 2: "pthreads"}.get(lib.phi3_threads_kind())

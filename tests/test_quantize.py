@@ -87,14 +87,14 @@ def test_kernels_against_the_dense_weight(bits, kernel, dtype):
 
 def _compiler_targets_simd(flags: list[str]) -> str | None:
     """Which SIMD path the C compiler phi3 builds with targets under the build's flags ("avx2" where it
-    defines AVX2, FMA and F16C, "neon" on arm64, else None): the compiler's own answer, which phi3's
+    defines AVX2, FMA and F16C, "avx512" where AVX-512F too, "neon" on arm64, else None): the compiler's own answer, which phi3's
     build must agree with."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     macros = subprocess.run([cc, *flags, "-dM", "-E", "-"], input="", capture_output=True, text=True).stdout
     if "-DPHI3_PORTABLE" in flags:
         return None
     if all(f"#define __{m}__ 1" in macros for m in ("AVX2", "FMA", "F16C")):
-        return "avx2"
+        return "avx512" if "#define __AVX512F__ 1" in macros and "-DPHI3_NO_AVX512" not in flags else "avx2"
     return "neon" if "#define __ARM_NEON 1" in macros and "#define __aarch64__ 1" in macros else None
 
 
@@ -287,6 +287,45 @@ def test_kernels_without_openmp_run_on_posix_threads(checkpoints, tmp_path):
     # the same SIMD code on other threads: rounding apart at most
     _same_decodes(json.loads(done.stdout.splitlines()[1]), json.loads(here.stdout), (1e-5, 1e-3, 1e-5),
                   lambda: k_info(env) + " against " + k_info())
+
+
+ONE_ROW = """if True:
+    import json, torch, phi3.kernels as k
+    from phi3.quantize import quantize_int4, quantize_int8, dequantize
+    print(k.build_info()["simd"])
+    g, out = torch.Generator().manual_seed(2), []
+    for bits, K, gs in [(4, 1536, 32), (4, 576, 32), (4, 1536, 64), (4, 2048, 128), (4, 96, 32),
+                        (8, 1536, 32), (8, 576, 64), (8, 1024, None), (8, 80, 16)]:
+        w = torch.randn(40, K, generator=g)
+        packed = quantize_int4(w, gs) if bits == 4 else quantize_int8(w, gs)
+        x = torch.randn(1, K, generator=g)
+        y = (k.q4_linear if bits == 4 else k.q8_linear)(x, *packed).double()
+        ref = x.double() @ dequantize(*packed).double().T
+        assert (y - ref).abs().max() <= 1e-5 * ref.abs().max(), (bits, K, gs)
+        out.append(y.tolist())
+    print(json.dumps(out))
+"""
+
+
+def test_one_row_dots_of_both_x86_builds(tmp_path):
+    """A batch-1 decode's dots, on 512-bit registers where the compiler targets AVX-512, and the AVX2
+    build's (PHI3_KERNELS=avx2), each against the dequantized weight in double precision: groups of
+    one block and of several, group counts below and above sixteen with uneven tails; the two builds'
+    outputs within 1e-5 of each other's largest."""
+    ok, _ = phi3.kernels.available()
+    if not ok or phi3.kernels.build_info()["simd"] not in ("avx2", "avx512"):
+        pytest.skip("the AVX2 and AVX-512 paths are x86's; this build has neither")
+    runs = {}
+    for mode in ("1", "avx2"):
+        env = {**os.environ, "PHI3_KERNELS": mode, "PHI3_CACHE": str(tmp_path / mode)}
+        done = subprocess.run([sys.executable, "-c", ONE_ROW], capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr
+        simd, values = done.stdout.splitlines()
+        runs[mode] = (simd, json.loads(values))
+    assert runs["avx2"][0] == "avx2" and runs["1"][0] == phi3.kernels.build_info()["simd"]
+    for a, b in zip(runs["1"][1], runs["avx2"][1], strict=True):
+        a, b = np.array(a), np.array(b)
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
 
 def _same_decodes(a: list, b: list, atols: tuple, builds) -> None:

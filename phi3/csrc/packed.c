@@ -52,6 +52,55 @@ static inline float hsum(__m256 v) {
         w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b1_, 4)), s, b);                    \
     } while (0)
 
+#if defined(__AVX512F__) && !defined(PHI3_NO_AVX512)
+/* x's 32 columns of block j times the int4 block at wr + j * 16 (w = q * s + b, as Q4_EXPAND), into
+ * accumulators lo (columns 0-15: the bytes' low nibbles) and hi (16-31: the high ones). */
+#define Q4_FMA16(j, s, b, lo, hi)                                                                          \
+    do {                                                                                                  \
+        const __m512i q_ = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wr + (j) * 16)));       \
+        lo = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q_, low4)), s, b),         \
+                             _mm512_loadu_ps(x + (j) * 32), lo);                                           \
+        hi = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q_, 4)), s, b),           \
+                             _mm512_loadu_ps(x + (j) * 32 + 16), hi);                                      \
+    } while (0)
+
+/* One row of x (decoding one sequence) on 512-bit registers: a block's 16 bytes widen to 16 lanes;
+ * blocks taken in pairs (across groups where a group is one block) for four accumulators. */
+static float q4_dot1(const float *x, const uint8_t *wr, const uint16_t *sr, const uint16_t *br, int64_t K, int64_t G) {
+    const int64_t bpg = K / 32 / G; /* blocks of 32 columns per group */
+    const __m512i low4 = _mm512_set1_epi32(0x0F);
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    float sf[16], bf[16]; /* sixteen groups' scales and biases in fp32 */
+    for (int64_t g0 = 0; g0 < G; g0 += 16) {
+        const int64_t n = G - g0 < 16 ? G - g0 : 16;
+        if (n == 16) {
+            _mm512_storeu_ps(sf, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sr + g0))));
+            _mm512_storeu_ps(bf, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(br + g0))));
+        } else {
+            for (int64_t i = 0; i < n; i++) sf[i] = half_to_float(sr[g0 + i]), bf[i] = half_to_float(br[g0 + i]);
+        }
+        if (bpg == 1) {
+            int64_t i = 0;
+            for (; i + 2 <= n; i += 2) {
+                Q4_FMA16(g0 + i, _mm512_set1_ps(sf[i]), _mm512_set1_ps(bf[i]), a0, a1);
+                Q4_FMA16(g0 + i + 1, _mm512_set1_ps(sf[i + 1]), _mm512_set1_ps(bf[i + 1]), a2, a3);
+            }
+            if (i < n) Q4_FMA16(g0 + i, _mm512_set1_ps(sf[i]), _mm512_set1_ps(bf[i]), a0, a1);
+            continue;
+        }
+        for (int64_t i = 0; i < n; i++) {
+            const __m512 s = _mm512_set1_ps(sf[i]), b = _mm512_set1_ps(bf[i]);
+            int64_t j = (g0 + i) * bpg;
+            for (; j + 2 <= (g0 + i + 1) * bpg; j += 2) {
+                Q4_FMA16(j, s, b, a0, a1);
+                Q4_FMA16(j + 1, s, b, a2, a3);
+            }
+            if (j < (g0 + i + 1) * bpg) Q4_FMA16(j, s, b, a0, a1);
+        }
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+#else
 /* One row of x (decoding one sequence): four accumulators, so no fma waits on the one before it. */
 static float q4_dot1(const float *x, const uint8_t *wr, const uint16_t *sr, const uint16_t *br, int64_t K, int64_t G) {
     const int64_t bpg = K / 32 / G; /* blocks of 32 columns per group */
@@ -80,6 +129,7 @@ static float q4_dot1(const float *x, const uint8_t *wr, const uint16_t *sr, cons
     }
     return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 }
+#endif
 
 /* mr (<= MR) rows of x, two accumulators each; always inlined so that mr = MR and mr = 2 unroll */
 static inline __attribute__((always_inline)) void q4_row_mr(const float *x, const uint8_t *wr, const uint16_t *sr,
@@ -140,6 +190,29 @@ static inline __m256 q8_load8(const int8_t *p, __m256 s) {
     return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))), s);
 }
 
+#if defined(__AVX512F__) && !defined(PHI3_NO_AVX512)
+static inline __m512 q8_load16(const int8_t *p, __m512 s) {
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p))), s);
+}
+
+/* One row of x on 512-bit registers: w = q * s as below, four accumulators (groups of 16n columns). */
+static float q8_dot1(const float *x, const int8_t *wr, const uint16_t *sr, int64_t K, int64_t G) {
+    const int64_t gs = K / G;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t g = 0, k = 0; g < G; g++) {
+        const int64_t end = (g + 1) * gs;
+        const __m512 s = _mm512_set1_ps(half_to_float(sr[g]));
+        for (; k + 64 <= end; k += 64) {
+            a0 = _mm512_fmadd_ps(q8_load16(wr + k, s), _mm512_loadu_ps(x + k), a0);
+            a1 = _mm512_fmadd_ps(q8_load16(wr + k + 16, s), _mm512_loadu_ps(x + k + 16), a1);
+            a2 = _mm512_fmadd_ps(q8_load16(wr + k + 32, s), _mm512_loadu_ps(x + k + 32), a2);
+            a3 = _mm512_fmadd_ps(q8_load16(wr + k + 48, s), _mm512_loadu_ps(x + k + 48), a3);
+        }
+        for (; k < end; k += 16) a0 = _mm512_fmadd_ps(q8_load16(wr + k, s), _mm512_loadu_ps(x + k), a0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+#else
 static float q8_dot1(const float *x, const int8_t *wr, const uint16_t *sr, int64_t K, int64_t G) {
     const int64_t gs = K / G;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -159,6 +232,7 @@ static float q8_dot1(const float *x, const int8_t *wr, const uint16_t *sr, int64
     }
     return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 }
+#endif
 
 static inline __attribute__((always_inline)) void q8_row_mr(const float *x, const int8_t *wr, const uint16_t *sr,
         float *y, int64_t m0, int mr, int64_t n, int64_t N, int64_t K, int64_t G) {
@@ -400,7 +474,11 @@ static void q4_dequant_row(const uint8_t *wr, const uint16_t *sr, const uint16_t
     }
 }
 
+#if defined(__AVX512F__) && !defined(PHI3_NO_AVX512)
+int phi3_simd(void) { return 3; } /* AVX2's path, its one-row dots on 512-bit registers */
+#else
 int phi3_simd(void) { return 1; }
+#endif
 
 #elif defined(__ARM_NEON) && defined(__aarch64__) && !defined(PHI3_PORTABLE)
 /* arm64 (Apple Silicon, Graviton, Ampere): NEON is part of the base architecture, 32 registers of
