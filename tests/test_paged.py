@@ -285,3 +285,13 @@ def test_kv_parts_of_a_forward_read_each_part_over_its_own_keys(models, monkeypa
                             (parts, 64)):
             with pytest.raises(ValueError, match="kv_parts must partition"):
                 llm.model(last, positions, cache, kv_parts=bad, kv_len=kv_len)
+
+
+def test_a_compiled_step_with_two_parts_gives_transformers_tokens(models):
+    """The decode step under torch.compile (fullgraph) with the rows in two parts: one long row, seven
+    short ones; every row gets transformers' greedy tokens."""
+    llm, ref = models["gqa"]
+    work = [(_ids(190, seed=90), 6)] + [(_ids(8 + 4 * k, seed=91 + k), 5) for k in range(7)]
+    reqs = _run(Engine(llm.model, slots=8, max_len=256, compile=True),
+                [(p, SamplingParams(max_new_tokens=n)) for p, n in work])
+    assert [r.tokens for r in reqs] == [_reference(ref, p, n) for p, n in work]
