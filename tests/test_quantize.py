@@ -289,7 +289,7 @@ def test_kernels_without_openmp_run_on_posix_threads(checkpoints, tmp_path):
                   lambda: k_info(env) + " against " + k_info())
 
 
-ONE_ROW = """if True:
+SMALL_BATCHES = """if True:
     import json, torch, phi3.kernels as k
     from phi3.quantize import quantize_int4, quantize_int8, dequantize
     print(k.build_info()["simd"])
@@ -298,27 +298,28 @@ ONE_ROW = """if True:
                         (8, 1536, 32), (8, 576, 64), (8, 1024, None), (8, 80, 16)]:
         w = torch.randn(40, K, generator=g)
         packed = quantize_int4(w, gs) if bits == 4 else quantize_int8(w, gs)
-        x = torch.randn(1, K, generator=g)
-        y = (k.q4_linear if bits == 4 else k.q8_linear)(x, *packed).double()
-        ref = x.double() @ dequantize(*packed).double().T
-        assert (y - ref).abs().max() <= 1e-5 * ref.abs().max(), (bits, K, gs)
-        out.append(y.tolist())
+        for M in (1, 2, 3, 4, 8, 13):  # one row; the multi-row kernels; eight rows and a rest
+            x = torch.randn(M, K, generator=g)
+            y = (k.q4_linear if bits == 4 else k.q8_linear)(x, *packed).double()
+            ref = x.double() @ dequantize(*packed).double().T
+            assert (y - ref).abs().max() <= 1e-5 * ref.abs().max(), (bits, K, gs, M)
+            out.append(y.tolist())
     print(json.dumps(out))
 """
 
 
-def test_one_row_dots_of_both_x86_builds(tmp_path):
-    """A batch-1 decode's dots, on 512-bit registers where the compiler targets AVX-512, and the AVX2
-    build's (PHI3_KERNELS=avx2), each against the dequantized weight in double precision: groups of
-    one block and of several, group counts below and above sixteen with uneven tails; the two builds'
-    outputs within 1e-5 of each other's largest."""
+def test_small_batch_kernels_of_both_x86_builds(tmp_path):
+    """A decode's packed linears for 1-13 rows, on 512-bit registers where the compiler targets
+    AVX-512, and the AVX2 build's (PHI3_KERNELS=avx2), each against the dequantized weight in double
+    precision: groups of one block and of several, group counts below and above sixteen with uneven
+    tails; the two builds' outputs within 1e-5 of each other's largest."""
     ok, _ = phi3.kernels.available()
     if not ok or phi3.kernels.build_info()["simd"] not in ("avx2", "avx512"):
         pytest.skip("the AVX2 and AVX-512 paths are x86's; this build has neither")
     runs = {}
     for mode in ("1", "avx2"):
         env = {**os.environ, "PHI3_KERNELS": mode, "PHI3_CACHE": str(tmp_path / mode)}
-        done = subprocess.run([sys.executable, "-c", ONE_ROW], capture_output=True, text=True, env=env, timeout=300)
+        done = subprocess.run([sys.executable, "-c", SMALL_BATCHES], capture_output=True, text=True, env=env, timeout=300)
         assert done.returncode == 0, done.stderr
         simd, values = done.stdout.splitlines()
         runs[mode] = (simd, json.loads(values))
@@ -326,6 +327,7 @@ def test_one_row_dots_of_both_x86_builds(tmp_path):
     for a, b in zip(runs["1"][1], runs["avx2"][1], strict=True):
         a, b = np.array(a), np.array(b)
         assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+    assert len(runs["1"][1]) == 9 * 6
 
 
 def _same_decodes(a: list, b: list, atols: tuple, builds) -> None:
