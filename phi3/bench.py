@@ -178,16 +178,16 @@ def bench_prefix(llm: LLM, *, doc_len: int = 2000, turns: int = 4, shots: int = 
 
 def bench_beside(llm: LLM, *, long_len: int, n: int, prompt_len: int, new: int) -> list[Row]:
     """One `long_len`-token prompt served together with `n` prompts of `prompt_len` tokens (greedy,
-    stop ids ignored): the long one's prefill is timed cold once, then the prefix cache holds it, so
-    the decode of all n + 1 rows is timed without paying it again; against the n short rows alone."""
+    stop ids ignored), with the prefix cache on: the long one's prefill is timed cold once, then the
+    cache holds it, so the decode of all n + 1 rows is timed without paying it again; against the n
+    short rows alone (their prompts cached too). One engine throughout: a second would need the
+    first one's pool freed on a GPU."""
     llm.stop_ids, vocab = frozenset(), llm.config.vocab_size
     long, short = prompts(1, long_len, vocab, seed=11), prompts(n, prompt_len, vocab, seed=12)
-    llm.prefix_cache = False
-    time_ours(llm, short, 2)  # warm-up
-    alone = n * (new - 1) / (time_ours(llm, short, new) - time_ours(llm, short, 1))
     llm.prefix_cache = True
+    time_ours(llm, short, 2)  # warm-up: the engine built, the short prompts cached
+    alone = n * (new - 1) / (time_ours(llm, short, new) - time_ours(llm, short, 1))
     together = long + short
-    llm.engine_for([(long_len + new, SamplingParams())] + [(prompt_len + new, SamplingParams())] * n)  # built untimed
     cold = time_ours(llm, together, 1)
     full = time_ours(llm, together, new)
     tps = (n + 1) * (new - 1) / (full - time_ours(llm, together, 1))

@@ -13,6 +13,7 @@ prompts with the same examples, the same system prompt); it is rebuilt only when
 
 from __future__ import annotations
 
+import gc
 import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -228,6 +229,7 @@ class LLM:
         if engine is not None and (engine.slots, engine._compiled, engine.blocks.prefix_cache) != \
                 (self.max_batch, self.compile, self.prefix_cache) and not engine.busy:
             self._engine = engine = None  # settings changed since it was built: free its cache first
+            gc.collect()  # an engine holds bound methods of itself (its step bodies): freed by the cycle collector
         if engine is None:
             engine = self._engine = Engine(self.model, slots=self.max_batch, kv_cache_tokens=self.kv_cache_tokens,
                                            prefix_cache=self.prefix_cache, compile=self.compile,

@@ -295,3 +295,19 @@ def test_a_compiled_step_with_two_parts_gives_transformers_tokens(models):
     reqs = _run(Engine(llm.model, slots=8, max_len=256, compile=True),
                 [(p, SamplingParams(max_new_tokens=n)) for p, n in work])
     assert [r.tokens for r in reqs] == [_reference(ref, p, n) for p, n in work]
+
+
+def test_an_engine_rebuilt_for_new_settings_frees_the_old_pool_first(models):
+    """Changing an LLM's engine settings (here the prefix cache) drops the old engine, its KV pool
+    included, before the new one is sized from the free memory: nothing keeps the old one alive."""
+    import weakref
+    llm, _ = models["window"]
+    llm.generate(_ids(20, seed=3), max_new_tokens=3)
+    old = weakref.ref(llm.engine_for([(20, SamplingParams())]))
+    before = llm.prefix_cache
+    try:
+        llm.prefix_cache = not before
+        new = llm.engine_for([(20, SamplingParams())])
+        assert old() is None and new.blocks.prefix_cache == (not before)
+    finally:
+        llm.prefix_cache = before
