@@ -37,10 +37,10 @@ class Backend:
 
     def __init__(self, load: Callable[[], LLM], *, name: str, max_batch: int, max_queue: int, max_len: int | None,
                  drain_timeout: float, kv_cache_tokens: int | None = None, prefix_cache: bool = True,
-                 speculate=None):
+                 speculate=None, kv_cache_dtype: str = "auto"):
         self._load, self.name = load, name
         self.speculate = speculate  # every request's speculative decoding (a phi3.speculate.Speculation, or None)
-        self.kv_cache_tokens, self.prefix_cache = kv_cache_tokens, prefix_cache
+        self.kv_cache_tokens, self.prefix_cache, self.kv_cache_dtype = kv_cache_tokens, prefix_cache, kv_cache_dtype
         self.slots, self.max_queue, self.max_len, self.drain_timeout = max_batch, max_queue, max_len, drain_timeout
         self.status, self.exit_code = "loading", 0
         self.llm: LLM | None = None
@@ -73,7 +73,8 @@ class Backend:
                 raise ValueError("the server needs a tokenizer, and this model has none")
             max_len = self.max_len or llm.config.max_position_embeddings
             self.engine = Engine(llm.model, slots=self.slots, max_len=max_len, kv_cache_tokens=self.kv_cache_tokens,
-                                 prefix_cache=self.prefix_cache, tokenizer=llm.tokenizer)
+                                 prefix_cache=self.prefix_cache, tokenizer=llm.tokenizer,
+                                 kv_cache_dtype=self.kv_cache_dtype)
             self.engine.load_draft = llm.load_draft
             if self.speculate is not None and self.speculate.kind == "model":  # loaded and checked before serving
                 runner = self.engine.draft_runner(self.speculate)
@@ -87,10 +88,12 @@ class Backend:
         for line in self.warnings:
             log.warning("phi3: warning: %s", line)
         tokens = self.engine.cache.tokens
-        log.info("serving %s as %r: %d rows, context %d, KV cache %d tokens (%.2f GiB, touched as used; prefix "
-                 "cache %s), queue %d", llm.name, self.name, self.slots, max_len, tokens,
-                 KVCache.nbytes(llm.config, tokens, llm.dtype) / 2**30, "on" if self.prefix_cache else "off",
-                 self.max_queue)
+        log.info("serving %s as %r: %d rows, context %d, KV cache %d tokens (%s, %.2f GiB, touched as used; "
+                 "prefix cache %s), queue %d", llm.name, self.name, self.slots, max_len, tokens,
+                 "int8" if self.engine.cache.quantized else str(llm.dtype).removeprefix("torch."),
+                 KVCache.nbytes(llm.config, tokens, llm.dtype, self.engine.cache.k[0].dtype
+                                if self.engine.cache.quantized else None) / 2**30,
+                 "on" if self.prefix_cache else "off", self.max_queue)
         self._post(self._ready)
         self._run()
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .cache import KV_DTYPES, KVCache
 from .generate import LLM
 from .sampling import SamplingParams
 
@@ -119,7 +120,7 @@ def bench_ours(llm: LLM, *, prompt_len: int, new: int, batches: list[int], prefi
         rows += [Row("phi3", f"prefill {prefill} tokens", prefill / t, "tok/s"),
                  Row("phi3", f"time to first token, {prefill}-token prompt", t, "s")]
     weights = weight_bytes(llm.model)
-    kv_per_token = llm.config.kv_cache_bytes(1, llm.dtype.itemsize)
+    kv_per_token = KVCache.nbytes(llm.config, 1, llm.dtype, KV_DTYPES[llm.kv_cache_dtype])
     bandwidth = copy_bandwidth(device)
     for b in batches:
         batch = prompts(b, prompt_len, vocab, seed=b)
@@ -365,7 +366,11 @@ def run(args) -> int:
         from .quantize import set_activations
 
         set_activations(llm.model, args.activations)
+    llm.kv_cache_dtype = args.kv_cache_dtype
+    if args.kv_cache_tokens is not None:
+        llm.kv_cache_tokens = args.kv_cache_tokens
     scheme = f", {args.quantize} RTN (g32 for int4)" if args.quantize else ""
+    scheme += ", int8 KV cache" if args.kv_cache_dtype == "int8" else ""
     scheme += f", {args.activations} activations" if args.activations != "fp32" else ""
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     header = (f"# {llm.name or args.model}, {llm.dtype}{scheme}, {device} ({card}), torch {torch.__version__}, "

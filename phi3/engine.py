@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .blocks import BlockManager, OutOfBlocks
-from .cache import BLOCK_SIZE, KVCache
+from .cache import BLOCK_SIZE, KV_DTYPES, KVCache
 from .grammar import Matcher, matcher_for
 from .model import Phi3
 from .sampling import MAX_LOGPROBS, Mode, RowParams, SamplingParams, logprobs_of, random_seed
@@ -159,16 +159,20 @@ class Engine:
 
     def __init__(self, model: Phi3, *, slots: int = 1, max_len: int | None = None, kv_cache_tokens: int | None = None,
                  block_size: int = BLOCK_SIZE, prefix_cache: bool = True, prefill_chunk: int = PREFILL_CHUNK,
-                 cuda_graphs: bool | None = None, compile: bool = False, tokenizer=None):
+                 cuda_graphs: bool | None = None, compile: bool = False, tokenizer=None, kv_cache_dtype: str = "auto"):
         config = model.config
         param = next(model.parameters())
         self.model, self.device, self.dtype = model, param.device, param.dtype
         max_len = config.max_position_embeddings if max_len is None else max_len
         if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
-        kv_cache_tokens = check_memory(model, slots, max_len, self.device, self.dtype, kv_cache_tokens, block_size)
+        if kv_cache_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_cache_dtype!r}")
+        self.kv_cache_dtype, kv_dtype = kv_cache_dtype, KV_DTYPES[kv_cache_dtype]
+        kv_cache_tokens = check_memory(model, slots, max_len, self.device, self.dtype, kv_cache_tokens, block_size,
+                                       kv_dtype)
         self.cache = KVCache(config, slots, max_len, self.dtype, self.device, tokens=kv_cache_tokens,
-                             block_size=block_size)
+                             block_size=block_size, kv_dtype=kv_dtype)
         self.blocks = BlockManager(self.cache.blocks, block_size, prefix_cache)
         self.slots, self.max_len, self.prefill_chunk = slots, max_len, prefill_chunk
         self.tokenizer = tokenizer  # structured output: the grammars' vocabulary
@@ -292,7 +296,8 @@ class Engine:
         b = self.blocks
         return dict(running=len(self.requests), waiting=len(self._waiting), block_size=self.cache.block_size,
                     blocks_total=b.total, blocks_used=b.used, blocks_cached=b.cached,
-                    blocks_free=b.available - b.cached, prefix_cache=b.prefix_cache, prompt_tokens=self.prompt_tokens,
+                    blocks_free=b.available - b.cached, dtype=self.kv_cache_dtype if self.cache.quantized
+                    else str(self.dtype).removeprefix("torch."), prefix_cache=b.prefix_cache, prompt_tokens=self.prompt_tokens,
                     prefix_hit_tokens=self.hit_tokens, computed_tokens=self.computed_tokens,
                     preempted=self.preempted, draft_tokens=self.draft_tokens, accepted_tokens=self.accepted_tokens)
 
@@ -875,20 +880,21 @@ UNKNOWN_MEMORY_TOKENS = 4096  # per row, where the free memory cannot be read
 POOL_SHARE = {"cuda": 0.8}  # of free memory a default pool may take (the CPU's: 0.5, touched only as used)
 
 
-def default_pool_tokens(model: Phi3, slots: int, max_len: int, device: torch.device, dtype: torch.dtype) -> int:
+def default_pool_tokens(model: Phi3, slots: int, max_len: int, device: torch.device, dtype: torch.dtype,
+                        kv_dtype: torch.dtype | None = None) -> int:
     """`slots * max_len` positions, or as many as fit in a share of the free memory (at least one
     block per row, so that `check_memory` says what is short rather than a pool of nothing)."""
     want = slots * max_len
     free = free_memory(device)
     if free is None:  # the system does not say: a pool that surely fits, not every row's whole context
         return min(want, slots * UNKNOWN_MEMORY_TOKENS)
-    per_token = KVCache.nbytes(model.config, 1, dtype)
+    per_token = KVCache.nbytes(model.config, 1, dtype, kv_dtype)
     fits = int(free * POOL_SHARE.get(device.type, 0.5)) // per_token
     return max(min(want, fits), slots * BLOCK_SIZE)
 
 
 def check_memory(model: Phi3, slots: int, max_len: int, device: torch.device, dtype: torch.dtype,
-                 tokens: int | None = None, block_size: int = BLOCK_SIZE) -> int:
+                 tokens: int | None = None, block_size: int = BLOCK_SIZE, kv_dtype: torch.dtype | None = None) -> int:
     """A clear error, before allocating, when the sizes are wrong or a pool of `tokens` positions
     cannot fit; else the pool's size (`default_pool_tokens` when `tokens` is None)."""
     config = model.config
@@ -897,11 +903,11 @@ def check_memory(model: Phi3, slots: int, max_len: int, device: torch.device, dt
     if not isinstance(max_len, int) or isinstance(max_len, bool) or not 2 <= max_len <= config.max_position_embeddings:
         raise ValueError(f"max_len must be an integer in [2, {config.max_position_embeddings}] (the model's "
                          f"context), got {max_len!r}")
-    tokens = default_pool_tokens(model, slots, max_len, device, dtype) if tokens is None else tokens
+    tokens = default_pool_tokens(model, slots, max_len, device, dtype, kv_dtype) if tokens is None else tokens
     if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < slots * block_size:
         raise ValueError(f"kv_cache_tokens must be an integer of at least {slots * block_size} (one block of "
                          f"{block_size} per row, {slots} rows), got {tokens!r}")
-    need = KVCache.nbytes(config, tokens, dtype) + slots * (config.vocab_size + 1)
+    need = KVCache.nbytes(config, tokens, dtype, kv_dtype) + slots * (config.vocab_size + 1)
     free = free_memory(device)
     if free is not None and need > 0.9 * free:
         gib = 2**30

@@ -104,7 +104,8 @@ class LLM:
     """A loaded model with its tokenizer. Build one with `phi3.load`."""
 
     def __init__(self, model: Phi3, tokenizer=None, *, stop_ids: Sequence[int] | None = None, name: str = "",
-                 max_batch: int = MAX_BATCH, kv_cache_tokens: int | None = None, prefix_cache: bool = True):
+                 max_batch: int = MAX_BATCH, kv_cache_tokens: int | None = None, prefix_cache: bool = True,
+                 kv_cache_dtype: str = "auto"):
         self.model = model
         self.config: Phi3Config = model.config
         self.tokenizer = tokenizer
@@ -116,6 +117,7 @@ class LLM:
         self.compile = False  # compile the engine's decode step with torch.compile (set before generating)
         self.kv_cache_tokens = kv_cache_tokens  # the engine's KV pool in positions (None: see engine_for)
         self.prefix_cache = prefix_cache  # reuse the keys of prompt prefixes seen before
+        self.kv_cache_dtype = kv_cache_dtype  # "auto" (the model's dtype) or "int8" (approximate; see cache.py)
         self._engine: Engine | None = None
         self._drafts: dict[str, LLM] = {}  # speculative decoding's draft models, by name (load_draft)
 
@@ -226,14 +228,14 @@ class LLM:
             if n >= context:
                 raise ValueError(f"the prompt has {n} tokens; the model's context is {context}")
         engine = self._engine
-        if engine is not None and (engine.slots, engine._compiled, engine.blocks.prefix_cache) != \
-                (self.max_batch, self.compile, self.prefix_cache) and not engine.busy:
+        if engine is not None and (engine.slots, engine._compiled, engine.blocks.prefix_cache, engine.kv_cache_dtype) != \
+                (self.max_batch, self.compile, self.prefix_cache, self.kv_cache_dtype) and not engine.busy:
             self._engine = engine = None  # settings changed since it was built: free its cache first
             gc.collect()  # an engine holds bound methods of itself (its step bodies): freed by the cycle collector
         if engine is None:
             engine = self._engine = Engine(self.model, slots=self.max_batch, kv_cache_tokens=self.kv_cache_tokens,
                                            prefix_cache=self.prefix_cache, compile=self.compile,
-                                           tokenizer=self.tokenizer)
+                                           tokenizer=self.tokenizer, kv_cache_dtype=self.kv_cache_dtype)
             engine.load_draft = self.load_draft
         return engine
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from .cache import KV_DTYPES
 from .config import Phi3Config
 from .generate import LLM
 from .model import Phi3
@@ -25,7 +26,8 @@ Prepare = Callable[[Phi3], None]
 
 def load(model, *, device=None, dtype=None, attn_implementation: str = "sdpa",
          prepare: Prepare | None = None, quantize: str | None = None, adapter=None,
-         activations: str = "fp32", kv_cache_tokens: int | None = None, prefix_cache: bool = True) -> LLM:
+         activations: str = "fp32", kv_cache_tokens: int | None = None, prefix_cache: bool = True,
+         kv_cache_dtype: str = "auto") -> LLM:
     """Load a model: a local directory, a .gguf file, a hub id or an alias (see `phi3.weights.resolve`).
 
     `device` defaults to CUDA when present, else CPU; `dtype` to fp32 on CPU and the checkpoint's
@@ -41,7 +43,9 @@ def load(model, *, device=None, dtype=None, attn_implementation: str = "sdpa",
     asking for it where no linear can take it is an error. `kv_cache_tokens`: the size of the
     paged KV cache in positions, shared by all sequences (default: what `LLM.max_batch` rows could
     fill, capped by free memory); `prefix_cache`: keep prompts' keys for later requests with the same
-    prefix (on by default; the output is the same either way).
+    prefix (on by default; the output is the same either way); `kv_cache_dtype`: "auto" (the model's
+    dtype, exact) or "int8" (opt-in: 1.8x the tokens of a bf16 cache in the same memory, 3.6x of an
+    fp32 one, approximate; see `phi3.cache`).
     """
     from .lora import apply_adapter, read_adapter
     from .quantize import check_activations, set_activations
@@ -50,13 +54,15 @@ def load(model, *, device=None, dtype=None, attn_implementation: str = "sdpa",
     if kv_cache_tokens is not None and (not isinstance(kv_cache_tokens, int) or isinstance(kv_cache_tokens, bool)
                                         or kv_cache_tokens < 1):
         raise ValueError(f"kv_cache_tokens must be a positive integer, got {kv_cache_tokens!r}")
+    if kv_cache_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_cache_dtype!r}")
     lora = read_adapter(adapter) if adapter is not None else None
     llm = _load(model, device, dtype, attn_implementation, prepare, quantize)
     if activations != "fp32":
         set_activations(llm.model, activations)
     if lora is not None:
         apply_adapter(llm.model, lora)
-    llm.kv_cache_tokens, llm.prefix_cache = kv_cache_tokens, bool(prefix_cache)
+    llm.kv_cache_tokens, llm.prefix_cache, llm.kv_cache_dtype = kv_cache_tokens, bool(prefix_cache), kv_cache_dtype
     return llm
 
 

@@ -41,6 +41,7 @@ from starlette.requests import ClientDisconnect
 from . import connections
 from . import openai_api as api
 from .backend import Backend, Job, log
+from .cache import KV_DTYPES
 from .generate import LLM
 from .guard import LOOPBACK_HOSTS, Guard, is_loopback
 from .openai_api import APIError
@@ -56,17 +57,20 @@ def create_app(model: LLM | Callable[[], LLM], *, name: str, api_key: str | None
                max_queue: int = 256, max_len: int | None = None, drain_timeout: float = 30.0,
                kv_cache_tokens: int | None = None, prefix_cache: bool = True,
                allowed_hosts: list[str] | None = None, allowed_origins: list[str] = (),
-               speculate=None) -> FastAPI:
+               speculate=None, kv_cache_dtype: str = "auto") -> FastAPI:
     """The ASGI app serving `model` (an `LLM`, or a function that loads one: it runs on the engine
     thread at start-up, and /health says 503 until it returns) as `name`. `allowed_hosts`: the Host
     names it answers (None: any); `allowed_origins`: web page origins that may call it (see guard.py);
     `speculate`: every request's speculative decoding ("ngram[:K[:N]]", a draft model "MODEL[:K]" or an
     `LLM`, "layers:N[:K]": phi3.speculate; None: off)."""
     _check_options(name, max_batch, max_queue, max_len, drain_timeout, kv_cache_tokens)
+    if kv_cache_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_cache_dtype!r}")
     speculate = parse_speculation(speculate)  # a bad one fails now; a draft model's name, once the model is loaded
     backend = Backend((lambda: model) if isinstance(model, LLM) else model, name=name,
                       max_batch=max_batch, max_queue=max_queue, max_len=max_len, drain_timeout=drain_timeout,
-                      kv_cache_tokens=kv_cache_tokens, prefix_cache=prefix_cache, speculate=speculate)
+                      kv_cache_tokens=kv_cache_tokens, prefix_cache=prefix_cache, speculate=speculate,
+                      kv_cache_dtype=kv_cache_dtype)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -434,7 +438,7 @@ def serve(model: str | LLM, *, host: str = "127.0.0.1", port: int = 8000, api_ke
           log_level: str = "info", kv_cache_tokens: int | None = None, prefix_cache: bool = True,
           allowed_hosts: list[str] | None = None, allowed_origins: list[str] = (),
           max_connections: int | None = None, header_timeout: float = 10.0, body_timeout: float = 60.0,
-          speculate: str | None = None) -> int:
+          speculate: str | None = None, kv_cache_dtype: str = "auto") -> int:
     """Serve `model` (a name for `phi3.load`, loaded in the background, or an `LLM`) over HTTP
     until SIGTERM or SIGINT; returns the exit code (0; 1 if the engine failed; 2 if loading did).
 
@@ -457,7 +461,8 @@ def serve(model: str | LLM, *, host: str = "127.0.0.1", port: int = 8000, api_ke
         name = served_model_name or str(model)
     app = create_app(load, name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue, max_len=max_len,
                      drain_timeout=drain_timeout, kv_cache_tokens=kv_cache_tokens, prefix_cache=prefix_cache,
-                     allowed_hosts=allowed_hosts, allowed_origins=allowed_origins, speculate=speculate)
+                     allowed_hosts=allowed_hosts, allowed_origins=allowed_origins, speculate=speculate,
+                     kv_cache_dtype=kv_cache_dtype)
     sock = _listen(host, port)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=connections.protocol(limits),
                             h11_max_incomplete_event_size=connections.MAX_HEADER_BYTES,

@@ -311,3 +311,69 @@ def test_an_engine_rebuilt_for_new_settings_frees_the_old_pool_first(models):
         assert old() is None and new.blocks.prefix_cache == (not before)
     finally:
         llm.prefix_cache = before
+
+
+@pytest.mark.parametrize("kind", ["longrope", "gqa"])
+def test_an_int8_kv_cache_holds_more_and_stays_close(models, kind, ran_in_c):
+    """kv_cache_dtype="int8" (opt-in, approximate): a pool of the same bytes holds 4D / (D + 4D/group)
+    times the positions of an fp32 one (a scale per group of 32 elements, or per head); greedy answers equal transformers' here and each token's
+    log-probability is within 0.05 of the exact cache's (rows crossing the LongRoPE switch and the
+    sliding window included); prefix hits read the same int8 keys as a cold run; the C step declines
+    (it reads fp32 keys), so the torch step runs; a bad value is refused."""
+    from phi3.cache import KVCache, kv_group
+    llm, ref = models[kind]
+    config, D = llm.config, llm.config.head_dim
+    assert KVCache.nbytes(config, 1000, torch.float32) / KVCache.nbytes(config, 1000, torch.float32, torch.int8) \
+        == pytest.approx(4 * D / (D + 4 * D // kv_group(D)))
+    assert (kv_group(96), kv_group(64), kv_group(16)) == (32, 32, 16)
+    shared = _ids(21, seed=40)
+    work = [(shared + _ids(k, seed=41 + k), 14) for k in (4, 9, 15)]  # 25-36 tokens: crosses 32 (longrope)
+    params = SamplingParams(max_new_tokens=14, logprobs=0)
+    exact = _run(Engine(llm.model, slots=4, max_len=128), [(p, params) for p, _ in work])
+    ran_in_c.clear()
+    warm = Engine(llm.model, slots=4, max_len=128, kv_cache_dtype="int8")
+    _run(warm, [(shared + [5], params)])
+    hits = _run(warm, [(p, params) for p, _ in work])
+    assert warm.cache.quantized and ran_in_c and not any(ran_in_c)
+    cold = _run(Engine(llm.model, slots=4, max_len=128, kv_cache_dtype="int8", prefix_cache=False),
+                [(p, params) for p, _ in work])
+    assert [r.cached_tokens for r in hits] == [BS] * 3
+    for hit, miss, plain, (prompt, n) in zip(hits, cold, exact, work):
+        assert hit.tokens == miss.tokens == plain.tokens == _reference(ref, prompt, n)
+        assert max(abs(a[0] - b[0]) for a, b in zip(hit.logprobs, miss.logprobs)) < 1e-5
+        assert max(abs(a[0] - b[0]) for a, b in zip(hit.logprobs, plain.logprobs)) < 0.05
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, int8"):
+        Engine(llm.model, slots=1, max_len=64, kv_cache_dtype="fp8")
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        phi3.load(llm.name, kv_cache_dtype="int4")
+    loaded = phi3.load(llm.name, dtype="float32", kv_cache_dtype="int8")
+    assert loaded.engine_for([(8, params)]).cache.quantized
+
+
+@pytest.mark.parametrize("head_dim", [96, 64, 40])
+def test_int8_kv_reads_are_the_stored_values_rounded_per_group(head_dim):
+    """An int8 cache reads back each position's key and value as Q8_0 rounds them: per group of 32
+    elements (the whole head where 32 does not divide it) the nearest multiple of max|x| / 127, so
+    within half a step of what was written; a zero group reads as zeros."""
+    from phi3.cache import KVCache
+    from phi3.config import Phi3Config
+    config = Phi3Config.from_dict(dict(model_type="phi3", vocab_size=64, hidden_size=4 * head_dim, intermediate_size=32,
+                                       num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                       max_position_embeddings=64))
+    cache = KVCache(config, 2, 48, torch.float32, kv_dtype=torch.int8)
+    g = torch.Generator().manual_seed(5)
+    k, v = torch.randn(2, 2, 40, head_dim, generator=g) * 3, torch.randn(2, 2, 40, head_dim, generator=g)
+    k[1, 0, 7] = 0  # a position of one head all zeros
+    k[0, 1, 3, 5] = 40.0  # an outlier: only its own group's step grows
+    cache.write(0, torch.tensor([[0], [1]]), torch.arange(40).expand(2, 40), k, v)
+    keys, values = cache.read(0, torch.tensor([0, 1]), 40)
+    group = 32 if head_dim % 32 == 0 else head_dim
+    for wrote, read in ((k, keys), (v, values)):
+        blocks = wrote.unflatten(-1, (head_dim // group, group))
+        step = blocks.abs().amax(-1, keepdim=True) / 127
+        expected = (torch.round(blocks / torch.where(step > 0, step, 1)) * step).flatten(-2)
+        assert torch.allclose(read, expected, rtol=0, atol=1e-6)
+        assert ((read - wrote).abs() <= (step / 2).expand_as(blocks).flatten(-2) + 1e-6).all()
+    assert (keys[1, 0, 7] == 0).all()
+    if group == 32:  # the outlier's group only
+        assert (keys[0, 1, 3, 32:] - k[0, 1, 3, 32:]).abs().max() < 0.1

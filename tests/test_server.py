@@ -951,6 +951,25 @@ def test_a_prompt_longer_than_the_pool_is_a_400(make_server):
         create_app(lambda: None, name=NAME, kv_cache_tokens=0)
 
 
+def test_an_int8_kv_cache_server_answers_as_the_library_with_one(make_server, ref):
+    """`--kv-cache-dtype int8`: the server's greedy answers are the library's with an int8 cache (the
+    same engine), and its KV cache is int8; a bad value fails before anything starts."""
+    s = make_server(max_batch=2, kv_cache_dtype="int8")
+    assert s.health().json()["kv_cache"]["dtype"] == "int8"
+    client = s.client()
+    messages = [{"role": "user", "content": "Name three colours."}]
+    answer = client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=0)
+    before = ref.kv_cache_dtype
+    try:
+        ref.kv_cache_dtype = "int8"
+        assert answer.choices[0].message.content == ref.generate(messages, max_new_tokens=12).text
+        assert ref.engine_for([(8, _params(1))]).cache.quantized
+    finally:
+        ref.kv_cache_dtype = before
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        create_app(lambda: None, name=NAME, kv_cache_dtype="fp8")
+
+
 @pytest.mark.parametrize("speculate,shown", [("ngram:4", "ngram:4:3"), ("layers:1:3", "layers:1:3")])
 def test_speculating_server_answers_as_plain_generate(make_server, ref, speculate, shown):
     """`--speculate`: every request decodes with prompt lookup (or a draft model: the model's own
