@@ -22,8 +22,8 @@ real query sees it, since a query at position p reads keys 0..p only. A cache bu
 `kv_dtype=torch.int8` (opt-in, approximate) stores each position's key and value per KV head as int8
 with an fp32 scale per 32 elements (max|x| / 127, rounded to nearest; GGUF's Q8_0 blocks): D + D/8
 bytes where the model's dtype takes 2D (bf16) or 4D (fp32), so the pool holds 1.8x or 3.6x the
-tokens. Reads dequantize to
-the model's dtype. It changes answers (docs/PERFORMANCE.md measures by how much); the C decode step
+tokens (a head dimension that 32 does not divide takes one scale per head). Reads dequantize to the
+model's dtype. It changes answers (docs/PERFORMANCE.md measures by how much); the C decode step
 reads fp32 keys only and declines, so the torch step runs.
 
 On the CPU the pool is allocated but not touched: memory grows with the blocks used (each is zeroed
@@ -62,7 +62,7 @@ class KVCache:
         store, layers = torch.int8 if self.quantized else dtype, config.num_hidden_layers
         self.k = [alloc(shape, dtype=store, device=device) for _ in range(layers)]
         self.v = [alloc(shape, dtype=store, device=device) for _ in range(layers)]
-        # int8: each position's scale per KV head (N, bs, Hkv); empty lists otherwise
+        # int8: each position's scales per KV head (N, bs, Hkv, groups); empty lists otherwise
         groups = shape[3] // kv_group(shape[3])  # scales per position and head
         self.k_scale = [alloc(*shape[:3], groups, device=device) for _ in range(layers)] if self.quantized else []
         self.v_scale = [alloc(*shape[:3], groups, device=device) for _ in range(layers)] if self.quantized else []
@@ -83,7 +83,7 @@ class KVCache:
 
     @staticmethod
     def nbytes(config: Phi3Config, tokens: int, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> int:
-        """Bytes a pool of `tokens` positions takes (int8: a byte per element and an fp32 scale per head)."""
+        """Bytes a pool of `tokens` positions takes (int8: a byte per element, an fp32 scale per group)."""
         if kv_dtype == torch.int8:
             D = config.head_dim
             return 2 * config.num_hidden_layers * config.num_key_value_heads * (D + 4 * D // kv_group(D)) * tokens
