@@ -23,8 +23,8 @@ real query sees it, since a query at position p reads keys 0..p only. A cache bu
 with an fp32 scale per 32 elements (max|x| / 127, rounded to nearest; GGUF's Q8_0 blocks): D + D/8
 bytes where the model's dtype takes 2D (bf16) or 4D (fp32), so the pool holds 1.8x or 3.6x the
 tokens (a head dimension that 32 does not divide takes one scale per head). Reads dequantize to the
-model's dtype. It changes answers (docs/PERFORMANCE.md measures by how much); the C decode step
-reads fp32 keys only and declines, so the torch step runs.
+model's dtype. It changes answers (docs/PERFORMANCE.md measures by how much). The C decode step
+(csrc/layer.c) writes and reads such a cache itself, rounding as `_int8` does.
 
 On the CPU the pool is allocated but not touched: memory grows with the blocks used (each is zeroed
 when first handed out, `zero`), not with the pool's size. Zeros, not garbage, because masked-out

@@ -65,9 +65,8 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
                         "the answers are the same either way)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
                    help="int8: keys and values stored as int8 with a scale per 32 elements (Q8_0), 1.8x the tokens "
-                        "of a bf16 cache in the same memory (3.6x of fp32); opt-in, approximate, and on a CPU "
-                        "decode runs the torch step, not the C one (docs/PERFORMANCE.md) (default: auto, the "
-                        "model's dtype)")
+                        "of a bf16 cache in the same memory (3.6x of fp32); opt-in, approximate: what it costs is in "
+                        "docs/PERFORMANCE.md (default: auto, the model's dtype)")
 
 
 def _add_speculate_arg(p: argparse.ArgumentParser) -> None:

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .assets import cache_dir
+from .cache import kv_group
 
 __all__ = ["CLinear", "available", "build_info", "cpu_linear", "dense_linear", "int16_ok", "packed_linear", "q4_linear",
            "q8_linear", "threads_seen"]
@@ -327,14 +328,14 @@ class _Linear(ctypes.Structure):
 
 class _Layer(ctypes.Structure):
     _fields_ = [*((n, _Linear) for n in ("qkv", "o", "gate_up", "down")),
-                *((n, P) for n in ("input_norm", "post_attention_norm", "k_cache", "v_cache"))]
+                *((n, P) for n in ("input_norm", "post_attention_norm", "k_cache", "v_cache", "k_scale", "v_scale"))]
 
 
 class _Step(ctypes.Structure):
     _fields_ = [*((n, I64) for n in ("rows", "hidden", "heads", "kv_heads", "head_dim", "rotary_dim", "intermediate",
                                      "block_size", "columns", "kv_len", "window", "first_slot")),
                 *((n, P) for n in ("block_table", "positions", "cos", "sin", "work")), ("eps", ctypes.c_double),
-                ("threads", I64), ("slots", P)]
+                ("threads", I64), ("slots", P), ("kv_group", I64)]
 
 
 class CLinear(NamedTuple):
@@ -400,7 +401,8 @@ def _layer_args(model, cache, keep: list) -> tuple | None:
         norms = [_norm_weight(parts["input_layernorm"], keep), _norm_weight(parts["post_attention_layernorm"], keep)]
         if None in linears or None in norms:
             return None
-        args.append((*linears, *norms, cache.k[i].data_ptr(), cache.v[i].data_ptr()))
+        scales = (cache.k_scale[i].data_ptr(), cache.v_scale[i].data_ptr()) if cache.quantized else (None, None)
+        args.append((*linears, *norms, cache.k[i].data_ptr(), cache.v[i].data_ptr(), *scales))
     return tuple(args)
 
 
@@ -441,9 +443,10 @@ def _plan(model, cache) -> _Plan:
         layers, limit = plan.layers, plan.limit
     elif args is not None:
         layers = (_Layer * len(args))()
-        for layer, (qkv, o, gate_up, down, norm1, norm2, k, v) in zip(layers, args):
+        for layer, (qkv, o, gate_up, down, norm1, norm2, k, v, ks, vs) in zip(layers, args):
             layer.qkv, layer.o, layer.gate_up, layer.down = (_Linear(*a) for a in (qkv, o, gate_up, down))
             layer.input_norm, layer.post_attention_norm, layer.k_cache, layer.v_cache = norm1, norm2, k, v
+            layer.k_scale, layer.v_scale = ks, vs
         fp32 = any(linear[5] == 32 for layer in args for linear in layer[:4])
         limit = FP32_ROWS if fp32 else DENSE_ROWS
     else:
@@ -462,7 +465,7 @@ def decode_layers(model, x: torch.Tensor, positions: torch.Tensor, cos: torch.Te
     kernels are not built: the caller runs the torch path. The layers are read once per request
     (`_plan`), not at every step."""
     lib = _lib()
-    if (lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or cache.k[0].dtype != torch.float32
+    if (lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or cache.k[0].dtype not in (torch.float32, torch.int8)
             or positions.dtype != torch.long or x.shape[0] >= DENSE_ROWS):  # large batches: oneDNN on tiles
         return None
     if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
@@ -489,7 +492,8 @@ def decode_layers(model, x: torch.Tensor, positions: torch.Tensor, cos: torch.Te
     step = _Step(B, C, config.num_attention_heads, config.num_key_value_heads, config.head_dim, cos.shape[1],
                  config.intermediate_size, cache.block_size, table.shape[1], kv_len, window, slot,
                  table.data_ptr(), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), 0, config.rms_norm_eps,
-                 torch.get_num_threads(), 0 if rows is None else rows.data_ptr())
+                 torch.get_num_threads(), 0 if rows is None else rows.data_ptr(),
+                 kv_group(config.head_dim) if cache.quantized else 0)
     step.work = _scratch(lib.phi3_work_floats(ctypes.byref(step))).data_ptr()
     lib.phi3_decode_layers(ctypes.byref(step), plan.layers, len(plan.args), x.data_ptr())
     return x.view(B, 1, C)

@@ -318,8 +318,8 @@ def test_an_int8_kv_cache_holds_more_and_stays_close(models, kind, ran_in_c):
     """kv_cache_dtype="int8" (opt-in, approximate): a pool of the same bytes holds 4D / (D + 4D/group)
     times the positions of an fp32 one (a scale per group of 32 elements, or per head); greedy answers equal transformers' here and each token's
     log-probability is within 0.05 of the exact cache's (rows crossing the LongRoPE switch and the
-    sliding window included); prefix hits read the same int8 keys as a cold run; the C step declines
-    (it reads fp32 keys), so the torch step runs; a bad value is refused."""
+    sliding window included); prefix hits give a cold run's tokens; the C step writes and reads the
+    int8 keys as the torch step does (same tokens); a bad value is refused."""
     from phi3.cache import KVCache, kv_group
     llm, ref = models[kind]
     config, D = llm.config, llm.config.head_dim
@@ -334,13 +334,22 @@ def test_an_int8_kv_cache_holds_more_and_stays_close(models, kind, ran_in_c):
     warm = Engine(llm.model, slots=4, max_len=128, kv_cache_dtype="int8")
     _run(warm, [(shared + [5], params)])
     hits = _run(warm, [(p, params) for p, _ in work])
-    assert warm.cache.quantized and ran_in_c and not any(ran_in_c)
+    assert warm.cache.quantized and ran_in_c and all(ran_in_c)  # the C step reads int8 keys too
     cold = _run(Engine(llm.model, slots=4, max_len=128, kv_cache_dtype="int8", prefix_cache=False),
                 [(p, params) for p, _ in work])
+    import phi3.kernels
+    real, phi3.kernels.decode_layers = phi3.kernels.decode_layers, lambda *a, **k: None  # the torch step
+    try:
+        in_torch = _run(Engine(llm.model, slots=4, max_len=128, kv_cache_dtype="int8"), [(p, params) for p, _ in work])
+    finally:
+        phi3.kernels.decode_layers = real
     assert [r.cached_tokens for r in hits] == [BS] * 3
-    for hit, miss, plain, (prompt, n) in zip(hits, cold, exact, work):
-        assert hit.tokens == miss.tokens == plain.tokens == _reference(ref, prompt, n)
-        assert max(abs(a[0] - b[0]) for a, b in zip(hit.logprobs, miss.logprobs)) < 1e-5
+    for hit, miss, torch_step, plain, (prompt, n) in zip(hits, cold, in_torch, exact, work):
+        assert hit.tokens == miss.tokens == torch_step.tokens == plain.tokens == _reference(ref, prompt, n)
+        # a key computed in another chunk shape may differ in its last bit and then round to the next
+        # int8 step (1/127 of its group's largest): far above fp32's 1e-5, far below int8's own cost
+        assert max(abs(a[0] - b[0]) for a, b in zip(hit.logprobs, miss.logprobs)) < 2e-3
+        assert max(abs(a[0] - b[0]) for a, b in zip(hit.logprobs, torch_step.logprobs)) < 2e-3
         assert max(abs(a[0] - b[0]) for a, b in zip(hit.logprobs, plain.logprobs)) < 0.05
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, int8"):
         Engine(llm.model, slots=1, max_len=64, kv_cache_dtype="fp8")

@@ -36,7 +36,8 @@ typedef struct { /* one linear: packed as phi3.quantize.QuantLinear holds it (ke
 typedef struct { /* one decoder layer's tensors */
     phi3_linear qkv, o, gate_up, down;
     const float *input_norm, *post_attention_norm; /* (C,) RMSNorm weights */
-    float *k_cache, *v_cache;                      /* (blocks, block_size, Hkv, D), keys after RoPE */
+    void *k_cache, *v_cache;                       /* (blocks, block_size, Hkv, D), keys after RoPE: fp32, or int8 */
+    float *k_scale, *v_scale;                      /* int8 caches: (blocks, block_size, Hkv, D / kv_group); else NULL */
 } phi3_layer;
 
 typedef struct { /* what the layers of one decode step share */
@@ -53,6 +54,7 @@ typedef struct { /* what the layers of one decode step share */
     double eps;
     int64_t threads;
     const int64_t *slots; /* (B,) row b's block-table row (several rows may be one sequence's positions), or NULL: first_slot + b */
+    int64_t kv_group;     /* an int8 cache: elements per scale (cache.py's kv_group); 0: an fp32 cache */
 } phi3_step;
 
 static inline int64_t table_row(const phi3_step *s, int64_t b) { return s->slots ? s->slots[b] : s->first_slot + b; }
@@ -91,6 +93,32 @@ static void rmsnorm_row(const float *x, const float *w, const float *input_scale
 }
 
 /* rotate-half RoPE on the first R dims of one head: out = x * cos + rotate_half(x) * sin */
+/* An int8 cache's D values of one position and head from x: per group of n elements, the scale
+ * max|x| / 127 and q = x / scale rounded to nearest (ties to even), as cache.py's _int8 computes them. */
+static void quantize_kv(const float *x, int8_t *q, float *scale, int64_t D, int64_t n) {
+    for (int64_t g = 0; g < D / n; g++) {
+        float top = 0.0f;
+        for (int64_t i = g * n; i < (g + 1) * n; i++) top = fabsf(x[i]) > top ? fabsf(x[i]) : top;
+        const float s = top / 127.0f, d = s > 0.0f ? s : 1.0f;
+        scale[g] = s;
+        for (int64_t i = g * n; i < (g + 1) * n; i++) {
+            const float r = nearbyintf(x[i] / d);
+            q[i] = (int8_t)(r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r);
+        }
+    }
+}
+
+/* a . (q * scale): an int8 key's D values, a scale per group of n */
+static inline float dot_q8(const float *a, const int8_t *q, const float *scale, int64_t D, int64_t n) {
+    float s = 0.0f;
+    for (int64_t g = 0; g < D / n; g++) {
+        float acc = 0.0f;
+        for (int64_t i = g * n; i < (g + 1) * n; i++) acc += a[i] * (float)q[i];
+        s += acc * scale[g];
+    }
+    return s;
+}
+
 static void rotate(const float *x, const float *cos, const float *sin, float *out, int64_t D, int64_t R) {
     const int64_t half = R / 2;
     for (int64_t i = 0; i < half; i++) out[i] = x[i] * cos[i] + (-x[i + half]) * sin[i];
@@ -135,8 +163,16 @@ static void layer(const phi3_step *s, const phi3_layer *l, float *x) {
         const int64_t b = bg / Hkv, g = bg % Hkv;
         const int64_t pos = s->positions[b], block = s->block_table[table_row(s, b) * s->columns + pos / BS];
         const int64_t at = ((block * BS + pos % BS) * Hkv + g) * D;
-        rotate(qkv + b * NQKV + (H + g) * D, s->cos + b * R, s->sin + b * R, l->k_cache + at, D, R);
-        memcpy(l->v_cache + at, qkv + b * NQKV + (H + Hkv + g) * D, D * sizeof(float));
+        if (s->kv_group) { /* int8: rotated into this thread's buffer, then rounded per group */
+            float *k = thread_work + phi3_thread() * (s->kv_len + D);
+            const int64_t n = s->kv_group, sat = at / n;
+            rotate(qkv + b * NQKV + (H + g) * D, s->cos + b * R, s->sin + b * R, k, D, R);
+            quantize_kv(k, (int8_t *)l->k_cache + at, l->k_scale + sat, D, n);
+            quantize_kv(qkv + b * NQKV + (H + Hkv + g) * D, (int8_t *)l->v_cache + at, l->v_scale + sat, D, n);
+        } else {
+            rotate(qkv + b * NQKV + (H + g) * D, s->cos + b * R, s->sin + b * R, (float *)l->k_cache + at, D, R);
+            memcpy((float *)l->v_cache + at, qkv + b * NQKV + (H + Hkv + g) * D, D * sizeof(float));
+        }
     }
     phi3_barrier();
 
@@ -151,22 +187,34 @@ static void layer(const phi3_step *s, const phi3_layer *l, float *x) {
         const int64_t head = (hd / group) * D;
         float *out = att + b * H * D + hd * D, top = -INFINITY, sum = 0.0f;
         for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
+        const int64_t n = s->kv_group, sstride = n ? stride / n : 0, shead = n ? head / n : 0; /* int8: scales */
         for (int64_t j0 = lo - lo % BS; j0 <= hi; j0 += BS) { /* a block at a time: keys j0..j0+BS-1 */
-            const float *kc = l->k_cache + table[j0 / BS] * BS * stride + head;
-            const int64_t a = j0 > lo ? j0 : lo, e = j0 + BS - 1 < hi ? j0 + BS - 1 : hi;
+            const int64_t first = table[j0 / BS] * BS, a = j0 > lo ? j0 : lo, e = j0 + BS - 1 < hi ? j0 + BS - 1 : hi;
             for (int64_t j = a; j <= e; j++) {
-                p[j - lo] = dot(q, kc + (j - j0) * stride, D) * scale;
+                const int64_t at = (first + j - j0) * stride + head;
+                p[j - lo] = (n ? dot_q8(q, (const int8_t *)l->k_cache + at, l->k_scale + (first + j - j0) * sstride + shead, D, n)
+                               : dot(q, (const float *)l->k_cache + at, D)) * scale;
                 top = p[j - lo] > top ? p[j - lo] : top;
             }
         }
         for (int64_t j = 0; j <= hi - lo; j++) p[j] = exp_f32(p[j] - top); /* vectorized */
         for (int64_t j = 0; j <= hi - lo; j++) sum += p[j];
         for (int64_t j0 = lo - lo % BS; j0 <= hi; j0 += BS) {
-            const float *vc = l->v_cache + table[j0 / BS] * BS * stride + head;
-            const int64_t a = j0 > lo ? j0 : lo, e = j0 + BS - 1 < hi ? j0 + BS - 1 : hi;
+            const int64_t first = table[j0 / BS] * BS, a = j0 > lo ? j0 : lo, e = j0 + BS - 1 < hi ? j0 + BS - 1 : hi;
             for (int64_t j = a; j <= e; j++) {
-                const float pj = p[j - lo] / sum, *v = vc + (j - j0) * stride;
-                for (int64_t d = 0; d < D; d++) out[d] += pj * v[d];
+                const float pj = p[j - lo] / sum;
+                const int64_t at = (first + j - j0) * stride + head;
+                if (n) { /* int8 values: each group's scale folded into the weight */
+                    const int8_t *v = (const int8_t *)l->v_cache + at;
+                    const float *vs = l->v_scale + (first + j - j0) * sstride + shead;
+                    for (int64_t g = 0; g < D / n; g++) {
+                        const float w = pj * vs[g];
+                        for (int64_t d = g * n; d < (g + 1) * n; d++) out[d] += w * (float)v[d];
+                    }
+                } else {
+                    const float *v = (const float *)l->v_cache + at;
+                    for (int64_t d = 0; d < D; d++) out[d] += pj * v[d];
+                }
             }
         }
         if (l->o.input_scale)
