@@ -9,7 +9,7 @@ ways (docs/PERFORMANCE.md):
 import time
 
 import phi3
-from phi3.cache import KV_DTYPES, KVCache
+from phi3.cache import KVCache, kv_dtype_of
 from phi3.sampling import SamplingParams
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about autumn.", "Explain photosynthesis in two sentences.",
@@ -48,4 +48,4 @@ for kv in ("auto", "int8"):
     t = time.perf_counter()
     llm.generate(ids, SamplingParams(max_new_tokens=NEW))
     print(f"kv_cache_dtype={kv}: decode {(NEW - 1) / (time.perf_counter() - t - first):.1f} tok/s, "
-          f"{KVCache.nbytes(llm.config, 1, llm.dtype, KV_DTYPES[kv])} bytes per position")
+          f"{KVCache.nbytes(llm.config, 1, llm.dtype, kv_dtype_of(kv))} bytes per position")

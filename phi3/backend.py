@@ -87,12 +87,10 @@ class Backend:
         self.warnings = machine.warnings(llm.device)  # shown by /health
         for line in self.warnings:
             log.warning("phi3: warning: %s", line)
-        tokens = self.engine.cache.tokens
+        cache = self.engine.cache
         log.info("serving %s as %r: %d rows, context %d, KV cache %d tokens (%s, %.2f GiB, touched as used; "
-                 "prefix cache %s), queue %d", llm.name, self.name, self.slots, max_len, tokens,
-                 "int8" if self.engine.cache.quantized else str(llm.dtype).removeprefix("torch."),
-                 KVCache.nbytes(llm.config, tokens, llm.dtype, self.engine.cache.k[0].dtype
-                                if self.engine.cache.quantized else None) / 2**30,
+                 "prefix cache %s), queue %d", llm.name, self.name, self.slots, max_len, cache.tokens, cache.stored,
+                 KVCache.nbytes(llm.config, cache.tokens, llm.dtype, cache.kv_dtype) / 2**30,
                  "on" if self.prefix_cache else "off", self.max_queue)
         self._post(self._ready)
         self._run()

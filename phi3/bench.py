@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import KV_DTYPES, KVCache
+from .cache import KVCache, kv_dtype_of
 from .generate import LLM
 from .sampling import SamplingParams
 
@@ -120,7 +120,7 @@ def bench_ours(llm: LLM, *, prompt_len: int, new: int, batches: list[int], prefi
         rows += [Row("phi3", f"prefill {prefill} tokens", prefill / t, "tok/s"),
                  Row("phi3", f"time to first token, {prefill}-token prompt", t, "s")]
     weights = weight_bytes(llm.model)
-    kv_per_token = KVCache.nbytes(llm.config, 1, llm.dtype, KV_DTYPES[llm.kv_cache_dtype])
+    kv_per_token = KVCache.nbytes(llm.config, 1, llm.dtype, kv_dtype_of(llm.kv_cache_dtype))
     bandwidth = copy_bandwidth(device)
     for b in batches:
         batch = prompts(b, prompt_len, vocab, seed=b)

@@ -41,6 +41,13 @@ BLOCK_SIZE = 16  # positions per block: a cached prefix is reused to the last wh
 KV_DTYPES = {"auto": None, "int8": torch.int8}  # kv_cache_dtype's values: the model's dtype, or int8 with scales
 
 
+def kv_dtype_of(kv_cache_dtype: str) -> torch.dtype | None:
+    """The `kv_dtype` of a `kv_cache_dtype` name ("auto": None, the model's; "int8"); a ValueError for others."""
+    if kv_cache_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_cache_dtype!r}")
+    return KV_DTYPES[kv_cache_dtype]
+
+
 class KVCache:
     def __init__(self, config: Phi3Config, rows: int, max_len: int, dtype: torch.dtype, device=None, *,
                  tokens: int | None = None, block_size: int = BLOCK_SIZE, kv_dtype: torch.dtype | None = None):
@@ -58,6 +65,7 @@ class KVCache:
         if kv_dtype not in (None, dtype, torch.int8):
             raise ValueError(f"a KV cache stores the model's dtype or int8, not {kv_dtype}")
         self.dtype, self.quantized = dtype, kv_dtype == torch.int8  # dtype: what reads return
+        self.kv_dtype = torch.int8 if self.quantized else None  # as nbytes takes it
         alloc = torch.empty if device.type == "cpu" else torch.zeros  # CPU: touched as used (module docstring)
         store, layers = torch.int8 if self.quantized else dtype, config.num_hidden_layers
         self.k = [alloc(shape, dtype=store, device=device) for _ in range(layers)]
@@ -80,6 +88,11 @@ class KVCache:
     def tokens(self) -> int:
         """Positions the pool holds, scratch block excluded."""
         return (self.blocks - 1) * self.block_size
+
+    @property
+    def stored(self) -> str:
+        """What the pool stores: "int8", or the model's dtype ("float32", "bfloat16", ...)."""
+        return "int8" if self.quantized else str(self.dtype).removeprefix("torch.")
 
     @staticmethod
     def nbytes(config: Phi3Config, tokens: int, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> int:

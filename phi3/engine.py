@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .blocks import BlockManager, OutOfBlocks
-from .cache import BLOCK_SIZE, KV_DTYPES, KVCache
+from .cache import BLOCK_SIZE, KVCache, kv_dtype_of
 from .grammar import Matcher, matcher_for
 from .model import Phi3
 from .sampling import MAX_LOGPROBS, Mode, RowParams, SamplingParams, logprobs_of, random_seed
@@ -166,9 +166,7 @@ class Engine:
         max_len = config.max_position_embeddings if max_len is None else max_len
         if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
-        if kv_cache_dtype not in KV_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_cache_dtype!r}")
-        self.kv_cache_dtype, kv_dtype = kv_cache_dtype, KV_DTYPES[kv_cache_dtype]
+        self.kv_cache_dtype, kv_dtype = kv_cache_dtype, kv_dtype_of(kv_cache_dtype)
         kv_cache_tokens = check_memory(model, slots, max_len, self.device, self.dtype, kv_cache_tokens, block_size,
                                        kv_dtype)
         self.cache = KVCache(config, slots, max_len, self.dtype, self.device, tokens=kv_cache_tokens,
@@ -296,8 +294,8 @@ class Engine:
         b = self.blocks
         return dict(running=len(self.requests), waiting=len(self._waiting), block_size=self.cache.block_size,
                     blocks_total=b.total, blocks_used=b.used, blocks_cached=b.cached,
-                    blocks_free=b.available - b.cached, dtype=self.kv_cache_dtype if self.cache.quantized
-                    else str(self.dtype).removeprefix("torch."), prefix_cache=b.prefix_cache, prompt_tokens=self.prompt_tokens,
+                    blocks_free=b.available - b.cached, dtype=self.cache.stored, prefix_cache=b.prefix_cache,
+                    prompt_tokens=self.prompt_tokens,
                     prefix_hit_tokens=self.hit_tokens, computed_tokens=self.computed_tokens,
                     preempted=self.preempted, draft_tokens=self.draft_tokens, accepted_tokens=self.accepted_tokens)
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from .cache import KV_DTYPES
+from .cache import kv_dtype_of
 from .config import Phi3Config
 from .generate import LLM
 from .model import Phi3
@@ -54,8 +54,7 @@ def load(model, *, device=None, dtype=None, attn_implementation: str = "sdpa",
     if kv_cache_tokens is not None and (not isinstance(kv_cache_tokens, int) or isinstance(kv_cache_tokens, bool)
                                         or kv_cache_tokens < 1):
         raise ValueError(f"kv_cache_tokens must be a positive integer, got {kv_cache_tokens!r}")
-    if kv_cache_dtype not in KV_DTYPES:
-        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_cache_dtype!r}")
+    kv_dtype_of(kv_cache_dtype)  # a bad name fails before the slow part
     lora = read_adapter(adapter) if adapter is not None else None
     llm = _load(model, device, dtype, attn_implementation, prepare, quantize)
     if activations != "fp32":

@@ -41,7 +41,7 @@ from starlette.requests import ClientDisconnect
 from . import connections
 from . import openai_api as api
 from .backend import Backend, Job, log
-from .cache import KV_DTYPES
+from .cache import kv_dtype_of
 from .generate import LLM
 from .guard import LOOPBACK_HOSTS, Guard, is_loopback
 from .openai_api import APIError
@@ -64,8 +64,7 @@ def create_app(model: LLM | Callable[[], LLM], *, name: str, api_key: str | None
     `speculate`: every request's speculative decoding ("ngram[:K[:N]]", a draft model "MODEL[:K]" or an
     `LLM`, "layers:N[:K]": phi3.speculate; None: off)."""
     _check_options(name, max_batch, max_queue, max_len, drain_timeout, kv_cache_tokens)
-    if kv_cache_dtype not in KV_DTYPES:
-        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_cache_dtype!r}")
+    kv_dtype_of(kv_cache_dtype)  # a bad name fails now, not once loaded
     speculate = parse_speculation(speculate)  # a bad one fails now; a draft model's name, once the model is loaded
     backend = Backend((lambda: model) if isinstance(model, LLM) else model, name=name,
                       max_batch=max_batch, max_queue=max_queue, max_len=max_len, drain_timeout=drain_timeout,
