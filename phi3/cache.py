@@ -64,8 +64,8 @@ class KVCache:
         shape = (blocks, block_size, config.num_key_value_heads, config.head_dim)  # (N, bs, Hkv, D)
         if kv_dtype not in (None, dtype, torch.int8):
             raise ValueError(f"a KV cache stores the model's dtype or int8, not {kv_dtype}")
-        self.dtype, self.quantized = dtype, kv_dtype == torch.int8  # dtype: what reads return
-        self.kv_dtype = torch.int8 if self.quantized else None  # as nbytes takes it
+        self.dtype = dtype  # what reads return
+        self.kv_dtype = torch.int8 if kv_dtype == torch.int8 else None  # as nbytes takes it
         alloc = torch.empty if device.type == "cpu" else torch.zeros  # CPU: touched as used (module docstring)
         store, layers = torch.int8 if self.quantized else dtype, config.num_hidden_layers
         self.k = [alloc(shape, dtype=store, device=device) for _ in range(layers)]
@@ -88,6 +88,11 @@ class KVCache:
     def tokens(self) -> int:
         """Positions the pool holds, scratch block excluded."""
         return (self.blocks - 1) * self.block_size
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the pool stores int8 values with scales."""
+        return self.kv_dtype is not None
 
     @property
     def stored(self) -> str:

@@ -92,7 +92,6 @@ static void rmsnorm_row(const float *x, const float *w, const float *input_scale
         for (int64_t c = 0; c < C; c++) out[c] *= input_scale[c];
 }
 
-/* rotate-half RoPE on the first R dims of one head: out = x * cos + rotate_half(x) * sin */
 /* An int8 cache's D values of one position and head from x: per group of n elements, the scale
  * max|x| / 127 and q = x / scale rounded to nearest (ties to even), as cache.py's _int8 computes them. */
 static void quantize_kv(const float *x, int8_t *q, float *scale, int64_t D, int64_t n) {
@@ -119,6 +118,7 @@ static inline float dot_q8(const float *a, const int8_t *q, const float *scale, 
     return s;
 }
 
+/* rotate-half RoPE on the first R dims of one head: out = x * cos + rotate_half(x) * sin */
 static void rotate(const float *x, const float *cos, const float *sin, float *out, int64_t D, int64_t R) {
     const int64_t half = R / 2;
     for (int64_t i = 0; i < half; i++) out[i] = x[i] * cos[i] + (-x[i + half]) * sin[i];
@@ -191,8 +191,8 @@ static void layer(const phi3_step *s, const phi3_layer *l, float *x) {
         for (int64_t j0 = lo - lo % BS; j0 <= hi; j0 += BS) { /* a block at a time: keys j0..j0+BS-1 */
             const int64_t first = table[j0 / BS] * BS, a = j0 > lo ? j0 : lo, e = j0 + BS - 1 < hi ? j0 + BS - 1 : hi;
             for (int64_t j = a; j <= e; j++) {
-                const int64_t at = (first + j - j0) * stride + head;
-                p[j - lo] = (n ? dot_q8(q, (const int8_t *)l->k_cache + at, l->k_scale + (first + j - j0) * sstride + shead, D, n)
+                const int64_t slot = first + j - j0, at = slot * stride + head; /* key j's place in the pool */
+                p[j - lo] = (n ? dot_q8(q, (const int8_t *)l->k_cache + at, l->k_scale + slot * sstride + shead, D, n)
                                : dot(q, (const float *)l->k_cache + at, D)) * scale;
                 top = p[j - lo] > top ? p[j - lo] : top;
             }
@@ -203,10 +203,10 @@ static void layer(const phi3_step *s, const phi3_layer *l, float *x) {
             const int64_t first = table[j0 / BS] * BS, a = j0 > lo ? j0 : lo, e = j0 + BS - 1 < hi ? j0 + BS - 1 : hi;
             for (int64_t j = a; j <= e; j++) {
                 const float pj = p[j - lo] / sum;
-                const int64_t at = (first + j - j0) * stride + head;
+                const int64_t slot = first + j - j0, at = slot * stride + head;
                 if (n) { /* int8 values: each group's scale folded into the weight */
                     const int8_t *v = (const int8_t *)l->v_cache + at;
-                    const float *vs = l->v_scale + (first + j - j0) * sstride + shead;
+                    const float *vs = l->v_scale + slot * sstride + shead;
                     for (int64_t g = 0; g < D / n; g++) {
                         const float w = pj * vs[g];
                         for (int64_t d = g * n; d < (g + 1) * n; d++) out[d] += w * (float)v[d];
